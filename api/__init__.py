@@ -1,0 +1,1 @@
+"""FastAPI app: thin routes over storage and workers. Never imports torch."""

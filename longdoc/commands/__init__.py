@@ -1,0 +1,1 @@
+"""Command groups of the `longdoc` CLI; each module exposes register(subparsers)."""

@@ -1,0 +1,76 @@
+"""The one typed settings object. Every tunable is read here from LONGDOC_* env vars (or .env).
+
+Nothing else in the project reads os.environ.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LONGDOC_", env_file=".env", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------
+    data_dir: Path = Field(default=Path.home() / ".local" / "share" / "longdoc",
+                           description="Embedded SQLite DB, blob store and scratch files live here.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset = SQLite under data_dir.")
+    broker_url: str | None = Field(default=None, description="Celery broker (Redis) URL; unset = embedded mode.")
+    blob_dir: Path | None = Field(default=None, description="Content-addressed upload store; default data_dir/blobs.")
+
+    # --- HTTP API ------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    auth_enabled: bool = Field(default=True, description="Require Bearer API keys on /v1 routes.")
+    max_upload_bytes: int = Field(default=200 * 1024 * 1024, description="Uploads over this answer 413.")
+
+    # --- parsing and chunking --------------------------------------------------------------
+    pdf_extractor: Literal["pdfium", "pypdf"] = "pdfium"
+    max_pages: int = 2000
+    parse_timeout_s: float = 300.0
+    parse_memory_mb: int = 2048
+    chunk_tokens: int = 512
+    chunk_overlap_tokens: int = 64
+
+    # --- model ----------------------------------------------------------------------------
+    engine: Literal["auto", "mpt", "extractive"] = Field(
+        default="auto", description="auto = MPT when CUDA and weights are present, else extractive CPU engine.")
+    model: str = Field(default="mosaicml/mpt-7b-storywriter", description="Hub id or local dir of an MPT checkpoint.")
+    max_seq_len: int = 65536
+    device: str = "cuda"
+    embedding_model: str = "all-MiniLM-L6-v2"
+
+    # --- jobs and queue --------------------------------------------------------------------
+    job_lease_s: int = Field(default=900, description="A running job whose lease expires is re-queued by the reaper.")
+    max_attempts: int = 3
+    reaper_interval_s: float = 30.0
+    visibility_timeout_s: int = Field(default=4 * 3600, description="Broker redelivery timeout; > longest job.")
+    embedded_workers: int = 2
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: tasks run in-process."""
+        return not self.broker_url
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'longdoc.db'}"
+
+    @property
+    def effective_blob_dir(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
+
+
+@functools.lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Pure document logic and model runtime: no database, no queue, no HTTP."""

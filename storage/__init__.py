@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models, sessions, repositories and the blob store."""
