@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from longdoc.commands import admin as admin_commands
 from longdoc.commands import model as model_commands
 from longdoc.commands import service as service_commands
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longdoc", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
+    admin_commands.register(sub)
     service_commands.register(sub)
     model_commands.register(sub)
     return parser
