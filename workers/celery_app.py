@@ -1,0 +1,72 @@
+"""The Celery app: Redis broker from settings, queues `parse` (CPU) and `gpu` (one solo worker per GPU).
+
+Long-task settings: a message is acked only after its task returns (acks_late), is given back when the
+worker process dies (reject_on_worker_lost), one message is reserved at a time (prefetch 1), and the
+broker's visibility timeout is longer than the longest job so Redis does not redeliver a running task.
+Lost work is recovered by the reaper from DB leases, not by trusting the broker (workers/reaper.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from celery import Celery
+from kombu import Queue
+
+from longdoc.settings import Settings, get_settings
+from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_TASK
+
+
+def create_celery(settings: Settings) -> Celery:
+    if not settings.broker_url:
+        raise ValueError("service mode needs LONGDOC_BROKER_URL (a Redis URL); unset it for embedded mode")
+    # The longest job may hold its message for job_lease_s per heartbeat round; never let Redis redeliver
+    # a task that is still running: the timeout must exceed the parse time limit and the job lease.
+    visibility = max(settings.visibility_timeout_s, int(settings.parse_timeout_s) * 2, settings.job_lease_s * 2)
+    app = Celery("longdoc", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_queues=[Queue(PARSE_QUEUE), Queue(GPU_QUEUE)],
+        task_default_queue=PARSE_QUEUE,
+        task_routes={PARSE_TASK: {"queue": PARSE_QUEUE}, JOB_TASK: {"queue": GPU_QUEUE},
+                     REAP_TASK: {"queue": PARSE_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in the DB, not in a Celery backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        broker_transport_options={"visibility_timeout": visibility},
+        broker_connection_retry_on_startup=True,
+        beat_schedule={
+            "longdoc-reap": {
+                "task": REAP_TASK,
+                "schedule": settings.reaper_interval_s,
+                # A reap tick nobody picked up within one interval is superseded by the next one.
+                "options": {"queue": PARSE_QUEUE, "expires": settings.reaper_interval_s},
+            },
+        },
+        beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
+    )
+    return app
+
+
+@functools.lru_cache(maxsize=4)
+def _celery_for(broker_url: str, settings_json: str) -> Celery:
+    return create_celery(Settings.model_validate_json(settings_json))
+
+
+def get_celery(settings: Settings) -> Celery:
+    """A cached sending app for these settings (the API's dispatch path; no task bodies imported)."""
+    return _celery_for(settings.broker_url or "", settings.model_dump_json())
+
+
+def worker_app(settings: Settings | None = None) -> Celery:
+    """The app a `longdoc worker` process runs: the sending app plus the task definitions."""
+    settings = settings or get_settings()
+    app = create_celery(settings)
+    from workers.tasks import register_tasks
+
+    register_tasks(app)
+    return app
