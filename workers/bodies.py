@@ -1,0 +1,302 @@
+"""Task bodies shared by the Celery tasks (workers.tasks) and the embedded thread pool.
+
+Each body takes ids, claims its row with a conditional UPDATE, holds a lease kept alive by a heartbeat
+thread while it works, and writes its outcome fenced by the attempt number it claimed, so running a
+body twice (broker redelivery, reaper re-queue, duplicate message) changes nothing the second time.
+PipelineError -> failed {code, message}; TRANSIENT_ERRORS propagate for a retry with backoff (after
+handing the claim back); anything else is a bug and fails the row with `internal_error`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis.exceptions
+import sqlalchemy.exc
+from kombu.exceptions import OperationalError as BrokerOperationalError
+from sqlalchemy import select
+
+from longdoc.settings import Settings
+from pipeline.types import DocumentText, ParsedDocument, PipelineError
+from storage import jobs as q
+from storage.blobs import BlobStore
+from storage.db import session_scope
+from storage.models import Document, DocumentStatus, Job, JobStatus
+from workers import dispatch
+
+log = logging.getLogger(__name__)
+
+# Failures that say "try again later", never "this input is bad".
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError, redis.exceptions.ConnectionError, BrokerOperationalError)
+INTERNAL_ERROR = "internal_error"
+PROGRESS_WRITE_INTERVAL_S = 1.0
+
+
+class JobAborted(Exception):
+    """The job's claim is gone (canceled by the API, re-queued by the reaper, deleted): stop, write nothing."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
+
+
+def _uuid(value: uuid.UUID | str) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+class Lease:
+    """Extends a lease every lease_s/3 in a daemon thread; `lost` is set once the claim is no longer ours."""
+
+    def __init__(self, extend: Callable[[], bool], lease_s: float, what: str) -> None:
+        self._extend, self._interval, self._what = extend, max(0.2, lease_s / 3), what
+        self._stop = threading.Event()
+        self.lost = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{what}", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                if not self._extend():
+                    log.warning("%s: claim lost (canceled, re-queued or deleted)", self._what)
+                    self.lost.set()
+                    return
+            except Exception as exc:  # a DB blip: keep trying; the lease covers a few missed beats
+                log.warning("%s: heartbeat failed: %s", self._what, exc)
+
+
+# --- parse ------------------------------------------------------------------------------------------
+
+def parse_document(settings: Settings, document_id: uuid.UUID | str, password: str | None = None, *,
+                   reparse: bool = False) -> str:
+    """uploaded -> parsing -> parsed|failed, then release the document's queued jobs. Returns the status."""
+    document_id = _uuid(document_id)
+    url = settings.effective_database_url
+    with session_scope(url) as s:
+        attempt = q.claim_document(s, document_id, settings.job_lease_s, reparse=reparse)
+        doc = s.get(Document, document_id)
+        if doc is None:
+            log.info("parse %s: no such document (deleted?)", document_id)
+            return "missing"
+        status, sha256, filename = doc.status, doc.sha256, doc.filename
+    if attempt is None:
+        # A duplicate or redelivered message: the parse already happened (or is running elsewhere).
+        # Re-sending the document's queued jobs is harmless and heals a release the broker lost.
+        if status in (DocumentStatus.parsed, DocumentStatus.failed):
+            _release_jobs(settings, document_id)
+        log.info("parse %s: not claimable (status %s)", document_id, status)
+        return str(status)
+
+    log.info("parse %s (%s) attempt %d", document_id, filename, attempt)
+    what = f"parse {document_id}"
+    with Lease(lambda: _with_session(url, q.extend_document_lease, document_id, attempt, settings.job_lease_s),
+               settings.job_lease_s, what):
+        try:
+            parsed, text = _parse_and_chunk(settings, BlobStore(settings.effective_blob_dir).path(sha256), password)
+        except PipelineError as exc:
+            return _finish_failed_parse(settings, document_id, attempt, exc.code, exc.message)
+        except TRANSIENT_ERRORS:
+            _give_back(url, q.release_document, document_id, attempt)
+            raise
+        except Exception as exc:
+            log.exception("parse %s: unexpected error", document_id)
+            return _finish_failed_parse(settings, document_id, attempt, INTERNAL_ERROR,
+                                        f"{type(exc).__name__}: {exc}")
+    try:
+        with session_scope(url) as s:
+            stored = q.store_parsed_document(s, document_id, attempt, parsed, text)
+    except TRANSIENT_ERRORS:
+        _give_back(url, q.release_document, document_id, attempt)
+        raise
+    if not stored:
+        log.warning("parse %s: claim lost before storing; result dropped", document_id)
+        return "lost"
+    log.info("parse %s: parsed, %d pages, %d tokens, %d chunks", document_id, len(parsed.pages),
+             text.token_count, len(text.chunks))
+    _release_jobs(settings, document_id)
+    return str(DocumentStatus.parsed)
+
+
+def _parse_and_chunk(settings: Settings, path: Path, password: str | None) -> tuple[ParsedDocument, DocumentText]:
+    from pipeline.chunk import build_document_text
+    from pipeline.parse import ParseLimits, parse_file
+    from pipeline.tasks import tokenizer_spec
+    from pipeline.tokens import load_tokenizer
+
+    if not path.is_file():
+        raise PipelineError("parse_error", "the uploaded file is missing from the blob store")
+    limits = ParseLimits(max_pages=settings.max_pages, timeout_s=settings.parse_timeout_s,
+                         memory_mb=settings.parse_memory_mb)
+    parsed = parse_file(path, password=password, extractor=settings.pdf_extractor, limits=limits)
+    tokenizer = load_tokenizer(tokenizer_spec(settings.engine, model=settings.model,
+                                              embedding_model=settings.embedding_model))
+    text = build_document_text(parsed.pages, tokenizer=tokenizer, chunk_tokens=settings.chunk_tokens,
+                               overlap_tokens=settings.chunk_overlap_tokens)
+    if not text.full_text.strip():
+        # Never "parsed with zero chunks": a document with no text cannot be summarized or cited.
+        raise PipelineError("no_text_layer", f"no page of {len(parsed.pages)} has extractable text "
+                            f"({parsed.needs_ocr_pages} need OCR)")
+    return parsed, text
+
+
+def _finish_failed_parse(settings: Settings, document_id: uuid.UUID, attempt: int, code: str, message: str) -> str:
+    log.info("parse %s failed: %s: %s", document_id, code, message)
+    with session_scope(settings.effective_database_url) as s:
+        if not q.fail_document(s, document_id, attempt, code, message):
+            return "lost"
+        q.fail_queued_jobs(s, document_id, code, f"document failed to parse: {message}")
+    return str(DocumentStatus.failed)
+
+
+def _release_jobs(settings: Settings, document_id: uuid.UUID) -> None:
+    """After the parse outcome is committed: send waiting jobs to the gpu queue (or fail them)."""
+    with session_scope(settings.effective_database_url) as s:
+        doc = s.get(Document, document_id)
+        if doc is None:
+            return
+        if doc.status == DocumentStatus.failed:
+            q.fail_queued_jobs(s, document_id, doc.error_code or "parse_error",
+                               f"document failed to parse: {doc.error_message or doc.error_code}")
+            return
+        job_ids = q.queued_job_ids(s, document_id)
+    for job_id in job_ids:
+        dispatch.enqueue_job(settings, job_id)
+
+
+# --- jobs -------------------------------------------------------------------------------------------
+
+_engines: dict[tuple[str, str, str, str], Any] = {}
+_engine_lock = threading.Lock()
+
+
+def task_engine(settings: Settings) -> Any:
+    """The process-wide engine, loaded on first use (once per worker process)."""
+    from pipeline.tasks import load_engine
+
+    key = (settings.engine, settings.model, settings.device, settings.embedding_model)
+    with _engine_lock:
+        if key not in _engines:
+            t0 = time.monotonic()
+            _engines[key] = load_engine(settings.engine, model=settings.model, device=settings.device,
+                                        embedding_model=settings.embedding_model)
+            log.info("engine %s loaded in %.1f s", settings.engine, time.monotonic() - t0)
+        return _engines[key]
+
+
+def run_job(settings: Settings, job_id: uuid.UUID | str) -> str:
+    """queued -> running -> succeeded|failed, writing the Result exactly once. Returns the status."""
+    job_id = _uuid(job_id)
+    url = settings.effective_database_url
+    with session_scope(url) as s:
+        row = s.execute(select(Job.status, Job.task, Job.params, Job.document_id, Document.status,
+                               Document.error_code, Document.error_message)
+                        .join(Document, Document.id == Job.document_id).where(Job.id == job_id)).first()
+        if row is None:
+            return "missing"
+        job_status, task, params, document_id, doc_status, doc_code, doc_message = row
+        if job_status != JobStatus.queued:
+            return str(job_status)  # terminal, or running under another claim
+        if doc_status == DocumentStatus.failed:
+            q.fail_job(s, job_id, None, doc_code or "parse_error", f"document failed to parse: {doc_message}")
+            return str(JobStatus.failed)
+        if doc_status != DocumentStatus.parsed:
+            return "waiting"  # the parse task releases it
+        attempt = q.claim_job(s, job_id, worker_id(), settings.job_lease_s)
+        if attempt is None:
+            return "not_claimed"
+        if q.has_result(s, job_id):
+            q.complete_job(s, job_id, attempt, None)
+            return str(JobStatus.succeeded)
+    log.info("job %s (%s on %s) attempt %d", job_id, task, document_id, attempt)
+
+    what = f"job {job_id}"
+    with Lease(lambda: _with_session(url, q.heartbeat_job, job_id, attempt, settings.job_lease_s),
+               settings.job_lease_s, what) as lease:
+        try:
+            with session_scope(url) as s:
+                doc_text = q.load_document_text(s, document_id)
+            progress = _progress_writer(url, job_id, attempt, settings.job_lease_s, lease)
+            progress(0.0, "loading engine")
+            engine = task_engine(settings)
+            from pipeline.tasks import run_task
+
+            payload = run_task(engine, str(task), dict(params or {}), doc_text, progress)
+        except JobAborted:
+            log.info("%s: aborted (canceled or taken over)", what)
+            return "aborted"
+        except PipelineError as exc:
+            return _finish_failed_job(url, job_id, attempt, exc.code, exc.message)
+        except TRANSIENT_ERRORS:
+            _give_back(url, q.requeue_job, job_id, attempt)
+            raise
+        except Exception as exc:
+            log.exception("%s: unexpected error", what)
+            return _finish_failed_job(url, job_id, attempt, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+    try:
+        with session_scope(url) as s:
+            done = q.complete_job(s, job_id, attempt, payload)
+    except TRANSIENT_ERRORS:
+        _give_back(url, q.requeue_job, job_id, attempt)
+        raise
+    if not done:
+        log.info("%s: claim lost before completion (canceled?); result dropped", what)
+        return "aborted"
+    log.info("%s: succeeded", what)
+    return str(JobStatus.succeeded)
+
+
+def _progress_writer(url: str, job_id: uuid.UUID, attempt: int, lease_s: float,
+                     lease: Lease) -> Callable[[float, str], None]:
+    """The run_task progress callback: records progress at most once a second and stops a lost job."""
+    last_write = 0.0
+
+    def progress(fraction: float, stage: str) -> None:
+        nonlocal last_write
+        if lease.lost.is_set():
+            raise JobAborted(str(job_id))
+        now = time.monotonic()
+        if now - last_write < PROGRESS_WRITE_INTERVAL_S and fraction < 1.0:
+            return
+        last_write = now
+        if not _with_session(url, q.heartbeat_job, job_id, attempt, lease_s, fraction, stage):
+            lease.lost.set()
+            raise JobAborted(str(job_id))
+
+    return progress
+
+
+def _finish_failed_job(url: str, job_id: uuid.UUID, attempt: int, code: str, message: str) -> str:
+    log.info("job %s failed: %s: %s", job_id, code, message)
+    with session_scope(url) as s:
+        return str(JobStatus.failed) if q.fail_job(s, job_id, attempt, code, message) else "aborted"
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+def _with_session(url: str, fn: Callable[..., bool], *args: Any) -> bool:
+    with session_scope(url) as s:
+        return fn(s, *args)
+
+
+def _give_back(url: str, fn: Callable[..., bool], row_id: uuid.UUID, attempt: int) -> None:
+    """Hand a claim back before a retry; if the DB is down too, the lease expiry lets the reaper do it."""
+    try:
+        _with_session(url, fn, row_id, attempt)
+    except Exception as exc:
+        log.warning("could not hand back claim on %s (the reaper will): %s", row_id, exc)

@@ -1,0 +1,56 @@
+"""Reaper and reconciler: the DB leases, not the broker, decide what work was lost.
+
+- reap: running jobs / parsing documents whose lease expired (their worker vanished) are re-queued
+  and re-sent, or failed with `worker_lost` after settings.max_attempts claims;
+- reconcile: queued jobs of parsed documents and uploaded documents untouched for
+  settings.reconcile_grace_s are re-sent (the broker may have lost the message); duplicates are
+  harmless because every task claims its row first.
+
+Runs as the Celery beat task `longdoc.reap` (workers.tasks) in service mode and as a daemon thread
+(run_periodically) in embedded mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from longdoc.settings import Settings
+from storage import jobs as q
+from storage.db import session_scope
+from workers import dispatch
+
+log = logging.getLogger(__name__)
+
+
+def tick(settings: Settings) -> dict[str, int]:
+    """One reap + reconcile pass; sends the recovered work after its DB changes are committed."""
+    with session_scope(settings.effective_database_url) as s:
+        report = q.reap_expired(s, settings.max_attempts)
+    with session_scope(settings.effective_database_url) as s:
+        stale_docs, stale_jobs = q.stale_work(s, settings.reconcile_grace_s)
+    for doc_id in [*report.requeued_documents, *stale_docs]:
+        # The password of a protected PDF is never stored, so a re-sent parse of one fails
+        # `password_required`; every other document parses as before.
+        dispatch.enqueue_parse(settings, doc_id)
+    for job_id in [*report.requeued_jobs, *stale_jobs]:
+        dispatch.enqueue_job(settings, job_id)
+    counts = {
+        "requeued_jobs": len(report.requeued_jobs), "failed_jobs": len(report.failed_jobs),
+        "requeued_documents": len(report.requeued_documents), "failed_documents": len(report.failed_documents),
+        "resent_documents": len(stale_docs), "resent_jobs": len(stale_jobs),
+    }
+    if any(counts.values()):
+        log.info("reaper: %s", counts)
+    return counts
+
+
+def run_periodically(settings: Settings, stop: threading.Event) -> None:
+    """Embedded mode: tick every reaper_interval_s until stop is set; a failed tick is logged, not fatal."""
+    while True:
+        try:
+            tick(settings)
+        except Exception:
+            log.exception("reaper tick failed; retrying next interval")
+        if stop.wait(settings.reaper_interval_s):
+            return

@@ -1,0 +1,58 @@
+"""Celery task definitions: thin wrappers that call the shared bodies with this process's settings.
+
+Explicit names and queues (workers.dispatch constants); only TRANSIENT_ERRORS are retried, with
+exponential backoff; every other outcome is recorded in the DB by the body itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+
+from longdoc.settings import get_settings
+from workers import bodies, reaper
+from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_TASK
+
+log = logging.getLogger(__name__)
+
+MAX_TRANSIENT_RETRIES = 5
+
+
+def backoff_s(retries: int) -> int:
+    """2, 4, 8, 16, 32 s (capped at 60): enough for a DB failover or a Redis restart."""
+    return min(60, 2 ** (retries + 1))
+
+
+@worker_process_init.connect
+def _fresh_db_pool(**_kwargs: object) -> None:
+    # A forked pool process must not reuse connections opened in its parent.
+    from storage.db import get_engine, get_sessionmaker
+
+    get_engine.cache_clear()
+    get_sessionmaker.cache_clear()
+
+
+def register_tasks(app: Celery) -> None:
+    @app.task(name=PARSE_TASK, bind=True, queue=PARSE_QUEUE, acks_late=True, reject_on_worker_lost=True,
+              max_retries=MAX_TRANSIENT_RETRIES)
+    def parse_document(self: Task, document_id: str, password: str | None = None) -> str:
+        try:
+            return bodies.parse_document(get_settings(), document_id, password)
+        except bodies.TRANSIENT_ERRORS as exc:
+            log.warning("parse %s: transient error, retry %d: %s", document_id, self.request.retries + 1, exc)
+            raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
+
+    @app.task(name=JOB_TASK, bind=True, queue=GPU_QUEUE, acks_late=True, reject_on_worker_lost=True,
+              max_retries=MAX_TRANSIENT_RETRIES)
+    def run_job(self: Task, job_id: str) -> str:
+        try:
+            return bodies.run_job(get_settings(), job_id)
+        except bodies.TRANSIENT_ERRORS as exc:
+            log.warning("job %s: transient error, retry %d: %s", job_id, self.request.retries + 1, exc)
+            raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
+
+    @app.task(name=REAP_TASK, queue=PARSE_QUEUE, ignore_result=True)
+    def reap() -> dict[str, int]:
+        return reaper.tick(get_settings())
