@@ -1,9 +1,100 @@
-"""Service commands: db, keys, serve, worker (and later run, batch)."""
+"""Service commands: `longdoc serve` (HTTP API) and `longdoc worker -Q parse|gpu` (Celery worker).
+
+Heavy imports (uvicorn, the app, Celery) happen inside the command functions.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+QUEUES = ("parse", "gpu")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Filled in by the service-foundation work (issue 2)."""
+    serve = sub.add_parser("serve", help="run the HTTP API (and, in embedded mode, the in-process workers)")
+    serve.add_argument("--host", default=None, help="bind address (default: settings.api_host)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: settings.api_port)")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker for the parse (CPU) or gpu queue")
+    worker.add_argument("-Q", "--queues", required=True, type=_queues,
+                        help="parse, gpu, or a comma list (e.g. parse,gpu for a single-box worker)")
+    worker.add_argument("-c", "--concurrency", type=int, default=None,
+                        help="parallel tasks (parse only; default: CPU count). gpu always runs one at a time")
+    worker.add_argument("--pool", choices=("threads", "prefork", "solo"), default=None,
+                        help="override the pool (default: solo when the gpu queue is served, else threads)")
+    worker.add_argument("--beat", action="store_true",
+                        help="also run the reaper schedule (celery beat) in this worker; run exactly one per deployment")
+    worker.set_defaults(func=cmd_worker)
+
+
+def _queues(value: str) -> list[str]:
+    queues = [q.strip() for q in value.split(",") if q.strip()]
+    bad = [q for q in queues if q not in QUEUES]
+    if not queues or bad:
+        raise argparse.ArgumentTypeError(f"unknown queue(s) {bad or value!r}; choose from {', '.join(QUEUES)}")
+    return queues
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from longdoc.settings import get_settings
+    from storage import migrate
+
+    settings = get_settings()
+    from api.app import create_app  # after settings: the app module is the heaviest import here
+
+    if settings.database_url is None:
+        # Embedded default: the SQLite file is ours to create and migrate, so the API works right after install.
+        migrate.upgrade(settings.effective_database_url)
+    runner = None
+    if settings.embedded:
+        from workers.embedded import get_runner
+
+        runner = get_runner(settings)
+        runner.start_reaper()
+        log.info("embedded mode: tasks run in-process (%d parse threads, 1 gpu thread)",
+                 settings.embedded_workers)
+    try:
+        uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
+                    log_level=logging.getLevelName(logging.getLogger().level).lower())
+    finally:
+        if runner is not None:
+            runner.shutdown(wait=False)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from longdoc.settings import get_settings
+    from storage import migrate
+    from workers.celery_app import worker_app
+
+    settings = get_settings()
+    if settings.embedded:
+        print("longdoc worker needs LONGDOC_BROKER_URL (Redis) and LONGDOC_DATABASE_URL; "
+              "without them `longdoc serve` runs tasks in-process", file=sys.stderr)
+        return 2
+    try:
+        migrate.assert_up_to_date(settings.effective_database_url)
+    except migrate.DatabaseNotMigrated as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    pool = args.pool or ("solo" if "gpu" in args.queues else "threads")
+    concurrency = 1 if pool == "solo" else (args.concurrency or os.cpu_count() or 1)
+    name = "-".join(args.queues)
+    argv = ["worker", "--queues", ",".join(args.queues), "--pool", pool, "--concurrency", str(concurrency),
+            "--hostname", f"longdoc-{name}-{os.getpid()}@%h",
+            "--loglevel", logging.getLevelName(logging.getLogger().level),
+            "--without-gossip", "--without-mingle"]
+    if args.beat:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]
+    log.info("starting celery %s", " ".join(argv))
+    worker_app(settings).worker_main(argv)
+    return 0
