@@ -1,0 +1,73 @@
+"""The FastAPI application factory: `uvicorn --factory api.app:create_app` or `longdoc serve`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import sqlalchemy.exc
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import BodyLimitMiddleware, install_error_handlers
+from api.metrics import Metrics, MetricsMiddleware
+from api.routes import documents, health, jobs
+from longdoc.settings import Settings, get_settings
+from storage import migrate
+from storage.blobs import BlobStore
+
+log = logging.getLogger(__name__)
+
+# Room for the multipart envelope and the text fields next to a file of max_upload_bytes.
+FORM_OVERHEAD_BYTES = 1024 * 1024
+JSON_BODY_LIMIT_BYTES = 1024 * 1024
+
+
+def check_database(settings: Settings) -> None:
+    """Refuse to serve an unmigrated database; tolerate an unreachable one (503s until it is back).
+
+    The embedded default (SQLite under data_dir, no LONGDOC_DATABASE_URL) belongs to this install, so
+    it is migrated here instead: the API works right after `pip install`.
+    """
+    url = settings.effective_database_url
+    try:
+        if settings.database_url is None:
+            migrate.upgrade(url)
+        migrate.assert_up_to_date(url)
+    except migrate.DatabaseNotMigrated as exc:
+        log.error("%s", exc)
+        raise
+    except sqlalchemy.exc.OperationalError as exc:
+        log.warning("database %s unreachable at startup (%s): requests answer 503 until it is back",
+                    migrate.safe_url(url), exc.__class__.__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    if not settings.auth_enabled:
+        log.warning("AUTH IS OFF (LONGDOC_AUTH_ENABLED=false): every request is served without an API key; "
+                    "keep this server on localhost")
+    app.state.blobs.root.mkdir(parents=True, exist_ok=True)
+    await run_in_threadpool(check_database, settings)
+    log.info("longdoc API ready (%s mode, database %s)", "embedded" if settings.embedded else "service",
+             migrate.safe_url(settings.effective_database_url))
+    yield
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="longdoc", version="1", lifespan=lifespan,
+                  description="Long-document summarization, question answering and classification.")
+    app.state.settings = settings
+    app.state.blobs = BlobStore(settings.effective_blob_dir)
+    app.state.metrics = Metrics(settings)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, upload_path="/v1/documents",
+                       upload_limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+                       default_limit=JSON_BODY_LIMIT_BYTES)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    for module in (documents, jobs, health):
+        app.include_router(module.router)
+    return app

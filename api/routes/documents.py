@@ -1,0 +1,248 @@
+"""/v1/documents: upload (streamed to the blob store, deduped), get, list, delete, create jobs."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated, Any, BinaryIO
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
+from api.errors import ApiError
+from api.schemas import (
+    ERROR_RESPONSES,
+    DocumentListPublic,
+    DocumentPublic,
+    DocumentUploadPublic,
+    ErrorPublic,
+    JobCreate,
+    JobPublic,
+)
+from longdoc.settings import Settings
+from pipeline.parse import sniff_media_type
+from pipeline.tasks import TASKS, validate_params
+from pipeline.types import PipelineError
+from storage import documents as repo
+from storage.blobs import BlobStore, TooLarge
+from storage.models import Document, DocumentStatus, Job
+from workers import dispatch
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["documents"])
+
+SNIFF_BYTES = 8192
+MAX_FORM_FIELD_BYTES = 64 * 1024
+REPARSE_ON_PASSWORD = {"password_required", "wrong_password"}
+
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "The document (PDF, text, Markdown, HTML, DOCX)."},
+        "tasks": {"type": "string", "description": "Comma list of summarize,qa,classify to queue at upload."},
+        "question": {"type": "array", "items": {"type": "string"},
+                     "description": "A question for the qa task (repeat the field for several); implies qa."},
+        "labels": {"type": "string", "description": "Comma list of labels for classify; implies classify."},
+        "password": {"type": "string", "format": "password",
+                     "description": "Password of an encrypted PDF; passed to the parser, never stored."},
+    }}}}}}
+
+
+def _validated(task: str, params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return validate_params(task, params)
+    except PipelineError as exc:
+        raise ApiError(422, exc.code, exc.message) from exc
+
+
+def _requested_jobs(tasks: str | None, questions: list[str], labels: str | None) -> list[tuple[str, dict]]:
+    """The upload's form fields as validated (task, params) pairs; question/labels imply their task."""
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown:
+        raise ApiError(422, "invalid_params", f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    label_list = [x.strip() for x in (labels or "").split(",") if x.strip()]
+    if questions and "qa" not in names:
+        names.append("qa")
+    if label_list and "classify" not in names:
+        names.append("classify")
+    params = {"summarize": {}, "qa": {"questions": questions}, "classify": {"labels": label_list}}
+    return [(name, _validated(name, params[name])) for name in dict.fromkeys(names)]
+
+
+def _sniff(fileobj: BinaryIO) -> str:
+    head = fileobj.read(SNIFF_BYTES)
+    fileobj.seek(0)
+    if not head:
+        raise ApiError(400, "empty_file", "the uploaded file is empty")
+    media_type = sniff_media_type(head)
+    if media_type is None:
+        raise ApiError(415, "unsupported_media_type",
+                       "unsupported file type (detected from its bytes): send a PDF, text, Markdown, HTML or DOCX file")
+    return media_type
+
+
+def _clean_filename(name: str | None) -> str:
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return base[:512] or "upload"
+
+
+def _attach_jobs(session: Session, doc: Document, specs: list[tuple[str, dict]]) -> list[Job]:
+    if specs and doc.status == DocumentStatus.failed:
+        raise ApiError(409, "document_failed",
+                       f"document {doc.id} failed to parse ({doc.error_code}); jobs cannot run on it")
+    return [repo.add_job(session, doc, task, params) for task, params in specs]
+
+
+def _store_upload(settings: Settings, session: Session, blobs: BlobStore, owner: uuid.UUID | None,
+                  upload: UploadFile, specs: list[tuple[str, dict]], password: str | None,
+                  idempotency_key: str | None) -> tuple[Document, list[Job], bool, bool]:
+    """Blob first (outside any transaction), then one transaction for rows. Returns
+    (document, new jobs, created, parse_needed)."""
+    media_type = _sniff(upload.file)
+    try:
+        sha256, size, _ = blobs.put_stream(upload.file, settings.max_upload_bytes)
+    except TooLarge as exc:
+        raise ApiError(413, "too_large", f"the file exceeds the upload limit of {exc.max_bytes} bytes") from exc
+
+    for attempt in (1, 2):  # a concurrent upload of the same bytes can win the unique index once
+        try:
+            repo.lock_content(session, sha256)
+            if not blobs.exists(sha256):  # a concurrent delete released it before we took the lock
+                upload.file.seek(0)
+                blobs.put_stream(upload.file, settings.max_upload_bytes)
+            doc = repo.find_by_idempotency_key(session, owner, idempotency_key) if idempotency_key else None
+            if doc is not None and doc.sha256 != sha256:
+                raise ApiError(409, "idempotency_key_reused",
+                               "this Idempotency-Key was already used for a different file")
+            doc = doc or repo.find_by_sha256(session, owner, sha256)
+            created = doc is None
+            parse_needed = created
+            if doc is None:
+                doc = Document(owner_id=owner, filename=_clean_filename(upload.filename), sha256=sha256, bytes=size,
+                               media_type=media_type, status=DocumentStatus.uploaded, idempotency_key=idempotency_key)
+                session.add(doc)
+                session.flush()
+            elif doc.status == DocumentStatus.failed and password and doc.error_code in REPARSE_ON_PASSWORD:
+                repo.reset_for_reparse(doc)
+                parse_needed = True
+            jobs = _attach_jobs(session, doc, specs)
+            session.commit()
+            return doc, jobs, created, parse_needed
+        except IntegrityError:
+            session.rollback()
+            if attempt == 2:
+                raise
+        except ApiError:
+            session.rollback()
+            repo.release_blob(session, blobs, sha256)  # bytes nobody references (e.g. idempotency conflict)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _enqueue_jobs_if_parsed(settings: Settings, session: Session, doc: Document, jobs: list[Job]) -> None:
+    """After the commit: jobs on a parsed document go now; otherwise the parse task releases them.
+    The status is re-read so a parse that finished during our transaction cannot strand a job."""
+    if not jobs:
+        return
+    session.refresh(doc)
+    if doc.status == DocumentStatus.parsed:
+        for job in jobs:
+            dispatch.enqueue_job(settings, job.id)
+
+
+@router.post("/documents", status_code=201, response_model=DocumentUploadPublic, openapi_extra=_UPLOAD_BODY,
+             responses={200: {"model": DocumentUploadPublic, "description": "the same bytes were already uploaded"},
+                        400: {"model": ErrorPublic, "description": "empty file or malformed form"},
+                        409: {"model": ErrorPublic, "description": "Idempotency-Key reused, or document failed"},
+                        413: {"model": ErrorPublic, "description": "over the upload limit"},
+                        415: {"model": ErrorPublic, "description": "unsupported file type"},
+                        422: {"model": ErrorPublic, "description": "invalid tasks/question/labels"},
+                        **ERROR_RESPONSES})
+async def create_document(
+    request: Request, response: Response, settings: SettingsDep, session: SessionDep, blobs: BlobsDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+) -> DocumentUploadPublic:
+    """Upload a document. Auth runs before the body is read (the form is parsed here, not by FastAPI),
+    and the file is spooled to disk by the multipart parser, then streamed into the blob store."""
+    async with request.form(max_files=1, max_fields=100, max_part_size=MAX_FORM_FIELD_BYTES) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "validation_error", "file: a multipart file field named `file` is required")
+        fields = {name: form.getlist(name) for name in ("tasks", "question", "labels", "password")}
+        if any(not isinstance(v, str) for values in fields.values() for v in values):
+            raise ApiError(422, "validation_error", "tasks, question, labels and password must be text fields")
+        specs = _requested_jobs(next(iter(fields["tasks"]), None), list(fields["question"]),
+                                next(iter(fields["labels"]), None))
+        password = next(iter(fields["password"]), None) or None
+        doc, jobs, created, parse_needed = await run_in_threadpool(
+            _store_upload, settings, session, blobs, owner, upload, specs, password, idempotency_key)
+
+    def after_commit() -> None:
+        if parse_needed:
+            dispatch.enqueue_parse(settings, doc.id, password)
+        _enqueue_jobs_if_parsed(settings, session, doc, jobs)
+
+    await run_in_threadpool(after_commit)
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/documents/{doc.id}"
+    return DocumentUploadPublic(**DocumentPublic.of(doc).model_dump(), created=created,
+                                jobs=[JobPublic.of(j) for j in jobs])
+
+
+def _owned_document(session: Session, owner: uuid.UUID | None, document_id: uuid.UUID) -> Document:
+    doc = repo.get_document(session, owner, document_id)
+    if doc is None:
+        raise ApiError(404, "not_found", f"document {document_id} not found")
+    return doc
+
+
+@router.get("/documents/{document_id}", response_model=DocumentPublic, responses=ERROR_RESPONSES)
+def get_document(document_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> DocumentPublic:
+    return DocumentPublic.of(_owned_document(session, owner, document_id))
+
+
+@router.get("/documents", response_model=DocumentListPublic, responses=ERROR_RESPONSES)
+def list_documents(session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                   cursor: str | None = None) -> DocumentListPublic:
+    """Newest first. Follow `next_cursor` until it is null."""
+    try:
+        page = repo.list_documents(session, owner, limit=limit, cursor=cursor)
+    except repo.InvalidCursor as exc:
+        raise ApiError(400, "invalid_cursor", str(exc)) from exc
+    return DocumentListPublic(items=[DocumentPublic.of(d) for d in page.items], next_cursor=page.next_cursor)
+
+
+@router.delete("/documents/{document_id}", status_code=204, responses=ERROR_RESPONSES)
+def delete_document(document_id: uuid.UUID, settings: SettingsDep, session: SessionDep, blobs: BlobsDep,
+                    owner: OwnerDep) -> Response:
+    """Deletes the document with its pages, chunks, jobs and results; the blob goes when no other
+    document (of any key) has the same bytes. Queued or running jobs are canceled."""
+    doc = _owned_document(session, owner, document_id)
+    sha256 = doc.sha256
+    active_jobs, unused = repo.delete_document(session, doc)
+    session.commit()
+    if unused:
+        repo.release_blob(session, blobs, sha256)
+    for job_id in active_jobs:
+        dispatch.request_cancel(settings, job_id)
+    return Response(status_code=204)
+
+
+@router.post("/documents/{document_id}/jobs", status_code=202, response_model=JobPublic,
+             responses={409: {"model": ErrorPublic, "description": "the document failed to parse"},
+                        422: {"model": ErrorPublic, "description": "invalid task params"}, **ERROR_RESPONSES})
+def create_job(document_id: uuid.UUID, body: JobCreate, response: Response, settings: SettingsDep,
+               session: SessionDep, owner: OwnerDep) -> JobPublic:
+    """Queue a task on the document; it runs once the document is parsed. Poll the Location."""
+    doc = _owned_document(session, owner, document_id)
+    params = _validated(body.task.value, body.params)
+    (job,) = _attach_jobs(session, doc, [(body.task.value, params)])
+    session.commit()
+    _enqueue_jobs_if_parsed(settings, session, doc, [job])
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobPublic.of(job)

@@ -1,0 +1,62 @@
+"""/v1/jobs: poll one job, list jobs, cancel a job."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from api.deps import OwnerDep, SessionDep, SettingsDep
+from api.errors import ApiError
+from api.schemas import ERROR_RESPONSES, ErrorPublic, JobListPublic, JobPublic
+from storage import documents as repo
+from storage.models import Job, JobStatus
+from workers import dispatch
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+# How soon a poller should come back; short while running (progress moves), longer while queued.
+RETRY_AFTER_S = {JobStatus.queued: "5", JobStatus.running: "2"}
+
+
+def _owned_job(session: SessionDep, owner: uuid.UUID | None, job_id: uuid.UUID) -> Job:
+    job = repo.get_job(session, owner, job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"job {job_id} not found")
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic, responses=ERROR_RESPONSES)
+def get_job(job_id: uuid.UUID, response: Response, session: SessionDep, owner: OwnerDep) -> JobPublic:
+    """Status, progress and, once succeeded, the result. `Retry-After` is set until the job is terminal."""
+    job = _owned_job(session, owner, job_id)
+    if not job.status.terminal:
+        response.headers["Retry-After"] = RETRY_AFTER_S[job.status]
+    return JobPublic.of(job)
+
+
+@router.get("/jobs", response_model=JobListPublic, responses=ERROR_RESPONSES)
+def list_jobs(session: SessionDep, owner: OwnerDep, document_id: uuid.UUID | None = None,
+              status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              cursor: str | None = None) -> JobListPublic:
+    """Newest first, optionally for one document and/or one status. Follow `next_cursor`."""
+    if document_id is not None and repo.get_document(session, owner, document_id) is None:
+        raise ApiError(404, "not_found", f"document {document_id} not found")
+    try:
+        page = repo.list_jobs(session, owner, limit=limit, cursor=cursor, document_id=document_id, status=status)
+    except repo.InvalidCursor as exc:
+        raise ApiError(400, "invalid_cursor", str(exc)) from exc
+    return JobListPublic(items=[JobPublic.of(j) for j in page.items], next_cursor=page.next_cursor)
+
+
+@router.delete("/jobs/{job_id}", response_model=JobPublic,
+               responses={409: {"model": ErrorPublic, "description": "the job already finished"}, **ERROR_RESPONSES})
+def cancel_job(job_id: uuid.UUID, settings: SettingsDep, session: SessionDep, owner: OwnerDep) -> JobPublic:
+    """Cancel a queued or running job. The DB status changes first; then the broker is asked to drop it."""
+    job = _owned_job(session, owner, job_id)
+    if not repo.cancel_job(session, job):
+        raise ApiError(409, "job_terminal", f"job {job_id} is already {job.status.value}")
+    session.commit()
+    dispatch.request_cancel(settings, job.id)
+    return JobPublic.of(job)

@@ -1,0 +1,100 @@
+"""Request and response bodies: XCreate is what a client sends, XPublic what it gets back."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.models import Document, DocumentStatus, Job, JobStatus, TaskName
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["not_found"])
+    message: str = Field(examples=["document 3f2c0c6e-... not found"])
+
+
+class ErrorPublic(BaseModel):
+    error: ErrorDetail
+
+
+class DocumentPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    filename: str
+    sha256: str
+    bytes: int
+    media_type: str | None
+    status: DocumentStatus
+    pages: int | None
+    needs_ocr_pages: int | None
+    tokens: int | None
+    warnings: list[Any]
+    error: ErrorDetail | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, doc: Document) -> DocumentPublic:
+        error = ErrorDetail(code=doc.error_code, message=doc.error_message or "") if doc.error_code else None
+        return cls(id=doc.id, filename=doc.filename, sha256=doc.sha256, bytes=doc.bytes, media_type=doc.media_type,
+                   status=doc.status, pages=doc.pages, needs_ocr_pages=doc.needs_ocr_pages, tokens=doc.tokens,
+                   warnings=doc.warnings or [], error=error, created_at=doc.created_at, updated_at=doc.updated_at)
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskName
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   examples=[{"questions": ["What is the termination notice period?"]}])
+
+
+class JobPublic(BaseModel):
+    id: uuid.UUID
+    document_id: uuid.UUID
+    task: TaskName
+    params: dict[str, Any]
+    status: JobStatus
+    progress: float
+    stage: str | None
+    result: dict[str, Any] | None = Field(description="Present when status is succeeded.")
+    error: ErrorDetail | None = Field(description="Present when status is failed.")
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobPublic:
+        error = ErrorDetail(code=job.error_code, message=job.error_message or "") if job.error_code else None
+        result = job.result.payload if job.status == JobStatus.succeeded and job.result is not None else None
+        return cls(id=job.id, document_id=job.document_id, task=job.task, params=job.params, status=job.status,
+                   progress=job.progress, stage=job.stage, result=result, error=error, attempts=job.attempts,
+                   created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
+                   finished_at=job.finished_at)
+
+
+class DocumentUploadPublic(DocumentPublic):
+    created: bool = Field(description="False when the same bytes were already uploaded by this key (200).")
+    jobs: list[JobPublic] = Field(description="Jobs created by this upload's tasks/question/labels fields.")
+
+
+class DocumentListPublic(BaseModel):
+    items: list[DocumentPublic]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class JobListPublic(BaseModel):
+    items: list[JobPublic]
+    next_cursor: str | None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorPublic, "description": text} for status, text in {
+        401: "missing or invalid API key", 404: "unknown id (or another key's)",
+        503: "database or broker unreachable"}.items()}

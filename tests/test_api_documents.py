@@ -1,0 +1,143 @@
+"""Uploads, dedupe, idempotency, listing and deletion through the real app on real Postgres."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import redis
+from sqlalchemy import func, select
+
+from storage.blobs import BlobStore
+from storage.db import session_scope
+from storage.models import Document, DocumentStatus, Job
+from tests.fixtures_api import upload
+
+
+def _queued_messages(redis_url: str, queue: str) -> int:
+    return redis.Redis.from_url(redis_url).llen(queue)
+
+
+def test_upload_creates_document_and_stores_blob(client, auth, pdf_bytes, api_settings, redis_url):
+    r = upload(client, auth, pdf_bytes, name="../../etc/contract.pdf")
+    assert r.status_code == 201, r.text
+    doc = r.json()
+    assert doc["sha256"] == hashlib.sha256(pdf_bytes).hexdigest()
+    assert doc["bytes"] == len(pdf_bytes)
+    assert doc["media_type"] == "application/pdf"
+    assert doc["status"] == "uploaded"
+    assert doc["filename"] == "contract.pdf"  # no client path survives
+    assert doc["created"] is True and doc["jobs"] == []
+    assert r.headers["location"] == f"/v1/documents/{doc['id']}"
+    blob = BlobStore(api_settings.effective_blob_dir).path(doc["sha256"])
+    assert blob.read_bytes() == pdf_bytes
+    assert _queued_messages(redis_url, "parse") == 1  # enqueued after the commit, to the parse queue
+
+    got = client.get(f"/v1/documents/{doc['id']}", headers=auth)
+    assert got.status_code == 200 and got.json()["id"] == doc["id"]
+
+
+def test_same_bytes_same_key_is_deduped(client, auth, pdf_bytes, api_settings, redis_url):
+    first = upload(client, auth, pdf_bytes).json()
+    again = upload(client, auth, pdf_bytes, name="renamed.pdf")
+    assert again.status_code == 200
+    assert again.json()["id"] == first["id"] and again.json()["created"] is False
+    with session_scope(api_settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Document)) == 1
+    assert _queued_messages(redis_url, "parse") == 1  # no second parse for the same document
+
+
+def test_same_bytes_other_key_gets_its_own_document(client, auth, make_key, pdf_bytes):
+    a = upload(client, auth, pdf_bytes).json()
+    b = upload(client, make_key("bob"), pdf_bytes)
+    assert b.status_code == 201 and b.json()["id"] != a["id"]
+
+
+def test_idempotency_key(client, auth, pdf_bytes, other_pdf_bytes):
+    key = {"Idempotency-Key": "req-42"}
+    first = upload(client, auth, pdf_bytes, extra_headers=key)
+    assert first.status_code == 201
+    retry = upload(client, auth, pdf_bytes, extra_headers=key)
+    assert retry.status_code == 200 and retry.json()["id"] == first.json()["id"]
+    reused = upload(client, auth, other_pdf_bytes, extra_headers=key)
+    assert reused.status_code == 409
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
+    # the conflicting upload left no document behind
+    assert len(client.get("/v1/documents", headers=auth).json()["items"]) == 1
+
+
+def test_idempotency_conflict_leaves_no_orphan_blob(client, auth, pdf_bytes, other_pdf_bytes, api_settings):
+    upload(client, auth, pdf_bytes, extra_headers={"Idempotency-Key": "k"})
+    upload(client, auth, other_pdf_bytes, extra_headers={"Idempotency-Key": "k"})
+    assert not BlobStore(api_settings.effective_blob_dir).exists(hashlib.sha256(other_pdf_bytes).hexdigest())
+
+
+def test_upload_with_tasks_creates_queued_jobs(client, auth, pdf_bytes, api_settings):
+    r = upload(client, auth, pdf_bytes, data={
+        "tasks": "summarize", "question": ["Who are the parties?", "When does it end?"], "labels": "lease, nda"})
+    assert r.status_code == 201, r.text
+    jobs = {j["task"]: j for j in r.json()["jobs"]}
+    assert set(jobs) == {"summarize", "qa", "classify"}
+    assert jobs["qa"]["params"]["questions"] == ["Who are the parties?", "When does it end?"]
+    assert jobs["classify"]["params"]["labels"] == ["lease", "nda"]
+    assert all(j["status"] == "queued" for j in jobs.values())
+    with session_scope(api_settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 3
+
+
+def test_upload_password_is_never_stored(client, auth, corpus_dir, api_settings, redis_url):
+    secret = "s3cret-pw-zz"
+    data = (corpus_dir / "hostile-encrypted-aes256-userpw.pdf").read_bytes()
+    assert upload(client, auth, data, data={"password": secret}).status_code == 201
+    with session_scope(api_settings.effective_database_url) as s:
+        row = s.scalars(select(Document)).one()
+        assert secret not in repr({c.key: getattr(row, c.key) for c in Document.__table__.columns})
+    # it travels in the parse task message only
+    assert secret in redis.Redis.from_url(redis_url).lindex("parse", 0).decode()
+
+
+def test_failed_password_document_is_reparsed_when_uploaded_with_password(client, auth, corpus_dir, api_settings,
+                                                                           redis_url):
+    data = (corpus_dir / "hostile-encrypted-aes256-userpw.pdf").read_bytes()
+    doc_id = upload(client, auth, data).json()["id"]
+    with session_scope(api_settings.effective_database_url) as s:  # what the parse task would record
+        doc = s.get(Document, uuid.UUID(doc_id))
+        doc.status, doc.error_code, doc.error_message = DocumentStatus.failed, "password_required", "needs pw"
+    r = upload(client, auth, data, data={"password": "pw"})
+    assert r.status_code == 200 and r.json()["status"] == "uploaded" and r.json()["error"] is None
+    assert _queued_messages(redis_url, "parse") == 2
+
+
+def test_list_documents_cursor_pagination(client, auth, corpus_dir):
+    pdfs = sorted(corpus_dir.glob("contract-*.pdf"))[:5]
+    ids = [upload(client, auth, p.read_bytes(), name=p.name).json()["id"] for p in pdfs]
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        body = client.get("/v1/documents", headers=auth, params=params).json()
+        seen += [d["id"] for d in body["items"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == list(reversed(ids))  # newest first, each exactly once
+
+
+def test_delete_removes_rows_and_unused_blob(client, auth, make_key, pdf_bytes, api_settings):
+    blobs = BlobStore(api_settings.effective_blob_dir)
+    sha = hashlib.sha256(pdf_bytes).hexdigest()
+    mine = upload(client, auth, pdf_bytes, data={"tasks": "summarize"}).json()
+    bob = make_key("bob")
+    theirs = upload(client, bob, pdf_bytes).json()
+
+    assert client.delete(f"/v1/documents/{mine['id']}", headers=auth).status_code == 204
+    assert client.get(f"/v1/documents/{mine['id']}", headers=auth).status_code == 404
+    assert client.get(f"/v1/jobs/{mine['jobs'][0]['id']}", headers=auth).status_code == 404
+    assert blobs.exists(sha)  # bob's document still uses the bytes
+
+    assert client.delete(f"/v1/documents/{theirs['id']}", headers=bob).status_code == 204
+    assert not blobs.exists(sha)
+    with session_scope(api_settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
+    assert client.delete(f"/v1/documents/{theirs['id']}", headers=bob).status_code == 404
