@@ -3,7 +3,65 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Filled in by the engine work (issue 4)."""
+    model = sub.add_parser("model", help="MPT checkpoint utilities")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    init = model_sub.add_parser("init", help="write a random-weight HF-format MPT checkpoint + tokenizer")
+    init.add_argument("--preset", choices=("tiny", "mpt-7b-shape"), default="tiny")
+    init.add_argument("--out", type=Path, required=True, help="output directory")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--text", type=Path, nargs="*", default=None,
+                      help="text files to train the tokenizer on (default: generated text)")
+    init.set_defaults(func=_init)
+
+    gen = sub.add_parser("generate", help="complete a prompt with an MPT checkpoint")
+    gen.add_argument("--model", default=None, help="checkpoint dir or hub id (default: LONGDOC_MODEL)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--greedy", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    gen.add_argument("--max-seq-len", type=int, default=None, help="raise the checkpoint's max_seq_len")
+    gen.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    gen.set_defaults(func=_generate)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from pipeline.engine.init_checkpoint import init_checkpoint
+
+    out = init_checkpoint(args.preset, args.out, seed=args.seed, text_files=args.text)
+    print(f"wrote {args.preset} checkpoint to {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from longdoc.settings import get_settings
+    from pipeline.engine import Generator, SamplingParams, load
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    model, tokenizer = load(args.model or get_settings().model, device=device, dtype=dtype,
+                            max_seq_len=args.max_seq_len)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    generator = Generator(model, tokenizer, compile=False if args.no_compile else None)
+    (completion,) = generator.generate([args.prompt], params)
+    print(completion.text)
+    return 0

@@ -1,0 +1,195 @@
+"""MPT in plain PyTorch: embedding, pre-norm blocks (LayerNorm, fused Wqkv, ALiBi attention, GELU MLP),
+final norm, tied LM head. Parameter names match HF checkpoints minus the "transformer." prefix."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.engine.attention import AttentionBackend
+from pipeline.engine.cache import KVCache
+from pipeline.engine.config import MptConfig, alibi_slopes
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias. MPT's low-precision LayerNorm runs in the activations' dtype;
+    the plain one runs in float32 and casts back."""
+
+    def __init__(self, dim: int, *, eps: float, bias: bool, low_precision: bool) -> None:
+        super().__init__()
+        self.dim, self.eps, self.low_precision = dim, eps, low_precision
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.low_precision:
+            return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).to(x.dtype)
+
+
+def _norm(config: MptConfig) -> LayerNorm:
+    return LayerNorm(
+        config.d_model,
+        eps=config.layer_norm_epsilon,
+        bias=not config.no_bias,
+        low_precision=config.low_precision_layernorm,
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MptConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=not config.no_bias)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=not config.no_bias)
+        if config.qk_ln:
+            self.q_ln = _norm(config)
+            self.k_ln = _norm(config)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, d_model] -> q, k, v each [B, T, H, D]."""
+        cfg = self.config
+        b, t, _ = x.shape
+        qkv = self.Wqkv(x)  # [B, T, 3 * d_model]
+        if cfg.clip_qkv:
+            qkv = qkv.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv)
+        q, k, v = qkv.split(cfg.d_model, dim=-1)  # each [B, T, d_model]
+        if cfg.qk_ln:
+            q, k = self.q_ln(q), self.k_ln(k)
+        shape = (b, t, cfg.n_heads, cfg.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape)  # [B, T, d_model] -> [B, T, H, D]
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        b, t, _, _ = attn.shape
+        return self.out_proj(attn.reshape(b, t, self.config.d_model))  # [B, T, H, D] -> [B, T, d_model]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MptConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=not config.no_bias)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=not config.no_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: MptConfig) -> None:
+        super().__init__()
+        self.norm_1 = _norm(config)
+        self.attn = Attention(config)
+        self.norm_2 = _norm(config)
+        self.ffn = MLP(config)
+
+    def prefill(
+        self,
+        x: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        rows: slice,
+        start: int,
+        backend: AttentionBackend,
+        slopes: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [B, T, d_model] at positions [start, start + T) of cache rows `rows`."""
+        k_cache, v_cache = kv  # each [B_cache, L_max, H, D]
+        end = start + x.shape[1]
+        q, k, v = self.attn.project(self.norm_1(x))
+        k_cache[rows, start:end] = k
+        v_cache[rows, start:end] = v
+        a = backend.prefill(q, k_cache[rows, :end], v_cache[rows, :end], slopes, scale=self.attn.config.scale)
+        x = x + self.attn.output(a)
+        return x + self.ffn(self.norm_2(x))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        slopes: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [B, 1, d_model]; the new token of row b sits at positions[b] (= its length before it)."""
+        k_cache, v_cache = kv  # each [B, L_max, H, D]
+        rows = torch.arange(x.shape[0], device=x.device)
+        q, k, v = self.attn.project(self.norm_1(x))
+        k_cache[rows, positions] = k[:, 0]  # [B, H, D] scattered to one slot per row
+        v_cache[rows, positions] = v[:, 0]
+        a = backend.decode(q, k_cache, v_cache, slopes, positions + 1, scale=self.attn.config.scale)
+        x = x + self.attn.output(a)
+        return x + self.ffn(self.norm_2(x))
+
+
+class Mpt(nn.Module):
+    def __init__(self, config: MptConfig, backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm_f = _norm(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.backend = backend
+        self.register_buffer("slopes", alibi_slopes(config.n_heads, config.alibi_bias_max), persistent=False)
+
+    def reset_slopes(self, device: torch.device | str) -> None:
+        """Recompute the ALiBi slopes on `device` (after building on the meta device)."""
+        self.slopes = alibi_slopes(self.config.n_heads, self.config.alibi_bias_max, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.for_model(self.config, batch, max_len, device=self.device, dtype=self.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., d_model] (before norm_f) -> float32 logits [..., vocab]."""
+        weight = self.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        out = F.linear(self.norm_f(hidden), weight).float()
+        return out * self.config.logit_scale if self.config.logit_scale is not None else out
+
+    def _backend(self) -> AttentionBackend:
+        if self.backend is None:
+            raise RuntimeError("no attention backend set on the model (see pipeline.engine.load)")
+        return self.backend
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        *,
+        start: int = 0,
+        rows: slice | None = None,
+        logits_from: int | None = -1,
+    ) -> torch.Tensor | None:
+        """Run tokens [B, T] at positions [start, start + T) of cache rows `rows` (default: the first B),
+        writing their K/V. Returns float32 logits [B, T - logits_from', vocab] for chunk positions
+        [logits_from:] (default: the last one only), or None when logits_from is None."""
+        b, t = tokens.shape
+        rows = rows if rows is not None else slice(0, b)
+        if start + t > cache.max_len:
+            raise ValueError(f"positions up to {start + t} exceed the cache length {cache.max_len}")
+        backend = self._backend()
+        x = self.wte(tokens)  # [B, T, d_model]
+        for i, block in enumerate(self.blocks):
+            x = block.prefill(x, cache.layer(i), rows, start, backend, self.slopes)
+        if logits_from is None:
+            return None
+        return self.logits(x[:, logits_from:])
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        """One step for every cache row: tokens [B] at positions [B] -> float32 logits [B, vocab].
+        Shapes are static and nothing syncs with the host, so the step can be compiled / graph-captured."""
+        backend = self._backend()
+        x = self.wte(tokens)[:, None]  # [B] -> [B, 1, d_model]
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, cache.layer(i), positions, backend, self.slopes)
+        return self.logits(x[:, 0])
