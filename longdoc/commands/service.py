@@ -45,14 +45,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from longdoc.settings import get_settings
-    from storage import migrate
 
     settings = get_settings()
-    from api.app import create_app  # after settings: the app module is the heaviest import here
+    # The app migrates the embedded SQLite default itself and refuses an unmigrated service database.
+    from api.app import create_app
 
-    if settings.database_url is None:
-        # Embedded default: the SQLite file is ours to create and migrate, so the API works right after install.
-        migrate.upgrade(settings.effective_database_url)
     runner = None
     if settings.embedded:
         from workers.embedded import get_runner
