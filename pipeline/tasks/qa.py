@@ -1,0 +1,78 @@
+"""QA: for each question, the document sentence that best answers it, with pages and evidence.
+
+Extractive strategy: cosine similarity between the question and every sentence, blended with the
+similarity to the sentence's neighbourhood (the sentence plus its neighbours) so a sentence that
+only makes sense in context is not lost, plus a small bonus for sharing the question's rarer
+words (embeddings alone blur names and numbers). The answer is the best sentence; evidence lists
+the next best ones. The MPT strategy (generate from the shared document prefix) plugs in by kind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from pipeline.tasks.progress import require_kind, scaled
+from pipeline.types import DocumentText
+
+EVIDENCE = 3  # sentences returned per question, the answer first
+CONTEXT_WEIGHT = 0.3  # weight of the neighbourhood similarity vs. the sentence's own
+LEXICAL_WEIGHT = 0.15  # weight of the idf-weighted word overlap with the question
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP_WORDS = (
+    "a an and are as at be by can could did do does for from has have how if in is it its may might "
+    "must of on or shall should that the their them then there these they this those to under was "
+    "were what when where which who whom whose why will with would")
+_STOP = frozenset(_STOP_WORDS.split())
+
+
+def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str, Any]:
+    require_kind(engine, "qa")
+    questions = params["questions"]
+    sentences, vectors = engine.sentence_vectors(doc, progress=scaled(progress, 0.0, 0.85, "embedding"))
+    progress(0.9, "retrieving")
+    if not sentences:
+        return {"answers": [_empty(q) for q in questions], "engine": engine.kind}
+    query = engine.embed(questions)  # [Q, D]
+    scores = rank(vectors, query, [s.text for s in sentences], questions)  # [S, Q]
+    answers = []
+    for qi, question in enumerate(questions):
+        order = np.argsort(-scores[:, qi])[:EVIDENCE]
+        evidence = [{**sentences[i].citation(), "score": round(float(scores[i, qi]), 4)} for i in order]
+        best = evidence[0]
+        answers.append({"question": question, "answer": best["text"], "page_start": best["page_start"],
+                        "page_end": best["page_end"], "score": best["score"], "evidence": evidence})
+    return {"answers": answers, "engine": engine.kind}
+
+
+def rank(vectors: np.ndarray, query: np.ndarray, texts: list[str], questions: list[str]) -> np.ndarray:
+    """Scores [S, Q]: how well sentence s answers question q."""
+    own = vectors @ query.T  # [S, Q]
+    padded = np.pad(vectors, ((1, 1), (0, 0)))  # [S+2, D] zero rows at both ends
+    context = padded[:-2] + 2 * padded[1:-1] + padded[2:]  # [S, D] sentence weighted twice
+    context /= np.linalg.norm(context, axis=1, keepdims=True).clip(min=1e-9)
+    blended = (1 - CONTEXT_WEIGHT) * own + CONTEXT_WEIGHT * (context @ query.T)  # [S, Q]
+    return blended + LEXICAL_WEIGHT * _overlap(texts, questions)
+
+
+def _overlap(texts: list[str], questions: list[str]) -> np.ndarray:
+    """[S, Q] share of the question's idf mass (content words only) present in each sentence."""
+    bags = [set(_WORD.findall(t.lower())) - _STOP for t in texts]
+    df = Counter(w for bag in bags for w in bag)
+    n = len(texts)
+    out = np.zeros((n, len(questions)), dtype=np.float32)
+    for qi, question in enumerate(questions):
+        terms = {w: math.log(1 + n / (1 + df[w])) for w in set(_WORD.findall(question.lower())) - _STOP}
+        total = sum(terms.values())
+        if total:
+            out[:, qi] = [sum(v for w, v in terms.items() if w in bag) / total for bag in bags]
+    return out
+
+
+def _empty(question: str) -> dict[str, Any]:
+    return {"question": question, "answer": "", "page_start": None, "page_end": None, "score": 0.0,
+            "evidence": []}

@@ -1,0 +1,64 @@
+"""Summarize: a summary of at most max_words words whose every sentence cites its pages.
+
+Extractive strategy: rank sentences by centrality (cosine to the document's mean embedding: what
+the document is mostly about), then pick greedily by maximal marginal relevance so the summary
+covers different topics instead of repeating the most central one, and print them in reading order.
+The MPT strategy (generate from the shared document prefix) plugs in beside it by engine.kind.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from pipeline.tasks.progress import require_kind, scaled
+from pipeline.types import DocumentText
+
+MMR_LAMBDA = 0.7  # weight of centrality vs. novelty w.r.t. sentences already chosen
+MIN_SUMMARY_SENTENCE_WORDS = 8  # shorter segments are headings and fragments, rarely a summary
+LEAD_BONUS = 0.08  # a preference for early sentences: documents state their parties and purpose first
+_COMPLETE = re.compile(r"^[\"'“‘(]?[A-Z0-9].*[.!?:;][\"'”’)]?$")  # starts like and ends like a sentence
+
+
+def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str, Any]:
+    require_kind(engine, "summarize")
+    max_words = params["max_words"]
+    sentences, vectors = engine.sentence_vectors(doc, progress=scaled(progress, 0.0, 0.9, "embedding"))
+    eligible = [s.words >= MIN_SUMMARY_SENTENCE_WORDS and bool(_COMPLETE.match(s.text)) for s in sentences]
+    chosen = select(vectors, [s.words for s in sentences], eligible, max_words)
+    progress(0.95, "selecting")
+    picked = [sentences[i].citation() for i in sorted(chosen)]
+    if len(chosen) == 1 and sentences[chosen[0]].words > max_words:
+        picked[0]["text"] = " ".join(picked[0]["text"].split()[:max_words])  # still a prefix of the page text
+    summary = " ".join(p["text"] for p in picked)
+    return {"summary": summary, "sentences": picked, "words": len(summary.split()),
+            "max_words": max_words, "engine": engine.kind}
+
+
+def select(vectors: np.ndarray, words: list[int], eligible: list[bool], max_words: int) -> list[int]:
+    """Indices of the sentences to keep: central, mutually diverse, within max_words in total."""
+    n = len(words)
+    if n == 0:
+        return []
+    candidates = [i for i in range(n) if eligible[i]] or list(range(n))
+    centroid = vectors[candidates].mean(axis=0)  # [D]
+    centroid /= np.linalg.norm(centroid) or 1.0
+    relevance = vectors @ centroid + LEAD_BONUS * (1.0 - np.arange(n) / n)  # [S]
+    redundancy = np.zeros(n, dtype=np.float32)  # max cosine to any chosen sentence
+    chosen: list[int] = []
+    budget = max_words
+    open_set = set(candidates)
+    while open_set:
+        fitting = [i for i in open_set if words[i] <= budget]
+        if not fitting:
+            break
+        best = max(fitting, key=lambda i: MMR_LAMBDA * relevance[i] - (1 - MMR_LAMBDA) * redundancy[i])
+        chosen.append(best)
+        budget -= words[best]
+        open_set.discard(best)
+        redundancy = np.maximum(redundancy, vectors @ vectors[best])
+    if not chosen:  # every sentence is longer than max_words: cut the most central one instead
+        chosen = [max(candidates, key=lambda i: relevance[i])]
+    return chosen
