@@ -128,7 +128,7 @@ class ServiceSetup:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
-def _make_key(settings: Settings) -> str:
+def make_api_key(settings: Settings) -> str:
     from storage.db import session_scope
     from storage.keys import create_key
 
@@ -145,7 +145,7 @@ def service(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[ServiceSetu
     migrate.upgrade(pg_url)
     settings = Settings(_env_file=None, database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data",
                         engine="extractive", pdf_extractor="pdfium", parse_timeout_s=120.0, **FAST_RECOVERY)
-    setup = ServiceSetup(settings, tmp_path, _make_key(settings))
+    setup = ServiceSetup(settings, tmp_path, make_api_key(settings))
     try:
         yield setup
     finally:

@@ -53,6 +53,6 @@ def register_tasks(app: Celery) -> None:
             log.warning("job %s: transient error, retry %d: %s", job_id, self.request.retries + 1, exc)
             raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
 
-    @app.task(name=REAP_TASK, queue=PARSE_QUEUE, ignore_result=True)
+    @app.task(name=REAP_TASK, ignore_result=True)  # queue chosen by the beat schedule (reap_queue)
     def reap() -> dict[str, int]:
         return reaper.tick(get_settings())

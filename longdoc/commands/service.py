@@ -93,5 +93,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]
     log.info("starting celery %s", " ".join(argv))
-    worker_app(settings).worker_main(argv)
+    # Reaper ticks go to a queue this worker consumes, so the schedule runs even on a gpu-only worker.
+    worker_app(settings, reap_queue=args.queues[0]).worker_main(argv)
     return 0

@@ -1,0 +1,69 @@
+"""The service path end to end: the real app (TestClient) on Postgres, Celery over real Redis, and real
+`longdoc worker` subprocesses for the parse and gpu queues; real corpus PDFs; the extractive engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from storage.db import session_scope
+from storage.models import Chunk, Page, Result
+from tests.fixtures_workers import ServiceSetup, api_client, poll_document, poll_job, upload
+
+
+def test_upload_parse_and_jobs_through_separate_parse_and_gpu_workers(service: ServiceSetup,
+                                                                      corpus_dir: Path) -> None:
+    parse_worker = service.start_worker("parse", "--concurrency", "2")
+    gpu_worker = service.start_worker("gpu")
+    with api_client(service.settings) as client:
+        h = service.headers
+        contract = upload(client, h, corpus_dir / "contract-cerence-ip.pdf", tasks="summarize")
+        report = upload(client, h, corpus_dir / "report-ntsb-accident-nyc08ca055.pdf")
+        assert contract["status"] == "uploaded" and len(contract["jobs"]) == 1
+
+        for doc in (contract, report):
+            body = poll_document(client, h, doc["id"], timeout=120)
+            assert body["status"] == "parsed", body
+            assert body["pages"] > 0 and body["tokens"] > 0
+        with session_scope(service.settings.effective_database_url) as s:
+            pages = s.scalar(select(func.count()).select_from(Page).where(Page.document_id == contract["id"]))
+            chunks = s.scalar(select(func.count()).select_from(Chunk).where(Chunk.document_id == contract["id"]))
+        assert pages == 24 and chunks > 0  # MANIFEST: 24 pages
+
+        # The job created at upload was released by the parse task to the gpu queue.
+        summary = poll_job(client, h, contract["jobs"][0]["id"], timeout=180)
+        assert summary["status"] == "succeeded", summary
+        assert summary["result"] and summary["attempts"] == 1
+
+        # A job created on an already-parsed document goes straight to the gpu worker.
+        resp = client.post(f"/v1/documents/{report['id']}/jobs", headers=h,
+                           json={"task": "qa", "params": {"questions": ["Where did the accident happen?"]}})
+        assert resp.status_code == 202, resp.text
+        qa = poll_job(client, h, resp.json()["id"], timeout=120)
+        assert qa["status"] == "succeeded", qa
+        assert qa["progress"] == 1.0
+
+    # Each queue's tasks ran on its own worker process.
+    assert "longdoc.parse_document" in parse_worker.log() and "longdoc.run_job" not in parse_worker.log()
+    assert "longdoc.run_job" in gpu_worker.log() and "longdoc.parse_document" not in gpu_worker.log()
+    assert parse_worker.alive and gpu_worker.alive
+
+
+def test_bad_files_fail_with_their_code_and_their_jobs_fail_with_them(service: ServiceSetup, corpus_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    worker = service.start_worker("parse,gpu")
+    with api_client(service.settings) as client:
+        h = service.headers
+        scanned = upload(client, h, corpus_dir / "hostile-scanned-no-text.pdf", tasks="summarize")
+        body = poll_document(client, h, scanned["id"], timeout=120)
+        assert body["status"] == "failed" and body["error"]["code"] == "no_text_layer", body
+        job = poll_job(client, h, scanned["jobs"][0]["id"], timeout=60)
+        assert job["status"] == "failed" and job["error"]["code"] == "no_text_layer", job
+
+        # The same worker goes on with the next document.
+        ok = upload(client, h, corpus_dir / "contract-galera-joint-filing.pdf")
+        assert poll_document(client, h, ok["id"], timeout=120)["status"] == "parsed"
+    assert worker.alive
+    with session_scope(service.settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Result)) == 0
