@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from longdoc.settings import Settings, get_settings
 from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_TASK
@@ -26,7 +26,9 @@ def create_celery(settings: Settings, *, reap_queue: str = PARSE_QUEUE) -> Celer
     visibility = max(settings.visibility_timeout_s, int(settings.parse_timeout_s) * 2, settings.job_lease_s * 2)
     app = Celery("longdoc", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
-        task_queues=[Queue(PARSE_QUEUE), Queue(GPU_QUEUE)],
+        # One direct exchange per queue: a bare Queue("gpu") would inherit the default exchange and
+        # routing key ("parse"), binding both queues to the same key.
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (PARSE_QUEUE, GPU_QUEUE)],
         task_default_queue=PARSE_QUEUE,
         task_routes={PARSE_TASK: {"queue": PARSE_QUEUE}, JOB_TASK: {"queue": GPU_QUEUE}},
         task_serializer="json",
