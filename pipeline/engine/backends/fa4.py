@@ -1,0 +1,191 @@
+"""flash-attn-4 (CuTe DSL, Hopper) causal prefill with ALiBi applied as a score_mod.
+
+flash-attn-4 JIT-compiles one kernel per (score_mod, tile options, dtype, head_dim) on first use and
+caches it; shapes are dynamic, so chunked prefill with varying Tq / Tk reuses the same kernel. The
+kernel aligns the causal mask bottom-right (query i sits at key position Tk - Tq + i), which is the
+interface's convention; the score_mod adds the same offset to q_idx (seqlen_k - seqlen_q).
+
+Slope variants (bench/attention.py measures each; NOTES.md has the numbers):
+- "fast": slope recomputed per head as 2^(-step * (h + 1)) (exact for MPT's power-of-two head
+  counts) and the key distance turned into float32 with the 2^23 magic-number trick (an integer add
+  and a float subtract at full rate) instead of I2F, which Hopper issues at a quarter of the FMA rate.
+- "exp2": as "fast" but with a plain int->float conversion (the anchors' prototype).
+- "aux": slopes read from an aux tensor by head index. Works for any slopes, but flash-attn-4 then
+  wraps every q/kv index with a fast-divmod before the call and runs the score_mod one element at a
+  time, which costs more than it saves.
+"fast"/"exp2" are only used when the slopes are exactly that geometric series (checked once per
+slopes tensor); otherwise "aux" is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NAME = "fa4"
+VARIANTS = ("fast", "exp2", "aux")
+DEFAULT_VARIANT = "fast"
+_MAGIC_I2F = 0x4B000000  # float32 bits of 2^23: int n in [0, 2^23) -> bits(2^23 + n)
+_TWO_23 = 8388608.0
+
+
+def is_available(device: torch.device) -> bool:
+    """True on a Hopper (sm90) CUDA device with flash-attn-4's CuTe DSL importable."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    return _flash_attn_module() is not None
+
+
+@functools.cache
+def _flash_attn_module() -> Any | None:
+    try:
+        from flash_attn.cute import interface
+    except Exception as exc:  # ImportError, or the DSL's native libraries failing to load
+        log.debug("flash-attn-4 not importable: %s", exc)
+        return None
+    return interface
+
+
+def geometric_step(slopes: torch.Tensor) -> float | None:
+    """The `step` with slopes[h] == 2^(-step * (h + 1)) for every head, or None.
+
+    MPT's slopes for a power-of-two head count are this series with step = alibi_bias_max / n_heads.
+    Compared in float32, as the kernel computes them.
+    """
+    values = slopes.detach().to("cpu", torch.float64)
+    if values.numel() == 0 or bool((values <= 0).any()):
+        return None
+    step = -math.log2(float(values[0]))
+    heads = torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    expected = torch.exp2(-step * heads).to(torch.float32)
+    if not torch.allclose(expected, values.to(torch.float32), rtol=2e-6, atol=0.0):
+        return None
+    return step
+
+
+@functools.cache
+def score_mod(variant: str, step: float | None = None) -> Any:
+    """The cute.jit ALiBi score_mod for `variant` (one Python object per variant and step, so
+    flash-attn-4's compile cache hits). `score` arrives already multiplied by softmax_scale."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.utils import scalar_to_ssa
+
+    if variant == "aux":
+
+        @cute.jit
+        def alibi_aux(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
+            offset = seqlen_info.seqlen_k - seqlen_info.seqlen_q
+            dist = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to(q_idx.shape) - kv_idx
+            slopes = aux_tensors[0]
+            h_frag = cute.make_rmem_tensor(1, cutlass.Int32)
+            h_frag.store(h_idx)
+            s_frag = cute.make_rmem_tensor(1, cutlass.Float32)
+            s_frag[0] = slopes[h_frag[0]]
+            return score - s_frag.load() * dist.to(cutlass.Float32)
+
+        return alibi_aux
+
+    if step is None:
+        raise ValueError(f"score_mod variant {variant!r} needs the geometric step")
+    neg_step = -float(step)
+
+    if variant == "exp2":
+
+        @cute.jit
+        def alibi_exp2(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
+            offset = seqlen_info.seqlen_k - seqlen_info.seqlen_q
+            dist = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to(q_idx.shape) - kv_idx
+            head = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
+            slope = cute.math.exp2(head * cute.full_like(score, neg_step))
+            return score - slope * dist.to(cutlass.Float32)
+
+        return alibi_exp2
+
+    if variant == "fast":
+
+        @cute.jit
+        def alibi_fast(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
+            # dist + 2^23 as float bits: exact for 0 <= dist < 2^23; masked (future) keys give
+            # garbage that the causal mask overwrites with -inf right after this call.
+            offset = seqlen_info.seqlen_k - seqlen_info.seqlen_q + _MAGIC_I2F
+            biased = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to(q_idx.shape) - kv_idx
+            dist = biased.bitcast(cutlass.Float32) - cute.full_like(score, _TWO_23)
+            head = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
+            slope = cute.math.exp2(head * cute.full_like(score, neg_step))
+            return score - slope * dist
+
+        return alibi_fast
+
+    raise ValueError(f"unknown fa4 ALiBi variant {variant!r}; expected one of {VARIANTS}")
+
+
+_STEP_CACHE: dict[tuple[int, int, int], float | None] = {}
+
+
+def _cached_step(slopes: torch.Tensor) -> float | None:
+    """geometric_step once per slopes tensor (the model passes the same buffer for every layer)."""
+    key = (slopes.data_ptr(), slopes._version, slopes.numel())
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = geometric_step(slopes)
+    return _STEP_CACHE[key]
+
+
+def prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    *,
+    scale: float,
+    variant: str | None = None,
+    tile_mn: tuple[int, int] | None = None,
+    mma_pv_is_rs: bool | None = None,
+    intra_wg_overlap: bool | None = None,
+) -> torch.Tensor:
+    """Causal ALiBi attention, q [B, Tq, H, D], k/v [B, Tk, H, D] (Tk >= Tq) -> [B, Tq, H, D].
+
+    `variant` / `tile_mn` / `mma_pv_is_rs` / `intra_wg_overlap` are tuning knobs for the benchmark;
+    the defaults are the measured best.
+    """
+    interface = _flash_attn_module()
+    if interface is None:
+        raise RuntimeError("flash-attn-4 is not installed (pip install flash-attn-4)")
+    if k.shape[1] < q.shape[1]:
+        raise ValueError(f"Tk ({k.shape[1]}) must be >= Tq ({q.shape[1]})")
+    variant = variant or DEFAULT_VARIANT
+    aux_tensors = None
+    step = None if variant == "aux" else _cached_step(slopes)
+    if step is None:
+        variant = "aux"
+        aux_tensors = [slopes.to(device=q.device, dtype=torch.float32).contiguous()]
+    mod = score_mod(variant, step)
+    options: dict[str, Any] = {}
+    if tile_mn is not None:
+        options["tile_mn"] = tuple(tile_mn)
+    if mma_pv_is_rs is not None:
+        options["mma_pv_is_rs"] = mma_pv_is_rs
+    if intra_wg_overlap is not None:
+        options["intra_wg_overlap"] = intra_wg_overlap
+    out = interface._flash_attn_fwd(
+        q, k, v, softmax_scale=scale, causal=True, score_mod=mod, aux_tensors=aux_tensors, **options
+    )[0]
+    return out
+
+
+def prefill_no_alibi(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, **options: Any
+) -> torch.Tensor:
+    """The same kernel without a score_mod: the speed the ALiBi kernel is measured against."""
+    interface = _flash_attn_module()
+    if interface is None:
+        raise RuntimeError("flash-attn-4 is not installed")
+    return interface._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, **options)[0]

@@ -1,0 +1,83 @@
+"""Decode attention on CUDA: scaled_dot_product_attention with a per-sequence ALiBi bias row.
+
+One new token per sequence attends over its cache; the work is reading K and V once, so the kernel
+has to run at memory bandwidth. SDPA's memory-efficient kernel with a [B, H, 1, L] bias does
+(anchors: 0.25 ms for one 65K-token layer, the 4.27 TB/s floor), where flash-attn-4 without split-KV
+on sm90 leaves most of the chip idle for batch 1.
+
+The bias depends only on (slopes, lengths, L), not on the layer, so it is built once per decode
+step and reused by every layer while `lengths` is the same unmodified tensor (see `decode_bias`).
+The caller bounds L: pass cache views sliced to the longest live sequence (rounded up to a bucket),
+not the whole preallocated capacity, or every step reads the empty tail too.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sdpa"
+_memo: dict[str, Any] = {}
+
+
+def is_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def alibi_bias_row(
+    slopes: torch.Tensor, lengths: torch.Tensor, length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """[B, H, 1, length] additive bias: -slope_h * (lengths[b] - 1 - j) for j < lengths[b], else -inf."""
+    j = torch.arange(length, device=lengths.device)
+    dist = (lengths.clamp_min(1) - 1).view(-1, 1) - j.view(1, -1)  # [B, L]; < 0 past the new token
+    slope = slopes.to(device=lengths.device, dtype=torch.float32).view(1, -1, 1)  # [1, H, 1]
+    bias = -(slope * dist.unsqueeze(1))  # [B, H, L]
+    bias = bias.masked_fill(dist.unsqueeze(1) < 0, float("-inf"))
+    return bias.to(dtype).unsqueeze(2)  # [B, H, 1, L]
+
+
+def decode_bias(slopes: torch.Tensor, lengths: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """alibi_bias_row, reused while the same `lengths` / `slopes` objects are unmodified.
+
+    Keys hold weak references and version counters, so a new or updated lengths tensor (the next
+    step) always rebuilds; under CUDA-graph capture the first layer's build is captured once and
+    the other layers read its output. Inside torch.compile the memo is skipped (Inductor fuses
+    the build into the consumer anyway).
+    """
+    if torch.compiler.is_compiling():
+        return alibi_bias_row(slopes, lengths, length, dtype)
+    key = (lengths._version, slopes._version, length, dtype, lengths.device)
+    hit = _memo.get("key") == key and _memo["lengths"]() is lengths and _memo["slopes"]() is slopes
+    if not hit:
+        _memo.update(
+            key=key,
+            lengths=weakref.ref(lengths),
+            slopes=weakref.ref(slopes),
+            bias=alibi_bias_row(slopes, lengths, length, dtype),
+        )
+    return _memo["bias"]
+
+
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slopes: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+) -> torch.Tensor:
+    """q [B, 1, H, D], caches [B, L, H, D], lengths [B] (valid keys incl. the new token) -> [B, 1, H, D]."""
+    length = k_cache.shape[1]
+    bias = decode_bias(slopes, lengths, length, q.dtype)  # [B, H, 1, L]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # [B, H, 1, D]
+        k_cache.transpose(1, 2),  # [B, H, L, D] (strided view of the cache, no copy)
+        v_cache.transpose(1, 2),
+        attn_mask=bias,
+        scale=scale,
+    )  # [B, H, 1, D]
+    return out.transpose(1, 2)  # [B, 1, H, D]
