@@ -1,0 +1,49 @@
+"""Engine fixtures: tiny random MPT checkpoints written by our own init code, loaded by our loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.engine import Generator, Mpt, Tokenizer, load
+from pipeline.engine.init_checkpoint import init_checkpoint
+
+ENGINE_PROMPTS = [
+    "The agreement shall terminate upon written notice",
+    "Payment of fees",
+    "Notwithstanding section 4, the licensee may assign this agreement to an affiliate with consent.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny MPT (d_model 64, 2 layers, 4 heads) with alibi_bias_max=8: the setting HF's MPT implements."""
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("tiny-mpt"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_sw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """StoryWriter-like settings HF's MPT does not honour: alibi_bias_max=16, clip_qkv, 6 heads
+    (not a power of two: exercises llm-foundry's interleaved slopes)."""
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("tiny-mpt-sw"), seed=2, alibi_bias_max=16,
+                           clip_qkv=0.4, n_heads=6, d_model=48, n_layers=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt: Path) -> tuple[Mpt, Tokenizer]:
+    return load(tiny_ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_model: tuple[Mpt, Tokenizer]) -> Generator:
+    model, tokenizer = tiny_model
+    return Generator(model, tokenizer, chunk_size=2048, compile=False)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_ckpt: Path):
+    from transformers import MptForCausalLM
+
+    return MptForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()

@@ -1,0 +1,109 @@
+"""Chunked prefill, batching, sampling, stop strings and scoring on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.engine import Generator, SamplingParams, prefill_chunked, score, score_texts
+from pipeline.engine.sampling import top_p_filter
+from tests.fixtures_engine import ENGINE_PROMPTS
+
+GREEDY = SamplingParams(max_new_tokens=16, greedy=True, stop_at_eos=False)
+
+
+def long_prompt(tok) -> list[int]:
+    return tok.encode(" ".join(ENGINE_PROMPTS) * 3)
+
+
+@pytest.mark.parametrize("chunk", [2, 7, 33])
+def test_chunked_prefill_equals_one_pass(tiny_model, chunk):
+    model, tok = tiny_model
+    ids = long_prompt(tok)
+    one_cache, chunk_cache = model.new_cache(1, len(ids)), model.new_cache(1, len(ids))
+    one = prefill_chunked(model, ids, one_cache, chunk_size=len(ids))
+    chunked = prefill_chunked(model, ids, chunk_cache, chunk_size=chunk)
+    torch.testing.assert_close(chunked, one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunk_cache.k, one_cache.k, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_chunked_and_batched_generation_equal_single_requests(tiny_model, chunk):
+    model, tok = tiny_model
+    prompts = [*ENGINE_PROMPTS, " ".join(ENGINE_PROMPTS) * 2]
+    alone = Generator(model, tok, chunk_size=100_000, compile=False)
+    expected = [alone.generate([p], GREEDY)[0].tokens for p in prompts]
+    batched = Generator(model, tok, chunk_size=chunk, compile=False).generate(prompts, GREEDY)
+    assert [c.tokens for c in batched] == expected
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_generator):
+    params = SamplingParams(max_new_tokens=24, temperature=1.5, seed=7, stop_at_eos=False)
+    a = tiny_generator.generate(ENGINE_PROMPTS[:2], params)
+    b = tiny_generator.generate(ENGINE_PROMPTS[:2], params)
+    c = tiny_generator.generate(ENGINE_PROMPTS[:2], SamplingParams(max_new_tokens=24, temperature=1.5, seed=8,
+                                                                 stop_at_eos=False))
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+def test_tiny_top_p_samples_only_the_argmax(tiny_generator):
+    (greedy,) = tiny_generator.generate(ENGINE_PROMPTS[:1], GREEDY)
+    (nucleus,) = tiny_generator.generate(
+        ENGINE_PROMPTS[:1], SamplingParams(max_new_tokens=16, temperature=2.0, top_p=1e-6, seed=3, stop_at_eos=False))
+    assert nucleus.tokens == greedy.tokens
+
+
+def test_top_p_filter_keeps_smallest_set_reaching_mass():
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.7, 0.1, 0.1, 0.1]])
+    out = top_p_filter(probs, 0.7)
+    # row 0: 0.5 + 0.25 reaches 0.7 -> two tokens; row 1: 0.7 alone reaches it
+    torch.testing.assert_close(out, torch.tensor([[0, 0.5 / 0.75, 0, 0.25 / 0.75], [1.0, 0, 0, 0]]))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.multinomial(out[0].expand(500, 4), 1, generator=g)
+    assert set(draws.flatten().tolist()) == {1, 3}
+
+
+def test_stop_string_truncates_text(tiny_generator):
+    params = SamplingParams(max_new_tokens=24, greedy=True, stop_at_eos=False)
+    (full,) = tiny_generator.generate(ENGINE_PROMPTS[:1], params)
+    assert len(full.text) > 6
+    stop = full.text[4:7]
+    (stopped,) = tiny_generator.generate(ENGINE_PROMPTS[:1], SamplingParams(
+        max_new_tokens=24, greedy=True, stop_at_eos=False, stop=(stop,)))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.find(stop)]
+    assert stopped.tokens == full.tokens[: len(stopped.tokens)] and len(stopped.tokens) < len(full.tokens)
+
+
+def test_end_of_text_token_ends_a_sequence(tiny_model):
+    model, tok = tiny_model
+    (full,) = Generator(model, tok, compile=False).generate(ENGINE_PROMPTS[:1], GREEDY)
+    eos = full.tokens[5]
+    first = full.tokens.index(eos)
+    gen = Generator(model, type(tok)(tok.inner, eos_token_id=eos), compile=False)
+    (ended,) = gen.generate(ENGINE_PROMPTS[:1], SamplingParams(max_new_tokens=16, greedy=True))
+    assert ended.finish_reason == "eos" and ended.tokens == full.tokens[:first]
+
+
+def test_bad_requests_raise_clear_errors(tiny_generator):
+    with pytest.raises(ValueError, match="empty"):
+        tiny_generator.generate_ids([[]], GREEDY)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        tiny_generator.generate_ids([[1] * 2040], GREEDY)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+
+
+def test_score_equals_log_softmax_sum_of_a_full_forward(tiny_model, hf_tiny):
+    model, tok = tiny_model
+    prefix = tok.encode(ENGINE_PROMPTS[2])
+    conts = [tok.encode(" termination"), tok.encode(" payment of fees"), tok.encode("?")]
+    got = score(model, prefix, conts, chunk_size=4)
+    for cont, value in zip(conts, got, strict=True):
+        ids = prefix + cont
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_tiny(torch.tensor([ids])).logits[0].double(), -1)  # [T, V]
+        expected = sum(logp[len(prefix) - 1 + i, t] for i, t in enumerate(cont))
+        assert value == pytest.approx(float(expected), abs=1e-3)
+    assert score_texts(model, tok, ENGINE_PROMPTS[2], [" termination"]) == pytest.approx(got[:1], abs=1e-5)

@@ -1,0 +1,76 @@
+"""StoryWriter-style settings HF's MPT ignores (alibi_bias_max=16, clip_qkv, 6 heads) against an
+independent float64 full-matrix implementation written here from the MPT definition."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from pipeline.engine import Generator, SamplingParams, load
+
+
+def reference_logits(ckpt: Path, ids: list[int]) -> torch.Tensor:
+    """Float64, whole sequence at once, explicit [T, T] bias; slopes from the closed form
+    2^-(i * alibi_bias_max / 8) over 8 padded heads, odd-indexed first (llm-foundry)."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    w = {k: t.double() for k, t in load_file(str(ckpt / "model.safetensors")).items()}
+    d, h, clip = cfg["d_model"], cfg["n_heads"], cfg["attn_config"]["clip_qkv"]
+    bias_max = cfg["attn_config"]["alibi_bias_max"]
+    assert h == 6
+    padded = [2.0 ** -(i * bias_max / 8) for i in range(1, 9)]
+    slopes = torch.tensor((padded[1::2] + padded[::2])[:h], dtype=torch.float64)
+    t = len(ids)
+    pos = torch.arange(t, dtype=torch.float64)
+    dist = pos[:, None] - pos[None, :]  # [T, T]
+    bias = -slopes[:, None, None] * dist  # [H, T, T]
+    bias = bias.masked_fill(dist < 0, float("-inf"))
+    x = w["transformer.wte.weight"][ids]  # [T, d]
+    for i in range(cfg["n_layers"]):
+        p = f"transformer.blocks.{i}."
+        a = F.layer_norm(x, (d,), w[p + "norm_1.weight"], None, 1e-5)
+        qkv = (a @ w[p + "attn.Wqkv.weight"].T).clamp(-clip, clip)
+        q, k, v = (m.view(t, h, d // h).transpose(0, 1) for m in qkv.split(d, -1))  # [H, T, hd]
+        s = q @ k.transpose(1, 2) / math.sqrt(d // h) + bias
+        o = (torch.softmax(s, -1) @ v).transpose(0, 1).reshape(t, d)
+        x = x + o @ w[p + "attn.out_proj.weight"].T
+        m = F.layer_norm(x, (d,), w[p + "norm_2.weight"], None, 1e-5)
+        x = x + F.gelu(m @ w[p + "ffn.up_proj.weight"].T) @ w[p + "ffn.down_proj.weight"].T
+    x = F.layer_norm(x, (d,), w["transformer.norm_f.weight"], None, 1e-5)
+    return x @ w["transformer.wte.weight"].T  # [T, V]
+
+
+def test_logits_and_greedy_tokens_match_float64_reference(tiny_ckpt_sw):
+    model, tok = load(tiny_ckpt_sw, dtype=torch.float32)
+    assert model.config.alibi_bias_max == 16 and model.config.clip_qkv == 0.4
+    prompt = tok.encode("Notwithstanding section 4, the licensee may assign this agreement with consent.")
+    ours = model.prefill(torch.tensor([prompt]), model.new_cache(1, len(prompt)), logits_from=0)[0]
+    ref = reference_logits(tiny_ckpt_sw, prompt)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4)
+
+    n_new = 20
+    (completion,) = Generator(model, tok, compile=False).generate_ids(
+        [prompt], SamplingParams(max_new_tokens=n_new, greedy=True, stop_at_eos=False))
+    ids = list(prompt)
+    for _ in range(n_new):  # slow greedy: full recompute each step
+        ids.append(int(reference_logits(tiny_ckpt_sw, ids)[-1].argmax()))
+    assert completion.tokens == ids[len(prompt):]
+
+
+def test_reference_differs_from_bias_max_8(tiny_ckpt_sw):
+    """The comparison above would not catch a loader that silently used HF's fixed alibi_bias_max=8."""
+    model16, tok = load(tiny_ckpt_sw, dtype=torch.float32)
+    prompt = tok.encode("the agreement party shall pay the fees " * 4)
+    x = torch.tensor([prompt])
+    from dataclasses import replace
+
+    from pipeline.engine.model import Mpt
+    model8 = Mpt(replace(model16.config, alibi_bias_max=8), backend=model16.backend)
+    model8.load_state_dict(model16.state_dict())
+    a = model16.prefill(x, model16.new_cache(1, len(prompt)), logits_from=0)
+    b = model8.prefill(x, model8.new_cache(1, len(prompt)), logits_from=0)
+    assert (a - b).abs().max() > 1e-2
