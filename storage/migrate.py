@@ -18,6 +18,8 @@ from sqlalchemy.pool import NullPool
 from alembic import command
 
 log = logging.getLogger(__name__)
+# alembic logs one INFO line per autogenerate plugin on every command: noise for `longdoc db`.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_LOCATION = REPO_ROOT / "alembic"

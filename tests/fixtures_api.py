@@ -10,12 +10,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from longdoc.settings import Settings
 from storage import keys, migrate
 from storage.db import session_scope
+from tests.conftest import REDIS_BASE_URL
 
 SMALL_PDF = "contract-ivillage-sponsorship.pdf"
 OTHER_PDF = "contract-galera-joint-filing.pdf"
@@ -28,8 +30,22 @@ def migrated_pg(pg_url: str) -> str:
 
 
 @pytest.fixture
-def api_settings(migrated_pg: str, redis_url: str, tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", database_url=migrated_pg, broker_url=redis_url,
+def api_redis_url() -> Iterator[str]:
+    """Redis db 13, emptied around each test: the API tests count messages per queue, so they must not
+    share a database with other areas' tests (db 15), whose workers consume from it."""
+    url = f"{REDIS_BASE_URL}/13"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def api_settings(migrated_pg: str, api_redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(_env_file=None, data_dir=tmp_path / "data", database_url=migrated_pg, broker_url=api_redis_url,
                     blob_dir=tmp_path / "blobs", auth_enabled=True, max_upload_bytes=2 * 1024 * 1024)
 
 

@@ -14,11 +14,11 @@ from storage.models import Document, DocumentStatus, Job
 from tests.fixtures_api import upload
 
 
-def _queued_messages(redis_url: str, queue: str) -> int:
-    return redis.Redis.from_url(redis_url).llen(queue)
+def _queued_messages(api_redis_url: str, queue: str) -> int:
+    return redis.Redis.from_url(api_redis_url).llen(queue)
 
 
-def test_upload_creates_document_and_stores_blob(client, auth, pdf_bytes, api_settings, redis_url):
+def test_upload_creates_document_and_stores_blob(client, auth, pdf_bytes, api_settings, api_redis_url):
     r = upload(client, auth, pdf_bytes, name="../../etc/contract.pdf")
     assert r.status_code == 201, r.text
     doc = r.json()
@@ -31,20 +31,20 @@ def test_upload_creates_document_and_stores_blob(client, auth, pdf_bytes, api_se
     assert r.headers["location"] == f"/v1/documents/{doc['id']}"
     blob = BlobStore(api_settings.effective_blob_dir).path(doc["sha256"])
     assert blob.read_bytes() == pdf_bytes
-    assert _queued_messages(redis_url, "parse") == 1  # enqueued after the commit, to the parse queue
+    assert _queued_messages(api_redis_url, "parse") == 1  # enqueued after the commit, to the parse queue
 
     got = client.get(f"/v1/documents/{doc['id']}", headers=auth)
     assert got.status_code == 200 and got.json()["id"] == doc["id"]
 
 
-def test_same_bytes_same_key_is_deduped(client, auth, pdf_bytes, api_settings, redis_url):
+def test_same_bytes_same_key_is_deduped(client, auth, pdf_bytes, api_settings, api_redis_url):
     first = upload(client, auth, pdf_bytes).json()
     again = upload(client, auth, pdf_bytes, name="renamed.pdf")
     assert again.status_code == 200
     assert again.json()["id"] == first["id"] and again.json()["created"] is False
     with session_scope(api_settings.effective_database_url) as s:
         assert s.scalar(select(func.count()).select_from(Document)) == 1
-    assert _queued_messages(redis_url, "parse") == 1  # no second parse for the same document
+    assert _queued_messages(api_redis_url, "parse") == 1  # no second parse for the same document
 
 
 def test_same_bytes_other_key_gets_its_own_document(client, auth, make_key, pdf_bytes):
@@ -85,7 +85,7 @@ def test_upload_with_tasks_creates_queued_jobs(client, auth, pdf_bytes, api_sett
         assert s.scalar(select(func.count()).select_from(Job)) == 3
 
 
-def test_upload_password_is_never_stored(client, auth, corpus_dir, api_settings, redis_url):
+def test_upload_password_is_never_stored(client, auth, corpus_dir, api_settings, api_redis_url):
     secret = "s3cret-pw-zz"
     data = (corpus_dir / "hostile-encrypted-aes256-userpw.pdf").read_bytes()
     assert upload(client, auth, data, data={"password": secret}).status_code == 201
@@ -93,11 +93,11 @@ def test_upload_password_is_never_stored(client, auth, corpus_dir, api_settings,
         row = s.scalars(select(Document)).one()
         assert secret not in repr({c.key: getattr(row, c.key) for c in Document.__table__.columns})
     # it travels in the parse task message only
-    assert secret in redis.Redis.from_url(redis_url).lindex("parse", 0).decode()
+    assert secret in redis.Redis.from_url(api_redis_url).lindex("parse", 0).decode()
 
 
 def test_failed_password_document_is_reparsed_when_uploaded_with_password(client, auth, corpus_dir, api_settings,
-                                                                           redis_url):
+                                                                           api_redis_url):
     data = (corpus_dir / "hostile-encrypted-aes256-userpw.pdf").read_bytes()
     doc_id = upload(client, auth, data).json()["id"]
     with session_scope(api_settings.effective_database_url) as s:  # what the parse task would record
@@ -105,7 +105,7 @@ def test_failed_password_document_is_reparsed_when_uploaded_with_password(client
         doc.status, doc.error_code, doc.error_message = DocumentStatus.failed, "password_required", "needs pw"
     r = upload(client, auth, data, data={"password": "pw"})
     assert r.status_code == 200 and r.json()["status"] == "uploaded" and r.json()["error"] is None
-    assert _queued_messages(redis_url, "parse") == 2
+    assert _queued_messages(api_redis_url, "parse") == 2
 
 
 def test_list_documents_cursor_pagination(client, auth, corpus_dir):
