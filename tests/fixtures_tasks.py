@@ -16,13 +16,14 @@ from pipeline.types import Chunk, DocumentText, PageSpan
 PAGE_SEPARATOR = "\n\n"
 
 
-def document_from_pages(pages: list[str], *, chunk_words: int = 200) -> DocumentText:
+def document_from_pages(pages: list[str], *, chunk_words: int = 200, separator: str = PAGE_SEPARATOR
+                        ) -> DocumentText:
     """A DocumentText whose page i+1 holds pages[i]; chunks are word windows that never cross pages."""
     parts, spans, chunks, pos = [], [], [], 0
     for number, page in enumerate(pages, start=1):
         if parts:
-            parts.append(PAGE_SEPARATOR)
-            pos += len(PAGE_SEPARATOR)
+            parts.append(separator)
+            pos += len(separator)
         spans.append(PageSpan(number, pos, pos + len(page)))
         words = [(m.start(), m.end()) for m in re.finditer(r"\S+", page)]
         for w in range(0, len(words), chunk_words):

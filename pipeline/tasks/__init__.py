@@ -12,12 +12,13 @@ validate_params); the heavy imports happen inside load_engine.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.tasks.params import TASKS, validate_params
+from pipeline.tasks.progress import Progress
 from pipeline.types import DocumentText, PipelineError
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 __all__ = ["TASKS", "Engine", "Progress", "load_engine", "run_task", "tokenizer_spec", "validate_params"]
 
 ENGINE_KINDS = ("auto", "mpt", "extractive")
-Progress = Callable[[float, str], None]
 
 # The MPT-backed task strategies (shared document prefix, prompts, label log-likelihoods) land with
 # their own issue. Until then "auto" never picks MPT and "mpt" fails with a clear model_error, so no
@@ -97,6 +97,12 @@ def load_engine(kind: str, *, model: str, device: str, embedding_model: str) -> 
         if kind == "mpt":
             raise PipelineError("model_error", f"engine 'mpt' cannot run: {reason}")
         log.info("engine auto -> extractive: %s", reason)
+    return _extractive_engine(embedding_model)
+
+
+@functools.lru_cache(maxsize=2)
+def _extractive_engine(embedding_model: str) -> Engine:
+    """One engine per process and embedding model: workers and the embedded pool may ask repeatedly."""
     from pipeline.extractive import ExtractiveEngine
 
     return ExtractiveEngine.load(embedding_model)

@@ -18,6 +18,7 @@ from pipeline.types import DocumentText
 
 MMR_LAMBDA = 0.7  # weight of centrality vs. novelty w.r.t. sentences already chosen
 MIN_SUMMARY_SENTENCE_WORDS = 8  # shorter segments are headings and fragments, rarely a summary
+NEAR_DUPLICATE = 0.9  # cosine above which a sentence only repeats one already chosen
 LEAD_BONUS = 0.08  # a preference for early sentences: documents state their parties and purpose first
 _COMPLETE = re.compile(r"^[\"'“‘(]?[A-Z0-9].*[.!?:;][\"'”’)]?$")  # starts like and ends like a sentence
 
@@ -27,7 +28,7 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     max_words = params["max_words"]
     sentences, vectors = engine.sentence_vectors(doc, progress=scaled(progress, 0.0, 0.9, "embedding"))
     eligible = [s.words >= MIN_SUMMARY_SENTENCE_WORDS and bool(_COMPLETE.match(s.text)) for s in sentences]
-    chosen = select(vectors, [s.words for s in sentences], eligible, max_words)
+    chosen = select(vectors, [s.text for s in sentences], eligible, max_words)
     progress(0.95, "selecting")
     picked = [sentences[i].citation() for i in sorted(chosen)]
     if len(chosen) == 1 and sentences[chosen[0]].words > max_words:
@@ -37,13 +38,16 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
             "max_words": max_words, "engine": engine.kind}
 
 
-def select(vectors: np.ndarray, words: list[int], eligible: list[bool], max_words: int) -> list[int]:
+def select(vectors: np.ndarray, texts: list[str], eligible: list[bool], max_words: int) -> list[int]:
     """Indices of the sentences to keep: central, mutually diverse, within max_words in total."""
-    n = len(words)
+    n = len(texts)
+    words = [len(t.split()) for t in texts]
     if n == 0:
         return []
     candidates = [i for i in range(n) if eligible[i]] or list(range(n))
-    centroid = vectors[candidates].mean(axis=0)  # [D]
+    # Repeated boilerplate (running headers, recitals copied per page) must not pull the centroid.
+    unique = list({texts[i]: i for i in candidates}.values())
+    centroid = vectors[unique].mean(axis=0)  # [D]
     centroid /= np.linalg.norm(centroid) or 1.0
     relevance = vectors @ centroid + LEAD_BONUS * (1.0 - np.arange(n) / n)  # [S]
     redundancy = np.zeros(n, dtype=np.float32)  # max cosine to any chosen sentence
@@ -51,7 +55,7 @@ def select(vectors: np.ndarray, words: list[int], eligible: list[bool], max_word
     budget = max_words
     open_set = set(candidates)
     while open_set:
-        fitting = [i for i in open_set if words[i] <= budget]
+        fitting = [i for i in open_set if words[i] <= budget and redundancy[i] < NEAR_DUPLICATE]
         if not fitting:
             break
         best = max(fitting, key=lambda i: MMR_LAMBDA * relevance[i] - (1 - MMR_LAMBDA) * redundancy[i])
