@@ -83,6 +83,7 @@ def remove_repeated_margins(pages: list[str]) -> tuple[list[str], int]:
     its key, holding at least 3 letters, recurs on >= 40% of the text pages (at least 3). A bare
     number is removed only when it follows the page sequence (number - page index is the same on
     >= 30% of the pages, at least 2), so list items such as "2." and section numbers stay.
+    The first copy of each repeated text line is kept, so the document still says it once.
     Lines in the body of a page are never touched. Returns the new pages and the lines removed.
     """
     split = [page.split("\n") for page in pages]
@@ -108,8 +109,16 @@ def remove_repeated_margins(pages: list[str]) -> tuple[list[str], int]:
 
     removed = 0
     out = []
+    kept_once: set[str] = set()
     for index, lines in enumerate(split):
-        drop = {i for i in _margin_indices(lines) if is_margin_noise(index, lines[i])}
+        drop = set()
+        for i in _margin_indices(lines):
+            if is_margin_noise(index, lines[i]):
+                key = _margin_key(lines[i])
+                if key in repeated and key not in kept_once:
+                    kept_once.add(key)  # the first copy stays: "Source: X, 10-Q" is said once
+                else:
+                    drop.add(i)
         removed += len(drop)
         out.append("\n".join(line for i, line in enumerate(lines) if i not in drop))
     return out, removed
@@ -148,10 +157,12 @@ def document_vocabulary(pages: list[str]) -> tuple[Counter[str], set[str]]:
     return words, hyphenated
 
 
-def clean_pages(pages: list[str]) -> tuple[list[str], list[str]]:
+def clean_pages(pages: list[str], *, remove_margins: bool = True) -> tuple[list[str], list[str]]:
     """Run every cleaning step over a document's pages. Returns cleaned pages and warnings."""
     pages = [normalize_unicode(page) for page in pages]
-    pages, removed = remove_repeated_margins(pages)
+    removed = 0
+    if remove_margins:
+        pages, removed = remove_repeated_margins(pages)
     vocabulary, hyphenated = document_vocabulary(pages)
     pages = [normalize_whitespace(dehyphenate(page, vocabulary, hyphenated)) for page in pages]
     warnings = [f"removed {removed} repeated header/footer/page-number lines"] if removed else []
