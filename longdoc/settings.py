@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     reaper_interval_s: float = 30.0
     visibility_timeout_s: int = Field(default=4 * 3600, description="Broker redelivery timeout; > longest job.")
     embedded_workers: int = 2
+    broker_key_prefix: str = Field(
+        default="", description="Prefix for every broker key (several deployments or test runs on one Redis).")
     reconcile_grace_s: float = Field(
         default=300.0, description="Queued jobs / uploaded documents untouched this long are re-sent to the broker.")
 

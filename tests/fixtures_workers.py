@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,10 @@ class WorkerProcess:
 
         wait_for(ready, timeout, 0.3, what=f"worker {self.args} to be ready")
         return self
+
+    def ran(self, task_name: str) -> bool:
+        """Whether this worker received a task of that name (the banner lists every name, so match the receipt)."""
+        return f"Task {task_name}[" in self.log()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -143,8 +148,9 @@ def service(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[ServiceSetu
     from storage import migrate
 
     migrate.upgrade(pg_url)
+    # Other areas' tests share this Redis database: a per-test key prefix keeps our queues our own.
     settings = Settings(_env_file=None, database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data",
-                        engine="extractive", pdf_extractor="pdfium", parse_timeout_s=120.0, **FAST_RECOVERY)
+                        broker_key_prefix=f"t{uuid.uuid4().hex[:10]}:", engine="extractive", pdf_extractor="pdfium", parse_timeout_s=120.0, **FAST_RECOVERY)
     setup = ServiceSetup(settings, tmp_path, make_api_key(settings))
     try:
         yield setup

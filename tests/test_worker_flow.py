@@ -45,8 +45,8 @@ def test_upload_parse_and_jobs_through_separate_parse_and_gpu_workers(service: S
         assert qa["progress"] == 1.0
 
     # Each queue's tasks ran on its own worker process.
-    assert "longdoc.parse_document" in parse_worker.log() and "longdoc.run_job" not in parse_worker.log()
-    assert "longdoc.run_job" in gpu_worker.log() and "longdoc.parse_document" not in gpu_worker.log()
+    assert parse_worker.ran("longdoc.parse_document") and not parse_worker.ran("longdoc.run_job")
+    assert gpu_worker.ran("longdoc.run_job") and not gpu_worker.ran("longdoc.parse_document")
     assert parse_worker.alive and gpu_worker.alive
 
 

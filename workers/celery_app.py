@@ -24,6 +24,9 @@ def create_celery(settings: Settings, *, reap_queue: str = PARSE_QUEUE) -> Celer
     # The longest job may hold its message for job_lease_s per heartbeat round; never let Redis redeliver
     # a task that is still running: the timeout must exceed the parse time limit and the job lease.
     visibility = max(settings.visibility_timeout_s, int(settings.parse_timeout_s) * 2, settings.job_lease_s * 2)
+    transport_options: dict[str, object] = {"visibility_timeout": visibility}
+    if settings.broker_key_prefix:
+        transport_options["global_keyprefix"] = settings.broker_key_prefix
     app = Celery("longdoc", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         # One direct exchange per queue: a bare Queue("gpu") would inherit the default exchange and
@@ -39,7 +42,7 @@ def create_celery(settings: Settings, *, reap_queue: str = PARSE_QUEUE) -> Celer
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
-        broker_transport_options={"visibility_timeout": visibility},
+        broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         beat_schedule={
             "longdoc-reap": {

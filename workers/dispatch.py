@@ -99,7 +99,8 @@ def queue_depths(settings: Settings) -> dict[str, int]:
     try:
         client = _redis_client(settings)
         try:
-            return {q: _redis_queue_len(client, q) for q in (PARSE_QUEUE, GPU_QUEUE)}
+            prefix = settings.broker_key_prefix
+            return {q: _redis_queue_len(client, prefix + q) for q in (PARSE_QUEUE, GPU_QUEUE)}
         finally:
             client.close()
     except Exception as exc:
@@ -114,7 +115,8 @@ def _redis_client(settings: Settings):  # noqa: ANN202  (redis.Redis; imported l
 
 
 def _redis_queue_len(client, queue: str) -> int:  # noqa: ANN001
-    # kombu's Redis transport keeps one list per queue, plus "<queue>\x06\x16<n>" lists for priorities.
+    # kombu's Redis transport keeps one list per queue (after the global key prefix), plus
+    # "<queue>\x06\x16<n>" lists for priorities.
     total = client.llen(queue)
     for priority in (3, 6, 9):
         total += client.llen(f"{queue}\x06\x16{priority}")
