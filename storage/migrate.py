@@ -9,17 +9,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, make_url
-from sqlalchemy.pool import NullPool
+# alembic logs one INFO line per autogenerate plugin while it is imported: noise for `longdoc db`.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
-from alembic import command
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import create_engine, make_url  # noqa: E402
+from sqlalchemy.pool import NullPool  # noqa: E402
+
+from alembic import command  # noqa: E402
 
 log = logging.getLogger(__name__)
-# alembic logs one INFO line per autogenerate plugin on every command: noise for `longdoc db`.
-logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_LOCATION = REPO_ROOT / "alembic"
