@@ -91,7 +91,7 @@ def test_summarize_stays_within_budget_cites_pages_and_is_json(extractive_engine
     for citation in result["sentences"]:
         assert_cites_real_text(supply_doc, citation)
     fractions = [f for f, _ in progress.calls]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 3 <= len(fractions) <= 12
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 3 <= len(fractions) <= 30
     assert {"embedding", "done"} <= {stage for _, stage in progress.calls}
 
 

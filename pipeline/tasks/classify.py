@@ -18,7 +18,7 @@ from pipeline.tasks.progress import require_kind, scaled
 from pipeline.types import DocumentText
 
 PROMPTS = ("{label}", "This document is a {label}.", "This text is about {label}.")
-SAMPLE_SENTENCES = 160  # enough to characterize a document; bounds the cost on very long ones
+SAMPLE_SENTENCES = 96  # enough to characterize a document; bounds the cost on very long ones
 TOP_FRACTION = 0.2  # a label is judged on its best-matching fifth of the sample
 TEMPERATURE = 0.02  # cosine gaps between labels are a few hundredths
 MULTI_LABEL_MARGIN = 0.03  # multi_label: a label within this of the best one is about as likely

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pipeline.types import PipelineError
 
 Progress = Callable[[float, str], None]
-REPORT_STEP = 0.2  # report at most every 20% of a stage: workers write progress to the DB
+REPORT_STEP = 0.05  # report every 5% of a stage: a canceled job stops at its next report (workers throttle DB writes)
 
 
 def scaled(progress: Progress, start: float, end: float, stage: str) -> Callable[[float], None]:
