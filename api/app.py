@@ -10,6 +10,7 @@ import sqlalchemy.exc
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from api.deps import KeyCache
 from api.errors import BodyLimitMiddleware, install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import documents, health, jobs
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.blobs = BlobStore(settings.effective_blob_dir)
     app.state.metrics = Metrics(settings)
+    app.state.key_cache = KeyCache(settings.auth_cache_s)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, upload_path="/v1/documents",
                        upload_limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,

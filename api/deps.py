@@ -1,60 +1,117 @@
-"""Injected dependencies: settings, a DB session per request, the calling API key, the blob store."""
+"""Injected dependencies: settings, a DB session per request, the calling API key, the blob store.
+
+Dependencies without I/O are `async def`: FastAPI runs sync ones in the thread pool, a hop each,
+which is a measurable share of a job poll (bench/api_load.py).
+"""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from longdoc.settings import Settings
 from storage import keys
 from storage.blobs import BlobStore
 from storage.db import get_sessionmaker
-from storage.models import ApiKey
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `longdoc keys create NAME`.")
 
 
-def get_settings(request: Request) -> Settings:
+@dataclass(frozen=True)
+class CurrentKey:
+    id: uuid.UUID
+    name: str
+
+
+class KeyCache:
+    """Keys verified recently, by secret hash, for ttl_s seconds (0 disables). Only hits are cached,
+    so a new key works at once; a revoked one stops within ttl_s (settings.auth_cache_s)."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[CurrentKey, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> CurrentKey | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, digest: str, key: CurrentKey) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[digest] = (key, time.monotonic() + self.ttl_s)
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_blobs(request: Request) -> BlobStore:
+async def get_blobs(request: Request) -> BlobStore:
     return request.app.state.blobs
 
 
-def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    """One session per request; routes commit explicitly (and enqueue only after that commit)."""
+async def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> AsyncIterator[Session]:
+    """One session per request; routes commit explicitly (and enqueue only after that commit).
+
+    Creating a Session does no I/O; closing one that holds a transaction does (the rollback), so only
+    that close goes to the thread pool.
+    """
     session = get_sessionmaker(settings.effective_database_url)()
     try:
         yield session
     finally:
-        session.close()  # rolls back whatever the route did not commit
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def current_key(
+def _lookup_key(settings: Settings, secret: str) -> CurrentKey | None:
+    with get_sessionmaker(settings.effective_database_url)() as session:
+        key = keys.authenticate(session, secret)
+        return CurrentKey(key.id, key.name) if key is not None else None
+
+
+async def current_key(
+    request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
-    session: Annotated[Session, Depends(get_session)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiKey | None:
+) -> CurrentKey | None:
     """The authenticated key, or None when auth is switched off (logged at startup)."""
     if not settings.auth_enabled:
         return None
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise ApiError(401, "unauthorized", "missing `Authorization: Bearer <API key>` header", challenge)
-    key = keys.authenticate(session, credentials.credentials)
+    cache: KeyCache = request.app.state.key_cache
+    digest = keys.hash_secret(credentials.credentials)
+    key = cache.get(digest)
     if key is None:
-        raise ApiError(401, "unauthorized", "unknown or revoked API key", challenge)
+        key = await run_in_threadpool(_lookup_key, settings, credentials.credentials)
+        if key is None:
+            raise ApiError(401, "unauthorized", "unknown or revoked API key", challenge)
+        cache.put(digest, key)
     return key
 
 
-def owner_id(key: Annotated[ApiKey | None, Depends(current_key)]) -> uuid.UUID | None:
+async def owner_id(key: Annotated[CurrentKey | None, Depends(current_key)]) -> uuid.UUID | None:
     """Whose rows this request may see: the key's id, or None (rows without an owner) with auth off."""
     return key.id if key is not None else None
 

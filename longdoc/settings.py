@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     auth_enabled: bool = Field(default=True, description="Require Bearer API keys on /v1 routes.")
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, description="Uploads over this answer 413.")
+    auth_cache_s: float = Field(
+        default=5.0, description="How long an API process trusts a key it has checked (0 = check every request); "
+                                 "a revoked key stops working within this time.")
 
     # --- parsing and chunking --------------------------------------------------------------
     pdf_extractor: Literal["pdfium", "pypdf"] = "pdfium"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import select
 
@@ -22,7 +23,8 @@ def test_missing_and_unknown_keys_are_401(client, pdf_bytes):
     assert upload(client, {}, pdf_bytes).status_code == 401
 
 
-def test_keys_are_stored_hashed_and_revocation_works(client, api_settings):
+def test_keys_are_stored_hashed_and_revocation_works(api_settings, make_client):
+    client = make_client(api_settings.model_copy(update={"auth_cache_s": 0.3}))
     with session_scope(api_settings.effective_database_url) as s:
         key, secret = keys.create_key(s, "carol")
         key_id = key.id
@@ -32,6 +34,7 @@ def test_keys_are_stored_hashed_and_revocation_works(client, api_settings):
         row = s.scalars(select(ApiKey).where(ApiKey.id == key_id)).one()
         assert secret not in (row.key_hash, row.prefix) and row.key_hash == keys.hash_secret(secret)
         keys.revoke_key(s, key_id)
+    time.sleep(0.4)  # past auth_cache_s: the process re-checks the key
     assert client.get("/v1/documents", headers=headers).status_code == 401
 
 
