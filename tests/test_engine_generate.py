@@ -107,3 +107,13 @@ def test_score_equals_log_softmax_sum_of_a_full_forward(tiny_model, hf_tiny):
         expected = sum(logp[len(prefix) - 1 + i, t] for i, t in enumerate(cont))
         assert value == pytest.approx(float(expected), abs=1e-3)
     assert score_texts(model, tok, ENGINE_PROMPTS[2], [" termination"]) == pytest.approx(got[:1], abs=1e-5)
+
+
+def test_shared_prefix_fork_equals_full_prompts_run_alone(tiny_model, tiny_generator):
+    _, tok = tiny_model
+    prefix = tok.encode(" ".join(ENGINE_PROMPTS))
+    suffixes = [tok.encode(" Question: what is the term?"), tok.encode(" Summary:"), tok.encode(" fees")]
+    shared = tiny_generator.generate_from_prefix(prefix, suffixes, GREEDY)
+    alone = [tiny_generator.generate_ids([prefix + s], GREEDY)[0] for s in suffixes]
+    assert [c.tokens for c in shared] == [c.tokens for c in alone]
+    assert [c.prompt_tokens for c in shared] == [len(prefix) + len(s) for s in suffixes]

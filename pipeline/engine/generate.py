@@ -17,6 +17,7 @@ from pipeline.engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 2048
+CACHE_LEN_MULTIPLE = 1024
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Generator:
             self._decode = torch.compile(model.decode, mode="reduce-overhead", fullgraph=True)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if self.compiled:  # round up so the compiled step sees few distinct cache shapes (recompiles)
+            max_len = -(-max_len // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
         cache = self.model.new_cache(batch, max_len)
         if self.compiled:
             torch._dynamo.mark_static_address(cache.k)
@@ -74,26 +77,55 @@ class Generator:
     def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         if not prompts:
             return []
-        limit = self.model.config.max_seq_len
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) + params.max_new_tokens > limit:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "
-                    f"max_seq_len={limit} (load the model with a larger max_seq_len)"
-                )
-        batch = len(prompts)
-        device = self.model.device
-        cache = self.new_cache(batch, max(len(p) for p in prompts) + params.max_new_tokens)
+        if any(not p for p in prompts):
+            raise ValueError(f"prompt {[len(p) for p in prompts].index(0)} is empty")
+        self._check_lengths([len(p) for p in prompts], params)
+        cache = self.new_cache(len(prompts), max(len(p) for p in prompts) + params.max_new_tokens)
         logits = torch.stack([
             prefill_chunked(self.model, p, cache, row=r, chunk_size=self.chunk_size) for r, p in enumerate(prompts)
         ])  # [B, V]
+        return self._decode_loop(cache, logits, [len(p) for p in prompts], params)
+
+    @torch.inference_mode()
+    def generate_from_prefix(
+        self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Completion]:
+        """Several prompts that share one document prefix: the prefix is prefilled once, its K/V forked
+        into one cache row per suffix, then each suffix is prefilled on top and all decode together.
+        (The fork copies the prefix; a paged cache will share it instead.)"""
+        if not prefix or not suffixes or any(not s for s in suffixes):
+            raise ValueError("generate_from_prefix needs a non-empty prefix and non-empty suffixes")
+        p = len(prefix)
+        lengths = [p + len(s) for s in suffixes]
+        self._check_lengths(lengths, params)
+        cache = self.new_cache(len(suffixes), max(lengths) + params.max_new_tokens)
+        prefill_chunked(self.model, prefix, cache, row=0, chunk_size=self.chunk_size)
+        cache.fork(0, range(1, len(suffixes)), p)
+        logits = torch.stack([
+            prefill_chunked(self.model, s, cache, row=r, start=p, chunk_size=self.chunk_size)
+            for r, s in enumerate(suffixes)
+        ])  # [B, V]
+        return self._decode_loop(cache, logits, lengths, params)
+
+    def _check_lengths(self, lengths: Sequence[int], params: SamplingParams) -> None:
+        limit = self.model.config.max_seq_len
+        for i, n in enumerate(lengths):
+            if n + params.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} has {n} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "
+                    f"max_seq_len={limit} (load the model with a larger max_seq_len)"
+                )
+
+    def _decode_loop(
+        self, cache: KVCache, logits: torch.Tensor, lengths: Sequence[int], params: SamplingParams
+    ) -> list[Completion]:
+        """Sample from logits [B, V], then one decode step per token for all rows at their own lengths."""
+        device = self.model.device
         gen = None
         if params.seed is not None and not params.is_greedy:
             gen = torch.Generator(device=device).manual_seed(params.seed)
-        positions = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-        streams = [_Stream(self.tokenizer, params) for _ in prompts]
+        positions = torch.tensor(list(lengths), dtype=torch.long, device=device)
+        streams = [_Stream(self.tokenizer, params) for _ in lengths]
         for step in range(params.max_new_tokens):
             next_tokens = select_next(logits, params, gen)
             for stream, tok in zip(streams, next_tokens.tolist(), strict=True):
@@ -102,7 +134,7 @@ class Generator:
                 break
             logits = self._decode(next_tokens, cache, positions)
             positions = positions + 1
-        return [s.completion(len(p)) for s, p in zip(streams, prompts, strict=True)]
+        return [s.completion(n) for s, n in zip(streams, lengths, strict=True)]
 
 
 class _Stream:
