@@ -1,7 +1,7 @@
 """Fixtures for the model-task tests: the extractive engine (loaded once) and DocumentText builders.
 
-The builders are deliberately small and independent of pipeline.chunk so the task tests do not wait
-on the parser; one test in test_tasks_real.py goes through the real parse + chunk path instead.
+document_from_pages builds small hand-made documents; parsed_document runs real corpus PDFs through
+the real parse + chunk path, as a worker does.
 """
 
 from __future__ import annotations
@@ -36,24 +36,18 @@ def document_from_pages(pages: list[str], *, chunk_words: int = 200, separator: 
     return DocumentText(full_text, spans, chunks, token_count=len(full_text.split()))
 
 
-def clean_page_text(raw: str) -> str:
-    """Roughly what a parser does: unify newlines, turn no-break spaces into spaces."""
-    return raw.replace("\r\n", "\n").replace("\r", "\n").replace("\xa0", " ").replace("\xad", "-")
+def parsed_document(path: Path, *, first_pages: int | None = None) -> DocumentText:
+    """The real path a worker takes: pipeline.parse.parse_file, then pipeline.chunk with the tokenizer
+    tokenizer_spec names for the extractive engine (optionally keeping only the first pages)."""
+    from pipeline.chunk import build_document_text
+    from pipeline.parse import ParseLimits, parse_file
+    from pipeline.tasks import tokenizer_spec
+    from pipeline.tokens import load_tokenizer
 
-
-def pdf_pages(path: Path, max_pages: int | None = None) -> list[str]:
-    import pypdfium2 as pdfium
-
-    pdf = pdfium.PdfDocument(str(path))
-    try:
-        count = len(pdf) if max_pages is None else min(len(pdf), max_pages)
-        return [clean_page_text(pdf[i].get_textpage().get_text_range()) for i in range(count)]
-    finally:
-        pdf.close()
-
-
-def document_from_pdf(path: Path, max_pages: int | None = None) -> DocumentText:
-    return document_from_pages(pdf_pages(path, max_pages))
+    parsed = parse_file(path, limits=ParseLimits(max_pages=500, timeout_s=120, memory_mb=2048))
+    spec = tokenizer_spec("extractive", model="unused", embedding_model="all-MiniLM-L6-v2")
+    return build_document_text(parsed.pages[:first_pages], tokenizer=load_tokenizer(spec),
+                               chunk_tokens=256, overlap_tokens=32)
 
 
 def normalized(text: str) -> str:
@@ -76,4 +70,4 @@ def extractive_engine():
 
 @pytest.fixture(scope="session")
 def cybergy_doc(corpus_dir: Path) -> DocumentText:
-    return document_from_pdf(corpus_dir / "contract-cybergy-affiliate.pdf")
+    return parsed_document(corpus_dir / "contract-cybergy-affiliate.pdf")

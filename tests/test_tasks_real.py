@@ -1,4 +1,5 @@
-"""The three tasks on real corpus documents, checked against CUAD's human annotations."""
+"""The three tasks on real corpus PDFs (through the real parse + chunk path), checked against CUAD's
+human annotations and against the pages they cite."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.tasks import run_task
-from tests.fixtures_tasks import document_from_pdf, normalized, pages_text
+from tests.fixtures_tasks import normalized, pages_text, parsed_document
 
 CONTRACT = "contract-cybergy-affiliate.pdf"
 LABELS = ["legal contract", "research paper", "financial report"]
@@ -67,7 +68,7 @@ def test_summary_citations_are_real(extractive_engine, cybergy_doc):
     ("report-aapl-10q-2022q3.pdf", "financial report"),
 ])
 def test_classify_real_documents(extractive_engine, corpus_dir, cybergy_doc, pdf_name, expected):
-    doc = cybergy_doc if pdf_name == CONTRACT else document_from_pdf(corpus_dir / pdf_name, max_pages=4)
+    doc = cybergy_doc if pdf_name == CONTRACT else parsed_document(corpus_dir / pdf_name, first_pages=4)
     result = run_task(extractive_engine, "classify", {"labels": LABELS}, doc, _progress)
     assert result["label"] == expected, result["scores"]
     assert result["scores"][expected] > 0.5
