@@ -7,11 +7,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from pipeline.engine import Generator, SamplingParams, load
+from pipeline.engine.init_checkpoint import init_checkpoint
 
 
 def reference_logits(ckpt: Path, ids: list[int]) -> torch.Tensor:
@@ -34,7 +36,11 @@ def reference_logits(ckpt: Path, ids: list[int]) -> torch.Tensor:
         p = f"transformer.blocks.{i}."
         a = F.layer_norm(x, (d,), w[p + "norm_1.weight"], None, 1e-5)
         qkv = (a @ w[p + "attn.Wqkv.weight"].T).clamp(-clip, clip)
-        q, k, v = (m.view(t, h, d // h).transpose(0, 1) for m in qkv.split(d, -1))  # [H, T, hd]
+        q, k, v = qkv.split(d, -1)
+        if cfg["attn_config"]["qk_ln"]:
+            q = F.layer_norm(q, (d,), w[p + "attn.q_ln.weight"], None, 1e-5)
+            k = F.layer_norm(k, (d,), w[p + "attn.k_ln.weight"], None, 1e-5)
+        q, k, v = (m.view(t, h, d // h).transpose(0, 1) for m in (q, k, v))  # [T, d] -> [H, T, hd]
         s = q @ k.transpose(1, 2) / math.sqrt(d // h) + bias
         o = (torch.softmax(s, -1) @ v).transpose(0, 1).reshape(t, d)
         x = x + o @ w[p + "attn.out_proj.weight"].T
@@ -44,9 +50,17 @@ def reference_logits(ckpt: Path, ids: list[int]) -> torch.Tensor:
     return x @ w["transformer.wte.weight"].T  # [T, V]
 
 
-def test_logits_and_greedy_tokens_match_float64_reference(tiny_ckpt_sw):
+@pytest.fixture(scope="module")
+def tiny_ckpt_qk_ln(tmp_path_factory) -> Path:
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("tiny-qkln"), seed=4, alibi_bias_max=16,
+                           clip_qkv=2.0, qk_ln=True, n_heads=6, d_model=48)
+
+
+@pytest.mark.parametrize("ckpt_fixture", ["tiny_ckpt_sw", "tiny_ckpt_qk_ln"])
+def test_logits_and_greedy_tokens_match_float64_reference(ckpt_fixture, request):
+    tiny_ckpt_sw = request.getfixturevalue(ckpt_fixture)
     model, tok = load(tiny_ckpt_sw, dtype=torch.float32)
-    assert model.config.alibi_bias_max == 16 and model.config.clip_qkv == 0.4
+    assert model.config.alibi_bias_max == 16 and model.config.clip_qkv in (0.4, 2.0)
     prompt = tok.encode("Notwithstanding section 4, the licensee may assign this agreement with consent.")
     ours = model.prefill(torch.tensor([prompt]), model.new_cache(1, len(prompt)), logits_from=0)[0]
     ref = reference_logits(tiny_ckpt_sw, prompt)

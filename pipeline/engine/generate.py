@@ -58,7 +58,10 @@ class Generator:
         self._decode: Callable[..., torch.Tensor] = model.decode
         if self.compiled:
             # CUDA graphs replay the step without per-kernel launch cost; the cache is marked static below
-            self._decode = torch.compile(model.decode, mode="reduce-overhead", fullgraph=True)
+            # (fullgraph unless the decode kernel syncs with the host, as the blockwise one does)
+            backend = model.backend
+            fullgraph = backend is not None and backend.decode_name != "blockwise"
+            self._decode = torch.compile(model.decode, mode="reduce-overhead", fullgraph=fullgraph)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self.compiled:  # round up so the compiled step sees few distinct cache shapes (recompiles)

@@ -36,6 +36,7 @@ class Preset:
     qk_ln: bool = False
     expansion_ratio: int = 4
     init_std: float = 0.02
+    norm_noise: float = 0.0  # LayerNorm weights 1 + N(0, norm_noise): non-trivial norms make tests sharper
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -43,7 +44,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # large init_std: peaked next-token distributions, so greedy comparisons never sit on near-ties
     "tiny": Preset(d_model=64, n_heads=4, n_layers=2, vocab_size=1024, max_seq_len=2048,
-                   tokenizer_vocab=1000, init_std=0.15),
+                   tokenizer_vocab=1000, init_std=0.15, norm_noise=0.2),
     # MPT-7B-StoryWriter-65k+ shape (random weights)
     "mpt-7b-shape": Preset(d_model=4096, n_heads=32, n_layers=32, vocab_size=50432, max_seq_len=65536,
                            tokenizer_vocab=50277, alibi_bias_max=16, dtype="bfloat16"),
@@ -124,6 +125,8 @@ def write_weights(p: Preset, out: Path, *, seed: int, max_shard_bytes: int = 2 <
     for name, shape, init in _tensor_shapes(p):
         if init == "ones":
             t = torch.ones(shape, dtype=dtype)
+            if p.norm_noise:
+                t += torch.empty(shape, dtype=dtype).normal_(0.0, p.norm_noise, generator=gen)
         else:
             t = torch.empty(shape, dtype=dtype).normal_(0.0, p.init_std, generator=gen)
         nbytes = t.numel() * t.element_size()
