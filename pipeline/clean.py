@@ -17,7 +17,7 @@ from collections import Counter
 # PDFium reports a hyphen it saw at a line end as U+FFFE and joins the two lines itself.
 PDFIUM_HYPHEN = "\ufffe"
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f\u200b-\u200d\u2060\ufeff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200d\u2060\ufeff]")
 _SPACES = re.compile(r"[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _HYPHEN_SITE = re.compile(
     r"(\w+)(?:\ufffe|[\u00ad-][ \t]*\n[ \t]*)(?=(\w+))"
@@ -115,7 +115,7 @@ def remove_repeated_margins(pages: list[str]) -> tuple[list[str], int]:
         for i in _margin_indices(lines):
             if is_margin_noise(index, lines[i]):
                 key = _margin_key(lines[i])
-                if key in repeated and key not in kept_once:
+                if _page_number(lines[i]) is None and key in repeated and key not in kept_once:
                     kept_once.add(key)  # the first copy stays: "Source: X, 10-Q" is said once
                 else:
                     drop.add(i)
