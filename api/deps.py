@@ -6,6 +6,7 @@ which is a measurable share of a job poll (bench/api_load.py).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -15,14 +16,14 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from longdoc.settings import Settings
 from storage import keys
 from storage.blobs import BlobStore
-from storage.db import get_sessionmaker
+from storage.db import get_engine, get_sessionmaker
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `longdoc keys create NAME`.")
 
@@ -83,6 +84,21 @@ async def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> A
             session.close()
 
 
+@functools.lru_cache(maxsize=8)
+def _autocommit_sessionmaker(url: str) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url).execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+
+
+async def get_read_session(settings: Annotated[Settings, Depends(get_settings)]) -> AsyncIterator[Session]:
+    """A session for GET routes: each SELECT runs in autocommit, so there is no BEGIN/ROLLBACK round
+    trip, and closing it does no I/O (it stays on the event loop). Used by the job poll, the hot path."""
+    session = _autocommit_sessionmaker(settings.effective_database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 def _lookup_key(settings: Settings, secret: str) -> CurrentKey | None:
     with get_sessionmaker(settings.effective_database_url)() as session:
         key = keys.authenticate(session, secret)
@@ -118,5 +134,6 @@ async def owner_id(key: Annotated[CurrentKey | None, Depends(current_key)]) -> u
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 OwnerDep = Annotated[uuid.UUID | None, Depends(owner_id)]

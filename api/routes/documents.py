@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
+from api.deps import BlobsDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import (
     ERROR_RESPONSES,
@@ -202,12 +202,12 @@ def _owned_document(session: Session, owner: uuid.UUID | None, document_id: uuid
 
 
 @router.get("/documents/{document_id}", response_model=DocumentPublic, responses=ERROR_RESPONSES)
-def get_document(document_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> DocumentPublic:
+def get_document(document_id: uuid.UUID, session: ReadSessionDep, owner: OwnerDep) -> DocumentPublic:
     return DocumentPublic.of(_owned_document(session, owner, document_id))
 
 
 @router.get("/documents", response_model=DocumentListPublic, responses=ERROR_RESPONSES)
-def list_documents(session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+def list_documents(session: ReadSessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                    cursor: str | None = None) -> DocumentListPublic:
     """Newest first. Follow `next_cursor` until it is null."""
     try:

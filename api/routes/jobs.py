@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from api.deps import OwnerDep, SessionDep, SettingsDep
+from api.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import ERROR_RESPONSES, ErrorPublic, JobListPublic, JobPublic
 from storage import documents as repo
@@ -28,7 +28,7 @@ def _owned_job(session: SessionDep, owner: uuid.UUID | None, job_id: uuid.UUID) 
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=ERROR_RESPONSES)
-def get_job(job_id: uuid.UUID, response: Response, session: SessionDep, owner: OwnerDep) -> JobPublic:
+def get_job(job_id: uuid.UUID, response: Response, session: ReadSessionDep, owner: OwnerDep) -> JobPublic:
     """Status, progress and, once succeeded, the result. `Retry-After` is set until the job is terminal."""
     job = _owned_job(session, owner, job_id)
     if not job.status.terminal:
@@ -37,7 +37,7 @@ def get_job(job_id: uuid.UUID, response: Response, session: SessionDep, owner: O
 
 
 @router.get("/jobs", response_model=JobListPublic, responses=ERROR_RESPONSES)
-def list_jobs(session: SessionDep, owner: OwnerDep, document_id: uuid.UUID | None = None,
+def list_jobs(session: ReadSessionDep, owner: OwnerDep, document_id: uuid.UUID | None = None,
               status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               cursor: str | None = None) -> JobListPublic:
     """Newest first, optionally for one document and/or one status. Follow `next_cursor`."""
