@@ -41,6 +41,13 @@ def resolve_checkpoint(spec: str | Path) -> Path:
         from huggingface_hub import list_repo_files, snapshot_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a declared dependency
         raise CheckpointError(f"{spec} is not a directory and huggingface_hub is not installed") from exc
+    try:  # the local hub cache first: no network round trips (or retries) when it is already there
+        cached = Path(snapshot_download(str(spec), allow_patterns=WEIGHT_PATTERNS + BIN_PATTERNS,
+                                        local_files_only=True))
+        if (cached / "config.json").is_file():
+            return cached
+    except Exception:  # not cached: fall through to the hub
+        log.debug("%s not in the local hub cache", spec)
     try:
         files = list_repo_files(str(spec))
         patterns = WEIGHT_PATTERNS + ([] if any(f.endswith(".safetensors") for f in files) else BIN_PATTERNS)
