@@ -159,3 +159,11 @@ def test_readyz_and_metrics(client, auth, pdf_bytes):
     assert 'longdoc_jobs{status="queued"} 1.0' in text
     assert 'longdoc_queue_depth{queue="parse"} 1.0' in text
     assert "longdoc_http_request_duration_seconds_bucket" in text
+
+
+def test_openapi_documents_the_routes(client):
+    spec = client.get("/openapi.json").json()
+    upload_body = spec["paths"]["/v1/documents"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert set(upload_body["schema"]["properties"]) == {"file", "tasks", "question", "labels", "password"}
+    assert {"/v1/jobs/{job_id}", "/v1/documents/{document_id}/jobs", "/healthz", "/readyz"} <= set(spec["paths"])
+    assert "ErrorPublic" in spec["components"]["schemas"]
