@@ -27,19 +27,17 @@ def test_worker_killed_while_parsing_the_400_page_document(service: ServiceSetup
     doomed = service.start_worker("parse", "--concurrency", "1", pdf_extractor="pypdf")
     with api_client(service.settings) as client:
         h = service.headers
-        doc = upload(client, h, corpus_dir / "hostile-irs-irm-400pages.pdf", tasks="summarize")
+        doc = upload(client, h, corpus_dir / "hostile-irs-irm-400pages.pdf")
         wait_for(lambda: _row(service, Document, doc["id"]).status == "parsing", 60, 0.05,
                  what="the first worker to claim the document")
         doomed.kill()
         lost = _row(service, Document, doc["id"])
         assert (lost.status, lost.parse_attempts) == ("parsing", 1)  # killed mid-parse, nothing stored
 
-        service.start_worker("parse,gpu", "--beat")
+        service.start_worker("parse", "--beat")
         body = poll_document(client, h, doc["id"], timeout=150)
         assert body["status"] == "parsed", body
         assert body["pages"] == 400
-        job = poll_job(client, h, doc["jobs"][0]["id"], timeout=240)
-        assert job["status"] == "succeeded", job
 
     with session_scope(service.settings.effective_database_url) as s:
         parsed = s.get(Document, doc["id"])
@@ -47,23 +45,31 @@ def test_worker_killed_while_parsing_the_400_page_document(service: ServiceSetup
         assert s.scalar(select(func.count()).select_from(Page).where(Page.document_id == parsed.id)) == 400
         chunk_indexes = s.scalars(select(Chunk.index).where(Chunk.document_id == parsed.id)).all()
         assert sorted(chunk_indexes) == list(range(len(chunk_indexes)))  # one set of chunks, no duplicates
-        assert s.scalar(select(func.count()).select_from(Result)) == 1
 
 
 def test_worker_killed_while_running_a_job(service: ServiceSetup, corpus_dir: Path) -> None:
-    parser = service.start_worker("parse")
-    doomed = service.start_worker("gpu")
+    parser = service.start_worker("parse", ready=False)
+    doomed = service.start_worker("gpu", ready=False)
+    parser.wait_ready()
+    doomed.wait_ready()
     with api_client(service.settings) as client:
         h = service.headers
-        doc = upload(client, h, corpus_dir / "contract-bonton-agency.pdf")
+        doc = upload(client, h, corpus_dir / "contract-cybergy-affiliate.pdf")
         assert poll_document(client, h, doc["id"], timeout=120)["status"] == "parsed"
         resp = client.post(f"/v1/documents/{doc['id']}/jobs", headers=h, json={"task": "summarize", "params": {}})
         job_id = resp.json()["id"]
-        wait_for(lambda: _row(service, Job, job_id).status == "running", 60, 0.05,
-                 what="the gpu worker to claim the job")
+
+        def computing() -> bool:  # past the claim and the engine load: inside run_task
+            job = _row(service, Job, job_id)
+            assert job.status == "running" or job.status == "queued", job.status
+            return job.status == "running" and job.stage not in ("starting", "loading engine")
+
+        wait_for(computing, 120, 0.05, what="the gpu worker to be computing the job")
         doomed.kill()
         lost = _row(service, Job, job_id)
         assert (lost.status, lost.attempts) == ("running", 1)
+        with session_scope(service.settings.effective_database_url) as s:
+            assert s.get(Job, job_id).result is None  # killed before writing anything
 
         parser.stop()
         service.start_worker("gpu", "--beat")
@@ -77,18 +83,14 @@ def test_worker_killed_while_running_a_job(service: ServiceSetup, corpus_dir: Pa
 
 def test_a_job_whose_worker_keeps_dying_fails_worker_lost(service: ServiceSetup, corpus_dir: Path) -> None:
     """After settings.max_attempts lost leases the reaper gives up with a clear error instead of looping."""
-    worker = service.start_worker("parse,gpu", max_attempts=1)
+    doomed = service.start_worker("parse,gpu", max_attempts=1)
     with api_client(service.settings) as client:
         h = service.headers
-        doc = upload(client, h, corpus_dir / "contract-galera-joint-filing.pdf")
-        assert poll_document(client, h, doc["id"], timeout=120)["status"] == "parsed"
-        worker.stop()
-        job_id = client.post(f"/v1/documents/{doc['id']}/jobs", headers=h,
-                             json={"task": "summarize", "params": {}}).json()["id"]
-        doomed = service.start_worker("gpu", max_attempts=1)
-        wait_for(lambda: _row(service, Job, job_id).status == "running", 60, 0.05, what="the job to be claimed")
+        doc = upload(client, h, corpus_dir / "contract-galera-joint-filing.pdf", tasks="summarize")
+        job_id = doc["jobs"][0]["id"]
+        wait_for(lambda: _row(service, Job, job_id).status == "running", 90, 0.05, what="the job to be claimed")
         doomed.kill()
         service.start_worker("parse", "--beat", max_attempts=1)
         job = poll_job(client, h, job_id, timeout=60)
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
-    assert job["attempts"] == 1
+    assert job["attempts"] == 1 and "vanished" in job["error"]["message"]

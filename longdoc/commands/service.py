@@ -9,6 +9,10 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from longdoc.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]
     log.info("starting celery %s", " ".join(argv))
+    if "gpu" in args.queues and pool in ("solo", "threads"):
+        _preload_engine(settings)
     # Reaper ticks go to a queue this worker consumes, so the schedule runs even on a gpu-only worker.
     worker_app(settings, reap_queue=args.queues[0]).worker_main(argv)
     return 0
+
+
+def _preload_engine(settings: Settings) -> None:
+    """Load the engine in the background while the worker connects, so the first job does not pay for it
+    (a job arriving earlier waits on the same load). A load error is logged; each job then fails with it."""
+    import threading
+
+    from workers.bodies import task_engine
+
+    def load() -> None:
+        try:
+            task_engine(settings)
+        except Exception as exc:
+            log.error("engine %s failed to load at startup: %s", settings.engine, exc)
+
+    threading.Thread(target=load, name="engine-preload", daemon=True).start()
