@@ -5,16 +5,17 @@ caches it; shapes are dynamic, so chunked prefill with varying Tq / Tk reuses th
 kernel aligns the causal mask bottom-right (query i sits at key position Tk - Tq + i), which is the
 interface's convention; the score_mod adds the same offset to q_idx (seqlen_k - seqlen_q).
 
-Slope variants (bench/attention.py measures each; NOTES.md has the numbers):
-- "fast": slope recomputed per head as 2^(-step * (h + 1)) (exact for MPT's power-of-two head
-  counts) and the key distance turned into float32 with the 2^23 magic-number trick (an integer add
-  and a float subtract at full rate) instead of I2F, which Hopper issues at a quarter of the FMA rate.
-- "exp2": as "fast" but with a plain int->float conversion (the anchors' prototype).
+Slope variants (bench/engine.py times each per layer; bench/NOTES.md has the numbers):
+- "exp2": slope recomputed per head as 2^(-step * (h + 1)) (exact for MPT's power-of-two head
+  counts), key distance converted with a plain int->float. The default: fastest exact variant.
+- "fast": as "exp2" but the distance goes to float32 with the 2^23 magic-number trick instead of
+  I2F. Measured slower than "exp2" on the H200 (the conversion was not the bottleneck).
+- "kvonly": adds slope * kv only (drops the row-constant -slope * q, which softmax ignores); one
+  integer op less, but float32 rounding grows with the key index. Measured, never the default.
 - "aux": slopes read from an aux tensor by head index. Works for any slopes, but flash-attn-4 then
-  wraps every q/kv index with a fast-divmod before the call and runs the score_mod one element at a
-  time, which costs more than it saves.
-"fast"/"exp2" are only used when the slopes are exactly that geometric series (checked once per
-slopes tensor); otherwise "aux" is used.
+  wraps every q/kv index with a fast-divmod and runs the score_mod one element at a time: slowest.
+"exp2"/"fast"/"kvonly" are only used when the slopes are exactly that geometric series (checked
+once per slopes tensor); otherwise "aux" is used.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -29,8 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "fa4"
-VARIANTS = ("fast", "exp2", "aux")
-DEFAULT_VARIANT = "fast"
+VARIANTS = ("exp2", "fast", "kvonly", "aux")
 _MAGIC_I2F = 0x4B000000  # float32 bits of 2^23: int n in [0, 2^23) -> bits(2^23 + n)
 _TWO_23 = 8388608.0
 
@@ -80,11 +81,12 @@ def score_mod(variant: str, step: float | None = None) -> Any:
     from flash_attn.cute.utils import scalar_to_ssa
 
     if variant == "aux":
+        VEC = 1  # flash-attn-4 runs score_mods one element at a time when aux tensors are present
 
         @cute.jit
         def alibi_aux(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
             offset = seqlen_info.seqlen_k - seqlen_info.seqlen_q
-            dist = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to(q_idx.shape) - kv_idx
+            dist = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to((VEC,)) - kv_idx
             slopes = aux_tensors[0]
             h_frag = cute.make_rmem_tensor(1, cutlass.Int32)
             h_frag.store(h_idx)
@@ -97,18 +99,31 @@ def score_mod(variant: str, step: float | None = None) -> Any:
     if step is None:
         raise ValueError(f"score_mod variant {variant!r} needs the geometric step")
     neg_step = -float(step)
+    VEC = 2  # elements per score_mod call without aux tensors (flash-attn-4's sm90 default)
 
     if variant == "exp2":
 
         @cute.jit
         def alibi_exp2(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
             offset = seqlen_info.seqlen_k - seqlen_info.seqlen_q
-            dist = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to(q_idx.shape) - kv_idx
+            dist = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to((VEC,)) - kv_idx
             head = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
             slope = cute.math.exp2(head * cute.full_like(score, neg_step))
             return score - slope * dist.to(cutlass.Float32)
 
         return alibi_exp2
+
+    if variant == "kvonly":
+
+        @cute.jit
+        def alibi_kvonly(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
+            # -slope * (pos_q - kv) minus its row constant -slope * pos_q: softmax is unchanged, one
+            # integer op less per score, but |bias| grows with the key index (float32 rounding).
+            head = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
+            slope = cute.math.exp2(head * cute.full_like(score, neg_step))
+            return score + slope * kv_idx.to(cutlass.Float32)
+
+        return alibi_kvonly
 
     if variant == "fast":
 
@@ -117,7 +132,7 @@ def score_mod(variant: str, step: float | None = None) -> Any:
             # dist + 2^23 as float bits: exact for 0 <= dist < 2^23; masked (future) keys give
             # garbage that the causal mask overwrites with -inf right after this call.
             offset = seqlen_info.seqlen_k - seqlen_info.seqlen_q + _MAGIC_I2F
-            biased = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to(q_idx.shape) - kv_idx
+            biased = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to((VEC,)) - kv_idx
             dist = biased.bitcast(cutlass.Float32) - cute.full_like(score, _TWO_23)
             head = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
             slope = cute.math.exp2(head * cute.full_like(score, neg_step))
@@ -128,15 +143,27 @@ def score_mod(variant: str, step: float | None = None) -> Any:
     raise ValueError(f"unknown fa4 ALiBi variant {variant!r}; expected one of {VARIANTS}")
 
 
-_STEP_CACHE: dict[tuple[int, int, int], float | None] = {}
+_STEP_MEMO: dict[int, tuple[weakref.ref, int, float | None]] = {}
 
 
 def _cached_step(slopes: torch.Tensor) -> float | None:
-    """geometric_step once per slopes tensor (the model passes the same buffer for every layer)."""
-    key = (slopes.data_ptr(), slopes._version, slopes.numel())
-    if key not in _STEP_CACHE:
-        _STEP_CACHE[key] = geometric_step(slopes)
-    return _STEP_CACHE[key]
+    """geometric_step once per slopes tensor (the model passes the same buffer for every layer).
+    Keyed by the live object and its version counter: a new tensor at a recycled address misses."""
+    hit = _STEP_MEMO.get(id(slopes))
+    if hit is not None and hit[0]() is slopes and hit[1] == slopes._version:
+        return hit[2]
+    step = geometric_step(slopes)
+    _STEP_MEMO[id(slopes)] = (weakref.ref(slopes), slopes._version, step)
+    return step
+
+
+# Measured best on the H200 (bench/NOTES.md); bench/engine.py may override them for a run.
+DEFAULTS: dict[str, Any] = {
+    "variant": "exp2",
+    "tile_mn": None,
+    "mma_pv_is_rs": None,
+    "intra_wg_overlap": None,
+}
 
 
 def prefill(
@@ -146,39 +173,41 @@ def prefill(
     slopes: torch.Tensor,
     *,
     scale: float,
-    variant: str | None = None,
-    tile_mn: tuple[int, int] | None = None,
-    mma_pv_is_rs: bool | None = None,
-    intra_wg_overlap: bool | None = None,
+    **overrides: Any,
 ) -> torch.Tensor:
     """Causal ALiBi attention, q [B, Tq, H, D], k/v [B, Tk, H, D] (Tk >= Tq) -> [B, Tq, H, D].
 
-    `variant` / `tile_mn` / `mma_pv_is_rs` / `intra_wg_overlap` are tuning knobs for the benchmark;
-    the defaults are the measured best.
+    `overrides` (variant, tile_mn, mma_pv_is_rs, intra_wg_overlap) are tuning knobs for the
+    benchmark; DEFAULTS holds the measured best.
     """
     interface = _flash_attn_module()
     if interface is None:
         raise RuntimeError("flash-attn-4 is not installed (pip install flash-attn-4)")
     if k.shape[1] < q.shape[1]:
         raise ValueError(f"Tk ({k.shape[1]}) must be >= Tq ({q.shape[1]})")
-    variant = variant or DEFAULT_VARIANT
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown fa4 options {sorted(unknown)}")
+    options = {**DEFAULTS, **overrides}
+    variant = options.pop("variant")
     aux_tensors = None
     step = None if variant == "aux" else _cached_step(slopes)
     if step is None:
         variant = "aux"
         aux_tensors = [slopes.to(device=q.device, dtype=torch.float32).contiguous()]
-    mod = score_mod(variant, step)
-    options: dict[str, Any] = {}
-    if tile_mn is not None:
-        options["tile_mn"] = tuple(tile_mn)
-    if mma_pv_is_rs is not None:
-        options["mma_pv_is_rs"] = mma_pv_is_rs
-    if intra_wg_overlap is not None:
-        options["intra_wg_overlap"] = intra_wg_overlap
-    out = interface._flash_attn_fwd(
-        q, k, v, softmax_scale=scale, causal=True, score_mod=mod, aux_tensors=aux_tensors, **options
+    kernel_options = {name: value for name, value in options.items() if value is not None}
+    if "tile_mn" in kernel_options:
+        kernel_options["tile_mn"] = tuple(kernel_options["tile_mn"])
+    return interface._flash_attn_fwd(
+        q,
+        k,
+        v,
+        softmax_scale=scale,
+        causal=True,
+        score_mod=score_mod(variant, step),
+        aux_tensors=aux_tensors,
+        **kernel_options,
     )[0]
-    return out
 
 
 def prefill_no_alibi(

@@ -13,6 +13,7 @@ not the whole preallocated capacity, or every step reads the empty tail too.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -30,13 +31,59 @@ def is_available(device: torch.device) -> bool:
 def alibi_bias_row(
     slopes: torch.Tensor, lengths: torch.Tensor, length: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """[B, H, 1, length] additive bias: -slope_h * (lengths[b] - 1 - j) for j < lengths[b], else -inf."""
+    """[B, H, 1, length] additive bias: -slope_h * (lengths[b] - 1 - j) for j < lengths[b], else -inf.
+
+    One fused Triton kernel on CUDA (eager and CUDA-graph capture: the decode step is launch-bound,
+    and the torch-ops version is ~7 kernels per layer); torch ops on CPU and inside torch.compile,
+    where Inductor fuses them itself.
+    """
+    if lengths.is_cuda and not torch.compiler.is_compiling() and _triton_kernel() is not None:
+        return _bias_triton(slopes, lengths, length, dtype)
+    return _bias_torch(slopes, lengths, length, dtype)
+
+
+def _bias_torch(slopes: torch.Tensor, lengths: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     j = torch.arange(length, device=lengths.device)
     dist = (lengths.clamp_min(1) - 1).view(-1, 1) - j.view(1, -1)  # [B, L]; < 0 past the new token
     slope = slopes.to(device=lengths.device, dtype=torch.float32).view(1, -1, 1)  # [1, H, 1]
     bias = -(slope * dist.unsqueeze(1))  # [B, H, L]
     bias = bias.masked_fill(dist.unsqueeze(1) < 0, float("-inf"))
     return bias.to(dtype).unsqueeze(2)  # [B, H, 1, L]
+
+
+_BLOCK = 1024
+
+
+@functools.cache
+def _triton_kernel() -> Any:
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def alibi_row(out_ptr, slopes_ptr, lengths_ptr, L, H, BLOCK: tl.constexpr):
+        row = tl.program_id(0)  # b * H + h
+        n = tl.maximum(tl.load(lengths_ptr + row // H), 1)
+        slope = tl.load(slopes_ptr + row % H)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        dist = (n - 1 - j).to(tl.float32)
+        val = tl.where(j < n, -slope * dist, float("-inf"))
+        tl.store(out_ptr + row.to(tl.int64) * L + j, val.to(out_ptr.dtype.element_ty), mask=j < L)
+
+    return alibi_row
+
+
+def _bias_triton(
+    slopes: torch.Tensor, lengths: torch.Tensor, length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    b, h = lengths.shape[0], slopes.shape[0]
+    out = torch.empty(b, h, 1, length, device=lengths.device, dtype=dtype)  # [B, H, 1, L]
+    slopes32 = slopes.to(device=lengths.device, dtype=torch.float32)
+    grid = (b * h, -(-length // _BLOCK))
+    _triton_kernel()[grid](out, slopes32, lengths, length, h, BLOCK=_BLOCK)
+    return out
 
 
 def decode_bias(slopes: torch.Tensor, lengths: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,464 @@
+"""MPT-7B engine on one H200 vs HF transformers' MptForCausalLM, side by side, random bf16 weights.
+
+Stages (JSON rewritten after each, so a crash keeps what ran):
+  ceilings   bf16 matmul TFLOP/s and copy TB/s on this card
+  attention  each CUDA attention backend vs float64 at small T (fresh random inputs)
+  logits     full-model last-position logits, ours (fa4, flex) vs HF (bf16 and float32) on the same
+             weights at T=2048, alibi_bias_max=8 (HF's only value)
+  hf         HF prefill 16K (it OOMs at 32K) and decode 4K with use_cache=True
+  prefill    ours at 16,384 and 65,536 tokens (StoryWriter slopes, bias max 16), chunk sizes, peak memory
+  decode     ours, batch 1 at 4K and 65K context, the Generator's compiled (CUDA-graph) step
+  layers     one attention layer at 16K / 65K: fa4 variants and tile options, flex, SDPA without ALiBi
+then a table: ours, HF, ratio, roofline floor (FLOPs / 795 TFLOP/s, bytes / 4.27 TB/s), ours / floor.
+
+H200:  PYTHONPATH=. python bench/engine.py --out $OUT
+CPU:   PYTHONPATH=. python bench/engine.py --cpu-smoke   (tiny config, every code path but the kernels)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench import attention as attn_bench
+from bench import hf_reference
+from pipeline.engine.backends import fa4, select_backend
+from pipeline.engine.config import MptConfig, alibi_slopes
+from pipeline.engine.generate import Generator, prefill_chunked
+from pipeline.engine.model import Mpt
+
+log = logging.getLogger("bench.engine")
+MATMUL_TFLOPS, COPY_TBPS = 795.0, 4.27
+MPT_7B = {"d_model": 4096, "n_heads": 32, "n_layers": 32, "vocab_size": 50432}
+TINY = {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 128}
+
+
+class Bench:
+    def __init__(self, out_dir: str, *, smoke: bool) -> None:
+        self.out_dir, self.smoke = out_dir, smoke
+        self.device = torch.device("cpu" if smoke else "cuda")
+        self.dtype = torch.float32 if smoke else torch.bfloat16
+        self.res: dict[str, Any] = {"smoke": smoke, "torch": torch.__version__}
+        self.t0 = time.perf_counter()
+        self.private: dict[str, Any] = {}  # objects handed between stages (never serialized)
+
+    def save(self) -> None:
+        self.res["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
+        with open(os.path.join(self.out_dir, "engine.json"), "w") as fh:
+            json.dump(self.res, fh, indent=1, default=str)
+
+    def stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        log.info("== stage %s (t=%.0fs)", name, time.perf_counter() - self.t0)
+        try:
+            self.res[name] = fn()
+        except Exception as exc:
+            traceback.print_exc()
+            self.res[name] = {"error": repr(exc)[:1000]}
+        self.save()
+        print(name, json.dumps(self.res[name], default=str)[:3000], flush=True)
+        return self.res[name]
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # ---- model ------------------------------------------------------------------------------
+    def build_model(self, max_seq_len: int) -> Mpt:
+        shape = TINY if self.smoke else MPT_7B
+        config = MptConfig(**shape, max_seq_len=max_seq_len, alibi_bias_max=8, no_bias=True)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # parameters born in the target dtype (no fp32 copy)
+        try:
+            with torch.device("meta"):
+                model = Mpt(config)
+        finally:
+            torch.set_default_dtype(default)
+        model.to_empty(device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+        model.reset_slopes(self.device)
+        model.backend = select_backend(self.device)
+        if model.backend.prefill_name == "fa4":
+            try:  # a kernel that fails to JIT here must not sink every model stage: fall back to flex
+                q = torch.randn(1, 256, config.n_heads, config.head_dim, device=self.device, dtype=self.dtype)
+                model.backend.prefill(q, q, q, model.slopes, scale=config.scale)
+            except Exception as exc:
+                traceback.print_exc()
+                self.res["fa4_fallback"] = repr(exc)[:500]
+                model.backend = select_backend(self.device, "flex")
+        self.res["backend"] = model.backend.name
+        self.res["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
+        return model.eval()
+
+    def tokens(self, n: int, vocab: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+
+
+def ceilings(b: Bench) -> dict:
+    n = 512 if b.smoke else 8192
+    x = torch.randn(n, n, device=b.device, dtype=b.dtype)
+    y = torch.randn_like(x)
+    mm = time_median(b, lambda: x @ y, 10)
+    src = torch.empty((1 << 20) if b.smoke else (2 << 30), dtype=torch.uint8, device=b.device)
+    dst = torch.empty_like(src)
+    cp = time_median(b, lambda: dst.copy_(src), 10)
+    return {
+        "matmul_tflops": round(2 * n**3 / mm / 1e12, 1),
+        "copy_tbps": round(2 * src.numel() / cp / 1e12, 3),
+    }
+
+
+def time_median(b: Bench, fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    b.sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        b.sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def logits_vs_hf(b: Bench, model: Mpt) -> dict:
+    """Last 16 positions' logits at T=2048 (T=64 on CPU): ours per backend vs HF bf16 and HF float32."""
+    t = 64 if b.smoke else 2048
+    ids = torch.tensor(b.tokens(t, model.config.vocab_size), device=b.device)[None]
+    hf = hf_reference.hf_model(model)
+    hf32 = hf_reference.hf_model(model, dtype=torch.float64 if b.smoke else torch.float32)
+    ref32 = hf_reference.last_logits(hf32, ids, 16)
+    del hf32
+    ref = hf_reference.last_logits(hf, ids, 16)
+    out: dict[str, Any] = {"T": t, "hf_bf16_vs_hf_fp32": rel(ref, ref32)}
+    names = ["blockwise"] if b.smoke else ["fa4", "flex"]
+    saved = model.backend
+    for name in names:
+        try:
+            model.backend = select_backend(b.device, name)
+        except Exception as exc:
+            out[name] = repr(exc)[:300]
+            continue
+        for chunk in (t, t // 4) if name != "flex" else (t,):  # flex recompiles per shape
+            cache = model.new_cache(1, t)
+            logits = None
+            for s in range(0, t, chunk):
+                logits = model.prefill(ids[:, s : s + chunk], cache, start=s, logits_from=-16)
+            assert logits is not None
+            out[f"{name}_chunk{chunk}_vs_hf_fp32"] = rel(logits, ref32)
+            out[f"{name}_chunk{chunk}_vs_hf_bf16"] = rel(logits, ref)
+            out[f"{name}_chunk{chunk}_argmax_agree"] = float(
+                (logits.argmax(-1) == ref32.argmax(-1)).float().mean()
+            )
+    model.backend = saved
+    b.private["hf"] = hf  # kept for the HF timing stage, dropped after
+    return out
+
+
+def hf_timings(b: Bench, model: Mpt) -> dict:
+    hf = b.private.pop("hf")
+    n_prefill, n_decode = (64, 32) if b.smoke else (16384, 4096)
+    vocab = model.config.vocab_size
+    out = {
+        f"prefill_{n_prefill}": hf_reference.time_prefill(
+            hf, torch.tensor(b.tokens(n_prefill, vocab), device=b.device)[None]
+        ),
+        f"decode_b1_{n_decode}": hf_reference.time_decode(
+            hf, torch.tensor(b.tokens(n_decode, vocab), device=b.device)[None], 4 if b.smoke else 32
+        ),
+    }
+    del hf
+    if b.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def ours_prefill(b: Bench, model: Mpt, lengths: list[int], chunks: list[int]) -> dict:
+    """Chunked prefill into a cache of T + 64 rows (room for decode); seconds, tok/s, FLOP/s, peak over
+    weights + KV."""
+    model.slopes = alibi_slopes(model.config.n_heads, 16, device=b.device)  # StoryWriter from here on
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    out: dict[str, Any] = {}
+    cache = None
+    for t in lengths:
+        ids = b.tokens(t, model.config.vocab_size)
+        cache = None  # free the previous length's cache before allocating this one
+        cache = model.new_cache(1, t + 64)
+        for chunk in chunks:
+            if chunk > t:
+                continue
+            if b.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            reps = 1 if t > 32768 else 3
+
+            def run(ids: list[int] = ids, chunk: int = chunk, cache: Any = cache) -> Any:
+                return prefill_chunked(model, ids, cache, chunk_size=chunk)
+
+            try:
+                sec = time_median(b, run, reps)
+            except torch.OutOfMemoryError as exc:
+                out[f"{t}_chunk{chunk}"] = repr(exc)[:200]
+                continue
+            entry: dict[str, Any] = {"s": round(sec, 4), "tok_s": round(t / sec)}
+            flops = prefill_flops(model, t)
+            entry["tflops"] = round(flops / sec / 1e12)
+            entry["floor_s"] = round(flops / MATMUL_TFLOPS / 1e12, 4)
+            if b.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated()
+                entry.update(
+                    peak_gb=round(peak / 1e9, 2),
+                    weights_gb=round(weights / 1e9, 2),
+                    kv_gb=round(cache.nbytes / 1e9, 2),
+                    over_weights_kv_gb=round((peak - weights - cache.nbytes) / 1e9, 2),
+                )
+            out[f"{t}_chunk{chunk}"] = entry
+            print("ours prefill", t, chunk, entry, flush=True)
+    if cache is not None:
+        b.private["cache"] = (lengths[-1], cache)  # the longest prefilled cache feeds the 65K decode
+    return out
+
+
+def prefill_flops(model: Mpt, t: int) -> float:
+    cfg = model.config
+    linear = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "wte.weight")
+    return 2 * linear * t + 2 * cfg.n_layers * cfg.d_model * t * t  # + causal QK and PV
+
+
+def graph_step(b: Bench, model: Mpt, cache: Any, ctx: int) -> tuple[Callable[[], None], float]:
+    """The eager decode step captured in one CUDA graph (static token / position buffers); returns a
+    replay-and-advance function and the capture time. On CPU: the eager step."""
+    token = torch.zeros(1, dtype=torch.long, device=b.device)
+    positions = torch.full((1,), ctx, dtype=torch.long, device=b.device)
+    start = time.perf_counter()
+    if b.device.type != "cuda":
+
+        def eager() -> None:
+            token.copy_(model.decode(token, cache, positions).argmax(-1))
+            positions.add_(1)
+
+        return eager, 0.0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles)
+            model.decode(token, cache, positions)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        logits = model.decode(token, cache, positions)
+        token.copy_(logits.argmax(-1))
+        positions.add_(1)
+    torch.cuda.synchronize()
+    return graph.replay, time.perf_counter() - start
+
+
+def compiled_step(b: Bench, gen: Generator, cache: Any, ctx: int) -> tuple[Callable[[], None], float]:
+    """The Generator's torch.compile(mode="reduce-overhead") step (what generate_ids runs)."""
+    state = {"token": torch.zeros(1, dtype=torch.long, device=b.device), "i": 0}
+    base = torch.full((1,), ctx, dtype=torch.long, device=b.device)
+
+    def step() -> None:
+        with torch.inference_mode():
+            state["token"] = gen._decode(state["token"], cache, base + state["i"]).argmax(-1)
+        state["i"] += 1
+
+    start = time.perf_counter()
+    for _ in range(3):  # compile + graph capture
+        step()
+    b.sync()
+    return step, time.perf_counter() - start
+
+
+def top_kernels(b: Bench, step: Callable[[], None]) -> str:
+    if b.device.type != "cuda":
+        return ""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        b.sync()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10)
+
+
+def ours_decode(b: Bench, model: Mpt, contexts: list[int], steps: int, compiled_contexts: list[int]) -> dict:
+    """ms/token at batch 1: the eager step in one CUDA graph, and (for `compiled_contexts`) the
+    Generator's compiled step. Floor: weights + K/V of `ctx` tokens read once at 4.27 TB/s."""
+    gen = Generator(model, None, compile=not b.smoke)  # type: ignore[arg-type]  (no tokenizer needed)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    prefilled = b.private.pop("cache", None)
+    out: dict[str, Any] = {}
+    for ctx in contexts:
+        if prefilled is not None and prefilled[0] == ctx:
+            cache = prefilled[1]  # K/V of a real 65K prefill, room for 64 more
+            if not b.smoke:
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+        else:
+            cache = gen.new_cache(1, ctx + 64)
+            prefill_chunked(model, b.tokens(ctx, model.config.vocab_size), cache, chunk_size=min(ctx, 8192))
+        kv_bytes = 2 * model.config.n_layers * ctx * model.config.d_model * 2  # K and V once, bf16
+        entry: dict[str, Any] = {
+            "floor_ms": round((weights + kv_bytes) / COPY_TBPS / 1e9, 3),
+            "cache_len": cache.max_len,
+        }
+        modes = [("graph", lambda cache=cache, ctx=ctx: graph_step(b, model, cache, ctx))]
+        if ctx in compiled_contexts:
+            modes.append(("compiled", lambda cache=cache, ctx=ctx: compiled_step(b, gen, cache, ctx)))
+        for mode, make in modes:
+            try:
+                step, setup_s = make()
+                step()
+                b.sync()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                b.sync()
+                entry[f"{mode}_ms_per_token"] = round((time.perf_counter() - start) / steps * 1e3, 3)
+                entry[f"{mode}_setup_s"] = round(setup_s, 1)
+                if mode == "compiled" and ctx == compiled_contexts[0]:
+                    entry["compiled_top_kernels"] = top_kernels(b, step)
+                    print(entry["compiled_top_kernels"], flush=True)
+            except Exception as exc:
+                traceback.print_exc()
+                entry[f"{mode}_error"] = repr(exc)[:500]
+        times = [v for k, v in entry.items() if k.endswith("_ms_per_token")]
+        if times:
+            entry["ms_per_token"] = min(times)
+        out[str(ctx)] = entry
+        print("ours decode", ctx, {k: v for k, v in entry.items() if k != "compiled_top_kernels"}, flush=True)
+        cache = prefilled = None
+    return out
+
+
+def attention_layers(b: Bench, budget_s: float) -> dict:
+    slopes = alibi_slopes(32, 16, device=b.device)
+    kernels = attn_bench.prefill_kernels(slopes, 1.0 / math.sqrt(128), quick=False)
+    layers = attn_bench.time_prefill(kernels, [16384, 65536], budget_s)
+    best = attn_bench.best_fa4_config(layers)
+    if best is not None:  # the model stages run with the fastest exact fa4 configuration
+        fa4.DEFAULTS.update({"tile_mn": None, "mma_pv_is_rs": None, "intra_wg_overlap": None, **best[1]})
+        b.res["fa4_config_used"] = {"name": best[0], **fa4.DEFAULTS}
+    return layers
+
+
+def attention_checks(b: Bench) -> dict:
+    slopes = alibi_slopes(32, 16, device=b.device)
+    scale = 1.0 / math.sqrt(128)
+    kernels = attn_bench.prefill_kernels(slopes, scale, quick=True)
+    return {
+        "prefill": attn_bench.check_prefill(kernels, slopes, scale),
+        "decode": attn_bench.check_and_time_decode(slopes, scale),
+    }
+
+
+def table(res: dict) -> str:
+    """ours, HF, ratio, floor, ours/floor for the goal rows."""
+    rows = []
+    hf = res.get("hf", {}) if isinstance(res.get("hf"), dict) else {}
+    pre = res.get("prefill", {}) if isinstance(res.get("prefill"), dict) else {}
+    dec = res.get("decode", {}) if isinstance(res.get("decode"), dict) else {}
+
+    def best(t: int) -> dict | None:
+        runs = [v for k, v in pre.items() if k.startswith(f"{t}_") and isinstance(v, dict)]
+        return min(runs, key=lambda v: v["s"]) if runs else None
+
+    for t, goal in ((16384, 0.42), (65536, 3.0)):
+        ours = best(t)
+        theirs = hf.get(f"prefill_{t}", {}).get("s") if t == 16384 else "OOM (anchor: 32K)"
+        if ours:
+            ratio = f"{theirs / ours['s']:.1f}x" if isinstance(theirs, float) else "-"
+            rows.append(
+                f"prefill {t:>6} tok | {ours['s']:.3f} s | {theirs} | {ratio} | {ours['floor_s']:.3f} s | "
+                f"{ours['s'] / ours['floor_s']:.2f} | goal <= {goal} s | peak {ours.get('peak_gb')} GB "
+                f"(+{ours.get('over_weights_kv_gb')} over weights+KV)"
+            )
+    for ctx, goal in (("4096", 4.5), ("65536", 13.5)):
+        ours = dec.get(ctx)
+        theirs = hf.get(f"decode_b1_{ctx}", {}).get("ms_per_token", "-") if ctx == "4096" else "-"
+        if isinstance(ours, dict):
+            ratio = f"{theirs / ours['ms_per_token']:.1f}x" if isinstance(theirs, float) else "-"
+            rows.append(
+                f"decode b1 @{ctx:>6} | {ours['ms_per_token']:.2f} ms | {theirs} | {ratio} | "
+                f"{ours['floor_ms']:.2f} ms | {ours['ms_per_token'] / ours['floor_ms']:.2f} | goal <= {goal} ms"
+            )
+    head = "what | ours | HF | HF/ours | floor | ours/floor | goal"
+    return "\n".join([head, *rows])
+
+
+def model_stages(b: Bench, args: argparse.Namespace, skip: set[str]) -> None:
+    """Every stage that needs the full model; it is freed when this returns."""
+    model = b.build_model(max_seq_len=65536 + 64)
+    if "logits" not in skip:
+        b.stage("logits", lambda: logits_vs_hf(b, model))
+    if "hf" not in skip and "hf" in b.private:
+        b.stage("hf", lambda: hf_timings(b, model))
+    b.private.pop("hf", None)
+    lengths = [48, 96] if b.smoke else [16384, 65536]
+    chunks = [32, 16] if b.smoke else [int(c) for c in args.chunks.split(",")]
+    contexts = [32, 96] if b.smoke else [4096, 65536]
+    if "prefill" not in skip:
+        b.stage("prefill", lambda: ours_prefill(b, model, lengths, chunks))
+    if "decode" not in skip:
+        compiled = [int(c) for c in args.compiled_decode.split(",") if c] if not b.smoke else []
+        b.stage("decode", lambda: ours_decode(b, model, contexts, 4 if b.smoke else 32, compiled))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--skip", default="", help="comma list of stages to skip")
+    parser.add_argument("--chunks", default="16384,8192")
+    parser.add_argument("--layers-budget-s", type=float, default=240.0)
+    parser.add_argument("--compiled-decode", default="4096", help="contexts that also time the compiled step")
+    parser.add_argument("--layers-first", action="store_true", help="time attention layers before the model")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    b = Bench(args.out, smoke=args.cpu_smoke)
+    skip = set(filter(None, args.skip.split(",")))
+    torch.manual_seed(0)
+    if b.device.type == "cuda":
+        b.res["device"] = torch.cuda.get_device_name()
+    b.stage("ceilings", lambda: ceilings(b))
+    if not b.smoke and "attention" not in skip:
+        b.stage("attention", lambda: attention_checks(b))
+    run_layers = not b.smoke and "layers" not in skip
+    if run_layers and args.layers_first:
+        b.stage("layers", lambda: attention_layers(b, args.layers_budget_s))
+    model_stages(b, args, skip)
+    b.private.clear()
+    if b.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if run_layers and not args.layers_first:
+        b.stage("layers", lambda: attention_layers(b, args.layers_budget_s))
+    b.res["table"] = table(b.res)
+    b.save()
+    print("\n" + b.res["table"])
+    if "layers" in b.res and isinstance(b.res["layers"], dict) and "error" not in b.res["layers"]:
+        attn_bench.print_table({"prefill": b.res["layers"], "decode": {}, "check": {}})
+
+
+if __name__ == "__main__":
+    main()
