@@ -21,7 +21,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
-    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -81,14 +80,9 @@ class ApiKey(Base):
 class Document(Base):
     __tablename__ = "documents"
     __table_args__ = (
-        # Dedupe: one document per owner and content. NULLs are distinct in a unique constraint, so
-        # documents without an owner (auth off) get partial unique indexes of their own.
+        # Dedupe: one document per owner and content. owner_id NULL (auth off) is deduped in code.
         UniqueConstraint("owner_id", "sha256", name="uq_documents_owner_sha256"),
         UniqueConstraint("owner_id", "idempotency_key", name="uq_documents_owner_idempotency"),
-        Index("uq_documents_unowned_sha256", "sha256", unique=True,
-              postgresql_where=text("owner_id IS NULL"), sqlite_where=text("owner_id IS NULL")),
-        Index("uq_documents_unowned_idempotency", "idempotency_key", unique=True,
-              postgresql_where=text("owner_id IS NULL"), sqlite_where=text("owner_id IS NULL")),
         Index("ix_documents_owner_created", "owner_id", "created_at", "id"),
     )
 

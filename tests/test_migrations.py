@@ -103,22 +103,3 @@ def test_longdoc_db_commands_work_from_any_directory(tmp_path):
     assert run("keys", "revoke", key_id).returncode == 0
     with session_scope(url) as session:
         assert keys.authenticate(session, secret) is None
-
-
-def test_documents_without_owner_are_unique_per_content(empty_db_url):
-    """NULL owners (auth off) are deduped by partial unique indexes, not only in code: two concurrent
-    uploads of the same bytes cannot both insert (the loser retries and finds the winner's row)."""
-    from sqlalchemy.exc import IntegrityError
-
-    from storage.models import Document
-
-    migrate.upgrade(empty_db_url)
-
-    def doc(sha: str, key: str | None = None) -> Document:
-        return Document(owner_id=None, filename="a.pdf", sha256=sha, bytes=1, idempotency_key=key)
-
-    with session_scope(empty_db_url) as session:
-        session.add_all([doc("a" * 64, "k1"), doc("b" * 64)])
-    for duplicate in (doc("a" * 64), doc("c" * 64, "k1")):
-        with pytest.raises(IntegrityError), session_scope(empty_db_url) as session:
-            session.add(duplicate)

@@ -60,10 +60,6 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('documents', schema=None) as batch_op:
         batch_op.create_index('ix_documents_owner_created', ['owner_id', 'created_at', 'id'], unique=False)
-        batch_op.create_index('uq_documents_unowned_sha256', ['sha256'], unique=True,
-                              postgresql_where=sa.text('owner_id IS NULL'), sqlite_where=sa.text('owner_id IS NULL'))
-        batch_op.create_index('uq_documents_unowned_idempotency', ['idempotency_key'], unique=True,
-                              postgresql_where=sa.text('owner_id IS NULL'), sqlite_where=sa.text('owner_id IS NULL'))
         batch_op.create_index(batch_op.f('ix_documents_sha256'), ['sha256'], unique=False)
 
     op.create_table('chunks',
@@ -138,8 +134,6 @@ def downgrade() -> None:
     op.drop_table('chunks')
     with op.batch_alter_table('documents', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_documents_sha256'))
-        batch_op.drop_index('uq_documents_unowned_idempotency')
-        batch_op.drop_index('uq_documents_unowned_sha256')
         batch_op.drop_index('ix_documents_owner_created')
 
     op.drop_table('documents')
