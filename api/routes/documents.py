@@ -182,16 +182,17 @@ async def create_document(
         doc, jobs, created, parse_needed = await run_in_threadpool(
             _store_upload, settings, session, blobs, owner, upload, specs, password, idempotency_key)
 
-    def after_commit() -> None:
+    def after_commit() -> DocumentUploadPublic:  # DB and broker I/O: off the event loop
         if parse_needed:
             dispatch.enqueue_parse(settings, doc.id, password)
         _enqueue_jobs_if_parsed(settings, session, doc, jobs)
+        return DocumentUploadPublic(**DocumentPublic.of(doc).model_dump(), created=created,
+                                    jobs=[JobPublic.of(j) for j in jobs])
 
-    await run_in_threadpool(after_commit)
+    body = await run_in_threadpool(after_commit)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/documents/{doc.id}"
-    return DocumentUploadPublic(**DocumentPublic.of(doc).model_dump(), created=created,
-                                jobs=[JobPublic.of(j) for j in jobs])
+    return body
 
 
 def _owned_document(session: Session, owner: uuid.UUID | None, document_id: uuid.UUID) -> Document:
