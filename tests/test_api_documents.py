@@ -141,3 +141,14 @@ def test_delete_removes_rows_and_unused_blob(client, auth, make_key, pdf_bytes, 
     with session_scope(api_settings.effective_database_url) as s:
         assert s.scalar(select(func.count()).select_from(Job)) == 0
     assert client.delete(f"/v1/documents/{theirs['id']}", headers=bob).status_code == 404
+
+
+def test_concurrent_uploads_of_the_same_bytes_make_one_document(client, auth, pdf_bytes, api_settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: upload(client, auth, pdf_bytes), range(4)))
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 201]
+    assert len({r.json()["id"] for r in responses}) == 1
+    with session_scope(api_settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Document)) == 1
