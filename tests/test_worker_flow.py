@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from storage.db import session_scope
 from storage.models import Chunk, Page, Result
-from tests.fixtures_workers import ServiceSetup, api_client, poll_document, poll_job, upload
+from tests.fixtures_workers import ServiceSetup, api_client, poll_document, poll_job, upload, wait_for
 
 
 def test_upload_parse_and_jobs_through_separate_parse_and_gpu_workers(service: ServiceSetup,
@@ -47,10 +47,22 @@ def test_upload_parse_and_jobs_through_separate_parse_and_gpu_workers(service: S
         assert qa["status"] == "succeeded", qa
         assert qa["progress"] == 1.0
 
+        # Cancel while running: the worker notices at its next progress report, stops and writes nothing.
+        resp = client.post(f"/v1/documents/{contract['id']}/jobs", headers=h, json={"task": "summarize", "params": {}})
+        long_job = resp.json()["id"]
+        wait_for(lambda: client.get(f"/v1/jobs/{long_job}", headers=h).json()["status"] == "running", 120, 0.1,
+                 what="the summarize job to start")
+        assert client.delete(f"/v1/jobs/{long_job}", headers=h).status_code in (200, 202, 204)
+        wait_for(lambda: f"job {long_job}: aborted" in gpu_worker.log(), 60, 0.3, what="the worker to abort the job")
+        canceled = client.get(f"/v1/jobs/{long_job}", headers=h).json()
+        assert canceled["status"] == "canceled" and canceled["result"] is None, canceled
+
     # Each queue's tasks ran on its own worker process.
     assert parse_worker.ran("longdoc.parse_document") and not parse_worker.ran("longdoc.run_job")
     assert gpu_worker.ran("longdoc.run_job") and not gpu_worker.ran("longdoc.parse_document")
     assert parse_worker.alive and gpu_worker.alive
+    with session_scope(service.settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Result)) == 2  # summary + qa, none for the canceled job
 
 
 def test_bad_files_fail_with_their_code_and_their_jobs_fail_with_them(service: ServiceSetup, corpus_dir: Path,
