@@ -70,9 +70,10 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, job: Job) -> JobPublic:
+    def of(cls, job: Job, result: dict[str, Any] | None = None) -> JobPublic:
+        """`result` is the Result payload when the caller loaded it (shown only once succeeded)."""
         error = ErrorDetail(code=job.error_code, message=job.error_message or "") if job.error_code else None
-        result = job.result.payload if job.status == JobStatus.succeeded and job.result is not None else None
+        result = result if job.status == JobStatus.succeeded else None
         return cls(id=job.id, document_id=job.document_id, task=job.task, params=job.params, status=job.status,
                    progress=job.progress, stage=job.stage, result=result, error=error, attempts=job.attempts,
                    created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,

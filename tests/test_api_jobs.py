@@ -96,6 +96,8 @@ def test_poll_has_retry_after_until_terminal_and_shows_result(client, auth, doc_
     assert "retry-after" not in done.headers
     assert done.json()["result"] == {"summary": "Two parties agree.", "citations": [{"page": 1}]}
     assert done.json()["error"] is None
+    listed = client.get("/v1/jobs", headers=auth, params={"status": "succeeded"}).json()["items"]
+    assert [j["result"] for j in listed] == [done.json()["result"]]
 
 
 def test_cancel_queued_job_then_cancel_again_is_409(client, auth, doc_id):

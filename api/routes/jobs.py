@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from sqlalchemy.orm import Session
 
 from api.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import ApiError
@@ -20,7 +21,7 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 RETRY_AFTER_S = {JobStatus.queued: "5", JobStatus.running: "2"}
 
 
-def _owned_job(session: SessionDep, owner: uuid.UUID | None, job_id: uuid.UUID) -> Job:
+def _owned_job(session: Session, owner: uuid.UUID | None, job_id: uuid.UUID) -> Job:
     job = repo.get_job(session, owner, job_id)
     if job is None:
         raise ApiError(404, "not_found", f"job {job_id} not found")
@@ -30,10 +31,13 @@ def _owned_job(session: SessionDep, owner: uuid.UUID | None, job_id: uuid.UUID) 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=ERROR_RESPONSES)
 def get_job(job_id: uuid.UUID, response: Response, session: ReadSessionDep, owner: OwnerDep) -> JobPublic:
     """Status, progress and, once succeeded, the result. `Retry-After` is set until the job is terminal."""
-    job = _owned_job(session, owner, job_id)
+    found = repo.get_job_with_result(session, owner, job_id)
+    if found is None:
+        raise ApiError(404, "not_found", f"job {job_id} not found")
+    job, result = found
     if not job.status.terminal:
         response.headers["Retry-After"] = RETRY_AFTER_S[job.status]
-    return JobPublic.of(job)
+    return JobPublic.of(job, result)
 
 
 @router.get("/jobs", response_model=JobListPublic, responses=ERROR_RESPONSES)
@@ -47,7 +51,7 @@ def list_jobs(session: ReadSessionDep, owner: OwnerDep, document_id: uuid.UUID |
         page = repo.list_jobs(session, owner, limit=limit, cursor=cursor, document_id=document_id, status=status)
     except repo.InvalidCursor as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from exc
-    return JobListPublic(items=[JobPublic.of(j) for j in page.items], next_cursor=page.next_cursor)
+    return JobListPublic(items=[JobPublic.of(j, j.result.payload if j.result else None) for j in page.items], next_cursor=page.next_cursor)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobPublic,
