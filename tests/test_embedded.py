@@ -12,7 +12,15 @@ from longdoc.settings import Settings
 from storage.blobs import BlobStore
 from storage.db import session_scope
 from storage.models import Document, DocumentStatus, Job, JobStatus, Result, utcnow
-from tests.fixtures_workers import api_client, make_api_key, poll_document, poll_job, upload, wait_for
+from tests.fixtures_workers import (
+    api_client,
+    make_api_key,
+    poll_document,
+    poll_job,
+    settings_env,
+    upload,
+    wait_for,
+)
 from workers import dispatch
 from workers.embedded import get_runner
 
@@ -67,3 +75,45 @@ def test_in_process_reaper_recovers_work_of_a_crashed_process(embedded_settings:
 def _status(url: str, model: type, row_id: object) -> str:
     with session_scope(url) as s:
         return str(s.get(model, row_id).status)
+
+
+def test_longdoc_serve_runs_embedded_with_nothing_else_started(tmp_path: Path, corpus_dir: Path) -> None:
+    """The README's embedded path as a user runs it: `longdoc db upgrade` + `keys create`, then `longdoc serve` (a real
+    uvicorn process with its in-process workers) on SQLite; upload over HTTP until parsed."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", api_port=port, engine="extractive")
+    env = settings_env(settings)
+    cli = [sys.executable, "-m", "longdoc.cli"]
+    subprocess.run([*cli, "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    secret = subprocess.run([*cli, "keys", "create", "me"], env=env, cwd=tmp_path, check=True,
+                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([*cli, "serve"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base, h = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {secret}"}
+
+        def up() -> bool:
+            assert server.poll() is None, log_path.read_text()
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, 60, 0.3, what="longdoc serve to answer /readyz")
+        doc = upload(httpx.Client(base_url=base, timeout=30), h, corpus_dir / "contract-galera-joint-filing.pdf")
+        body = poll_document(httpx.Client(base_url=base, timeout=30), h, doc["id"], timeout=60)
+        assert body["status"] == "parsed" and body["pages"] == 3, body
+    finally:
+        server.terminate()
+        server.wait(30)
+    # uvicorn shuts down cleanly, then re-raises the SIGTERM it caught (exit status -15).
+    assert server.returncode in (0, -15) and "Application shutdown complete" in log_path.read_text()
