@@ -24,7 +24,8 @@ from longdoc.settings import Settings
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Fast leases and reaper ticks so recovery after a SIGKILL is seconds, not minutes.
-FAST_RECOVERY = {"job_lease_s": 3, "reaper_interval_s": 1.0, "reconcile_grace_s": 30.0}
+# The lease leaves a busy worker's heartbeat (every lease/3) seconds of slack on a loaded 2-core box.
+FAST_RECOVERY = {"job_lease_s": 5, "reaper_interval_s": 1.0, "reconcile_grace_s": 30.0}
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:

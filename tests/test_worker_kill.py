@@ -1,6 +1,6 @@
 """A worker SIGKILLed mid-task (the whole process group: worker, pool, parse child, as a lost machine)
 leaves a claimed row whose lease expires; a new worker's reaper re-queues it and the work completes
-once, with one set of pages and one result. Leases are 3 s and the reaper ticks every second here
+once, with one set of pages and one result. Leases are 5 s and the reaper ticks every second here
 (FAST_RECOVERY); production defaults are minutes."""
 
 from __future__ import annotations
@@ -94,3 +94,22 @@ def test_a_job_whose_worker_keeps_dying_fails_worker_lost(service: ServiceSetup,
         job = poll_job(client, h, job_id, timeout=60)
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
     assert job["attempts"] == 1 and "vanished" in job["error"]["message"]
+
+
+def test_messages_lost_by_the_broker_are_resent_by_the_reconciler(service: ServiceSetup, corpus_dir: Path) -> None:
+    """Redis loses everything (flushed while no worker runs): the DB still knows the document is
+    `uploaded`, and the reconciler re-sends it once it has been untouched for reconcile_grace_s."""
+    import redis
+
+    with api_client(service.settings) as client:
+        h = service.headers
+        doc = upload(client, h, corpus_dir / "contract-ivillage-sponsorship.pdf")
+        broker = redis.Redis.from_url(service.settings.broker_url)
+        lost = list(broker.scan_iter(match=f"{service.settings.broker_key_prefix}*"))
+        assert lost, "the upload should have queued a message"
+        broker.delete(*lost)
+        broker.close()
+
+        service.start_worker("parse", "--beat", reconcile_grace_s=2.0)
+        body = poll_document(client, h, doc["id"], timeout=90)
+    assert body["status"] == "parsed" and body["pages"] == 5, body
