@@ -1,0 +1,145 @@
+"""CPU benchmark: a tiny random MPT prefilling a 65,536-token prompt in bounded memory.
+
+Each measurement runs in its own subprocess so the peak RSS (ru_maxrss) belongs to that run alone.
+Baselines in the same run: our engine at shorter contexts (memory should grow only by the KV cache)
+and HF transformers' MptForCausalLM (eager attention, T x T scores per layer) where it fits.
+
+    python bench/engine_cpu.py [--tokens 4096 16384 65536] [--hf-tokens 2048 4096 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DECODE_STEPS = 16
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def prompt_ids(n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def run_ours(ckpt: Path, n: int, chunk: int) -> dict:
+    from pipeline.engine import Generator, SamplingParams, load, prefill_chunked
+
+    model, tok = load(ckpt, dtype=torch.float32, max_seq_len=n + DECODE_STEPS)
+    ids = prompt_ids(n, model.config.vocab_size)
+    base = rss_mib()
+    cache = model.new_cache(1, n + DECODE_STEPS)
+    t0 = time.perf_counter()
+    logits = prefill_chunked(model, ids, cache, chunk_size=chunk)
+    prefill_s = time.perf_counter() - t0
+    positions = torch.tensor([n])
+    token = logits.argmax()[None]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(DECODE_STEPS):
+            token = model.decode(token, cache, positions).argmax(-1)
+            positions += 1
+    decode_ms = (time.perf_counter() - t0) / DECODE_STEPS * 1e3
+    del Generator, SamplingParams, tok
+    return {
+        "impl": "ours",
+        "tokens": n,
+        "chunk": chunk,
+        "prefill_s": prefill_s,
+        "decode_ms_per_token": decode_ms,
+        "rss_before_mib": base,
+        "peak_rss_mib": rss_mib(),
+        "kv_cache_mib": cache.nbytes / 2**20,
+    }
+
+
+def run_hf(ckpt: Path, n: int) -> dict:
+    from transformers import MptForCausalLM
+
+    model = MptForCausalLM.from_pretrained(ckpt, dtype=torch.float32, max_seq_len=n).eval()
+    x = torch.tensor([prompt_ids(n, model.config.vocab_size)])
+    base = rss_mib()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(x, logits_to_keep=1)
+    return {
+        "impl": "hf",
+        "tokens": n,
+        "prefill_s": time.perf_counter() - t0,
+        "rss_before_mib": base,
+        "peak_rss_mib": rss_mib(),
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    result = run_hf(args.ckpt, args.n) if args.impl == "hf" else run_ours(args.ckpt, args.n, args.chunk)
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384, 65536])
+    parser.add_argument("--hf-tokens", type=int, nargs="*", default=[2048, 4096, 8192])
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", choices=["ours", "hf"])
+    parser.add_argument("--ckpt", type=Path)
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--impl")
+    args = parser.parse_args()
+    if args.child:
+        args.impl = args.child
+        child(args)
+        return
+    from pipeline.engine.init_checkpoint import init_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = init_checkpoint("tiny", Path(tmp) / "tiny", seed=0)
+        runs = [("ours", n) for n in args.tokens] + [("hf", n) for n in args.hf_tokens]
+        rows = []
+        for impl, n in runs:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                impl,
+                "--ckpt",
+                str(ckpt),
+                "--n",
+                str(n),
+                "--chunk",
+                str(args.chunk),
+                "--threads",
+                str(args.threads),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                rows.append({"impl": impl, "tokens": n, "error": proc.stderr.strip().splitlines()[-1:]})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| impl | tokens | prefill s | decode ms/token | RSS before MiB | peak RSS MiB | KV MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | {r['tokens']} | error: {r['error']} | | | | |")
+            continue
+        print(
+            f"| {r['impl']} | {r['tokens']} | {r['prefill_s']:.2f} | {r.get('decode_ms_per_token', float('nan')):.1f} "
+            f"| {r['rss_before_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r.get('kv_cache_mib', float('nan')):.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
