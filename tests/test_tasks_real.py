@@ -36,19 +36,24 @@ def _progress(fraction: float, stage: str) -> None:
     assert 0.0 <= fraction <= 1.0 and stage
 
 
-@pytest.mark.parametrize("question, category", [
-    ("Which state's laws govern this agreement?", "Governing Law"),
-    ("How much notice must a party give to terminate the agreement?", "Notice Period To Terminate Renewal"),
+@pytest.mark.parametrize("pdf_name, question, category", [
+    (CONTRACT, "Which state's laws govern this agreement?", "Governing Law"),
+    (CONTRACT, "How much notice must a party give to terminate the agreement?",
+     "Notice Period To Terminate Renewal"),
+    ("contract-ivillage-sponsorship.pdf", "Which state's laws govern this agreement?", "Governing Law"),
+    ("contract-ivillage-sponsorship.pdf", "Can a party assign this agreement to someone else?", "Anti-Assignment"),
 ])
-def test_qa_answers_with_the_annotated_clause(extractive_engine, cybergy_doc, corpus_dir, question, category):
-    clauses = cuad_clauses(corpus_dir, CONTRACT, category)
-    assert clauses, f"CUAD has no {category} clause for {CONTRACT}"
-    result = run_task(extractive_engine, "qa", {"question": question}, cybergy_doc, _progress)
+def test_qa_answers_with_the_annotated_clause(extractive_engine, cybergy_doc, corpus_dir, pdf_name, question,
+                                              category):
+    doc = cybergy_doc if pdf_name == CONTRACT else parsed_document(corpus_dir / pdf_name)
+    clauses = cuad_clauses(corpus_dir, pdf_name, category)
+    assert clauses, f"CUAD has no {category} clause for {pdf_name}"
+    result = run_task(extractive_engine, "qa", {"question": question}, doc, _progress)
     answer = result["answers"][0]
     cited = _plain(answer["answer"])
     # the answer sentence is (part of) the clause the annotators marked
     assert any(cited in clause or clause in cited for clause in clauses) and len(cited.split()) >= 8, cited
-    page_text = _plain(pages_text(cybergy_doc, answer["page_start"], answer["page_end"]))
+    page_text = _plain(pages_text(doc, answer["page_start"], answer["page_end"]))
     assert cited in page_text
     assert any(clause in page_text for clause in clauses)  # the page it cites holds the whole clause
 
