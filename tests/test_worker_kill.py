@@ -113,3 +113,42 @@ def test_messages_lost_by_the_broker_are_resent_by_the_reconciler(service: Servi
         service.start_worker("parse", "--beat", reconcile_grace_s=2.0)
         body = poll_document(client, h, doc["id"], timeout=90)
     assert body["status"] == "parsed" and body["pages"] == 5, body
+
+
+def test_a_database_outage_is_retried_with_backoff(service: ServiceSetup, corpus_dir: Path) -> None:
+    """Postgres refuses connections when the parse message arrives: the task retries (a named transient
+    error, OperationalError) with backoff instead of failing the document, and succeeds once it is back."""
+    from sqlalchemy import create_engine, text
+
+    from storage.blobs import BlobStore
+    from storage.keys import authenticate
+    from tests.conftest import PG_ADMIN_URL
+    from workers import dispatch
+
+    url = service.settings.effective_database_url
+    path = corpus_dir / "contract-galera-joint-filing.pdf"
+    with path.open("rb") as f:
+        sha256, size, _ = BlobStore(service.settings.effective_blob_dir).put_stream(f, 10**8)
+    with session_scope(url) as s:
+        doc = Document(filename=path.name, sha256=sha256, bytes=size, owner_id=authenticate(s, service.api_key).id)
+        s.add(doc)
+        s.flush()
+        doc_id = doc.id
+    worker = service.start_worker("parse")
+
+    db_name = url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false'))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": db_name})
+        dispatch.enqueue_parse(service.settings, doc_id)  # the broker is up; the database is not
+        wait_for(lambda: "transient error, retry" in worker.log(), 60, 0.2, what="a transient-error retry")
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+    wait_for(lambda: _row(service, Document, doc_id).status == "parsed", 90, 0.3, what="the retried parse")
+    assert _row(service, Document, doc_id).parse_attempts == 1  # the claim never happened during the outage
+    assert worker.alive

@@ -37,8 +37,15 @@ log = logging.getLogger(__name__)
 # Failures that say "try again later", never "this input is bad".
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError, redis.exceptions.ConnectionError, BrokerOperationalError)
+MAX_TRANSIENT_RETRIES = 5
 INTERNAL_ERROR = "internal_error"
 PROGRESS_WRITE_INTERVAL_S = 1.0
+
+
+def backoff_s(retries: int) -> int:
+    """2, 4, 8, 16, 32 s (capped at 60) before retry number retries+1: enough for a DB failover or a
+    Redis restart."""
+    return min(60, 2 ** (retries + 1))
 
 
 class JobAborted(Exception):

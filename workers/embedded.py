@@ -63,7 +63,10 @@ class EmbeddedRunner:
         if self._reaper_thread is not None and wait:
             self._reaper_thread.join(timeout=5)
 
-    def _submit(self, pool: ThreadPoolExecutor, queue: str, fn, *args, **kwargs) -> Future:  # noqa: ANN001
+    def _submit(self, pool: ThreadPoolExecutor, queue: str, fn, *args, retries: int = 0,  # noqa: ANN001
+                **kwargs) -> Future:
+        from workers.bodies import MAX_TRANSIENT_RETRIES, TRANSIENT_ERRORS, backoff_s
+
         with self._lock:
             self._pending[queue] += 1
 
@@ -72,10 +75,27 @@ class EmbeddedRunner:
                 self._pending[queue] -= 1
             try:
                 fn(*args, **kwargs)
+            except TRANSIENT_ERRORS as exc:  # same policy as the Celery tasks: back off, then try again
+                if retries >= MAX_TRANSIENT_RETRIES:
+                    log.error("embedded %s task gave up after %d retries (the reconciler re-sends it): %s",
+                              queue, retries, exc)
+                    return
+                delay = backoff_s(retries)
+                log.warning("embedded %s task: transient error, retry in %d s: %s", queue, delay, exc)
+                timer = threading.Timer(delay, self._resubmit, args=(pool, queue, fn, args, kwargs, retries + 1))
+                timer.daemon = True
+                timer.start()
             except Exception:  # a body already recorded the failure in the DB; keep the pool alive
                 log.exception("embedded %s task failed", queue)
 
         return pool.submit(run)
+
+    def _resubmit(self, pool: ThreadPoolExecutor, queue: str, fn, args: tuple, kwargs: dict,  # noqa: ANN001
+                  retries: int) -> None:
+        try:
+            self._submit(pool, queue, fn, *args, retries=retries, **kwargs)
+        except RuntimeError:  # the pool was shut down meanwhile: the reconciler picks the work up later
+            log.info("embedded %s pool closed; dropping a retry", queue)
 
 
 _runners: dict[str, EmbeddedRunner] = {}

@@ -13,17 +13,10 @@ from celery.signals import worker_process_init
 
 from longdoc.settings import get_settings
 from workers import bodies, reaper
+from workers.bodies import MAX_TRANSIENT_RETRIES, backoff_s
 from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_TASK
 
 log = logging.getLogger(__name__)
-
-MAX_TRANSIENT_RETRIES = 5
-
-
-def backoff_s(retries: int) -> int:
-    """2, 4, 8, 16, 32 s (capped at 60): enough for a DB failover or a Redis restart."""
-    return min(60, 2 ** (retries + 1))
-
 
 @worker_process_init.connect
 def _fresh_db_pool(**_kwargs: object) -> None:
