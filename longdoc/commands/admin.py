@@ -62,9 +62,12 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
 
 def _checked_session():  # noqa: ANN202 (a context manager yielding a Session)
+    from longdoc.settings import get_settings
     from storage import migrate
     from storage.db import session_scope
 
+    if get_settings().database_url is None:  # the embedded SQLite file is ours: migrate it, as serve does
+        migrate.upgrade(_url())
     try:
         migrate.assert_up_to_date(_url())
     except migrate.DatabaseNotMigrated as exc:
