@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,16 @@ ENGINE_PROMPTS = [
     "Payment of fees",
     "Notwithstanding section 4, the licensee may assign this agreement to an affiliate with consent.",
 ]
+
+
+@pytest.fixture
+def engine_single_thread() -> Iterator[None]:
+    """Tiny-model ops are microseconds long; on a shared, oversubscribed CI box a second intra-op
+    thread mostly waits at OpenMP barriers for a descheduled peer (measured 8x slower decode steps)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from pipeline.engine.attention import dense_reference, select_backend
 from pipeline.engine.backends import BackendUnavailable, blockwise
 from pipeline.engine.config import alibi_slopes
 
+pytestmark = pytest.mark.usefixtures("engine_single_thread")
+
 
 def naive_attention(q, k, v, slopes, scale, positions, n_keys):
     """Per-query float64 loops: query r of row b sits at positions[b][r] and sees keys [0, pos]

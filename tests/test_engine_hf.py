@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.engine import SamplingParams
 from tests.fixtures_engine import ENGINE_PROMPTS
+
+pytestmark = pytest.mark.usefixtures("engine_single_thread")
 
 N_NEW = 24
 

@@ -14,6 +14,8 @@ from pipeline.engine.config import UnsupportedConfig
 from pipeline.engine.init_checkpoint import init_checkpoint
 from tests.fixtures_engine import ENGINE_PROMPTS
 
+pytestmark = pytest.mark.usefixtures("engine_single_thread")
+
 
 def _logits(model, ids):
     return model.prefill(torch.tensor([ids]), model.new_cache(1, len(ids)), logits_from=0)

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from pipeline.engine import Generator, SamplingParams, load
 from pipeline.engine.init_checkpoint import init_checkpoint
 
+pytestmark = pytest.mark.usefixtures("engine_single_thread")
+
 
 def reference_logits(ckpt: Path, ids: list[int]) -> torch.Tensor:
     """Float64, whole sequence at once, explicit [T, T] bias; slopes from the closed form
