@@ -171,8 +171,9 @@ class Mpt(nn.Module):
         logits_from: int | None = -1,
     ) -> torch.Tensor | None:
         """Run tokens [B, T] at positions [start, start + T) of cache rows `rows` (default: the first B),
-        writing their K/V. Returns float32 logits [B, T - logits_from', vocab] for chunk positions
-        [logits_from:] (default: the last one only), or None when logits_from is None."""
+        writing their K/V. Returns float32 logits [B, n, vocab] for the chunk positions
+        `[logits_from:]` only (default -1: the last position, n = 1), or None when logits_from is None
+        (a middle chunk of a long prompt needs no logits)."""
         b, t = tokens.shape
         rows = rows if rows is not None else slice(0, b)
         if start + t > cache.max_len:
