@@ -17,7 +17,7 @@ from pipeline.types import Chunk, DocumentText, PageSpan, PageText
 
 PAGE_SEPARATOR = "\n\n"
 
-MID_WORD, WORD, LINE, SENTENCE, PARAGRAPH, HEADING = range(-1, 5)
+MID_CHAR, MID_WORD, WORD, LINE, SENTENCE, PARAGRAPH, HEADING = range(-2, 5)
 
 _HEADING = re.compile(
     r"^(?:#{1,6} \S.*|(?:ARTICLE|Article|SECTION|Section|CHAPTER|Chapter|PART|Part|ITEM|Item|SCHEDULE|"
@@ -31,9 +31,9 @@ _LINE = re.compile(r"\n\s*")
 
 
 def _safety_margin(chunk_tokens: int) -> int:
-    # Re-tokenizing a chunk on its own can differ from its slice of the whole-text tokenization at
-    # the edges (a BPE word without its leading space): cut a little under the budget.
-    return min(8, max(1, chunk_tokens // 32))
+    # Edge words are re-counted exactly (_standalone_count); this small margin is for the rare
+    # tokenizer whose pre-tokenization is not local, so a budget-sized chunk seldom needs a re-fit.
+    return min(4, chunk_tokens // 64)
 
 
 def _break_scores(text: str, offsets: list[tuple[int, int]]) -> list[int]:
@@ -44,6 +44,10 @@ def _break_scores(text: str, offsets: list[tuple[int, int]]) -> list[int]:
     """
     scores = [WORD if i == 0 or text[s - 1].isspace() or text[s:s + 1].isspace() else MID_WORD
               for i, (s, _) in enumerate(offsets)]
+    # Byte-level tokens of one multi-byte character share its offsets: never cut between them.
+    for i in range(1, len(offsets)):
+        if offsets[i][0] < offsets[i - 1][1]:
+            scores[i] = MID_CHAR
     scores.append(HEADING)
     ends = [e for _, e in offsets]
     for pattern, score in ((_LINE, LINE), (_SENTENCE, SENTENCE), (_PARAGRAPH, PARAGRAPH)):
@@ -62,11 +66,13 @@ def _break_scores(text: str, offsets: list[tuple[int, int]]) -> list[int]:
     return scores
 
 
-def _best_break(scores: list[int], start: int, limit: int, budget: int) -> int:
-    """Token index to end the chunk that begins at `start` (exclusive end, <= limit)."""
+def _best_break(scores: list[int], start: int, limit: int, budget: int, previous_end: int) -> int:
+    """Token index to end the chunk that begins at `start`: in (previous_end, limit], so every
+    chunk reaches past the one before it even when overlap pulled its start back."""
+    lowest = max(start, previous_end) + 1
+    floor = max(lowest, start + budget // 2)
+    heading_floor = max(lowest, start + budget // 4)
     best, best_score = limit, scores[limit]
-    floor = start + max(1, budget // 2)
-    heading_floor = start + max(1, budget // 4)
     for i in range(limit, heading_floor - 1, -1):
         score = scores[i]
         if i < floor and score < HEADING:
@@ -75,11 +81,47 @@ def _best_break(scores: list[int], start: int, limit: int, budget: int) -> int:
             best, best_score = i, score
             if score == HEADING:
                 break
-    if best_score == MID_WORD:  # no word boundary in the back half: take any in the window
-        for i in range(limit, start, -1):
-            if scores[i] >= WORD:
-                return i
+    if best_score <= MID_WORD:  # no word boundary in the back half: take any in the window
+        for wanted in (WORD, MID_WORD):
+            for i in range(limit, lowest - 1, -1):
+                if scores[i] >= wanted:
+                    return i
     return best
+
+
+def _standalone_count(tokenizer: TokenCounter, text: str, offsets: list[tuple[int, int]], scores: list[int],
+                      start: int, end: int) -> int:
+    """Tokens of text[tokens start..end) tokenized on its own. Only the edge words can differ from
+    the slice of the whole-text tokenization (a BPE word without its leading space, a word cut at
+    the end), so only they are re-tokenized."""
+    first_word_end = start + 1
+    while first_word_end < end and scores[first_word_end] < WORD:
+        first_word_end += 1
+    head = tokenizer.count(text[offsets[start][0]:offsets[first_word_end - 1][1]])
+    if first_word_end >= end:
+        return head
+    last_word_start, tail = end, 0
+    if end < len(offsets) and scores[end] < WORD:  # the chunk ends inside a word
+        last_word_start = end - 1
+        while last_word_start > first_word_end and scores[last_word_start] < WORD:
+            last_word_start -= 1
+        tail = tokenizer.count(text[offsets[last_word_start][0]:offsets[end - 1][1]])
+    return head + (last_word_start - first_word_end) + tail
+
+
+def _fit(tokenizer: TokenCounter, text: str, offsets: list[tuple[int, int]], scores: list[int], start: int,
+         previous_end: int, budget: int, chunk_tokens: int) -> tuple[int, int]:
+    """End token index and standalone token count of the chunk starting at `start`."""
+    n = len(offsets)
+    lowest = max(start, previous_end) + 1
+    limit = min(n, start + budget)
+    end = limit if limit == n else _best_break(scores, start, limit, budget, previous_end)
+    count = _standalone_count(tokenizer, text, offsets, scores, start, end)
+    while count > chunk_tokens and end > lowest:
+        limit = max(lowest, min(end - 1, end - (count - chunk_tokens)))
+        end = _best_break(scores, start, limit, budget, previous_end)
+        count = _standalone_count(tokenizer, text, offsets, scores, start, end)
+    return end, count
 
 
 def _overlap_start(scores: list[int], end: int, overlap: int, start: int) -> int:
@@ -133,17 +175,30 @@ def build_document_text(pages: list[PageText], *, tokenizer: TokenCounter, chunk
 
     chunks: list[Chunk] = []
     start, n = 0, len(offsets)
+    covered_to = 0  # chunks so far cover full_text[:covered_to]
+    previous_end = 0  # token index where the previous chunk ended
+    text_end = len(full_text.rstrip())
     while start < n:
-        end = n if n - start <= budget else _best_break(scores, start, start + budget, budget)
-        char_start, char_end = _strip(full_text, offsets[start][0], offsets[end - 1][1])
-        if char_end > char_start:  # a run of whitespace tokens alone makes no chunk
+        end, count = _fit(tokenizer, full_text, offsets, scores, start, previous_end, budget, chunk_tokens)
+        # Characters no token covers (symbols some tokenizers drop) go with the chunk after them,
+        # the tail with the last chunk: chunks cover every non-space character.
+        char_start = min(offsets[start][0], covered_to)
+        char_end = text_end if end == n else offsets[end - 1][1]
+        char_start, char_end = _strip(full_text, char_start, char_end)
+        covered_to = max(covered_to, char_end)
+        # Whitespace tokens alone, or an overlap-only tail, add nothing the chunks lack.
+        if char_end > char_start and (not chunks or char_end > chunks[-1].char_end):
             chunks.append(Chunk(
-                index=len(chunks), text=full_text[char_start:char_end], token_count=end - start,
+                index=len(chunks), text=full_text[char_start:char_end], token_count=count,
                 page_start=_page_of(page_starts, page_numbers, char_start),
                 page_end=_page_of(page_starts, page_numbers, char_end - 1),
                 char_start=char_start, char_end=char_end,
             ))
         if end >= n:
             break
+        previous_end = end
         start = _overlap_start(scores, end, overlap_tokens, start) if overlap_tokens else end
+        # The overlap must not pull the next chunk back to where this one began.
+        while chunks and start < end and offsets[start][0] <= chunks[-1].char_start:
+            start += 1
     return DocumentText(full_text=full_text, page_spans=spans, chunks=chunks, token_count=n)

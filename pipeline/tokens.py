@@ -34,6 +34,10 @@ class TokenCounter:
     def count(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def count_many(self, texts: list[str]) -> list[int]:
+        """Token counts of many texts in one call (the Rust side may spread them over cores)."""
+        return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
     def ids(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
