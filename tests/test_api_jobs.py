@@ -23,6 +23,14 @@ def _set_document(settings, doc_id: str, status: DocumentStatus, **fields) -> No
             setattr(doc, name, value)
 
 
+def _revoke_listener(redis_url: str):  # noqa: ANN202 (a redis PubSub)
+    """Celery's revoke is a broadcast: Redis pub/sub on the pidbox channel of this test's db only."""
+    pubsub = redis.Redis.from_url(redis_url).pubsub()
+    pubsub.subscribe(f"/{redis_url.rsplit('/', 1)[1]}.celery.pidbox")
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    return pubsub
+
+
 def _gpu_messages(api_redis_url: str) -> int:
     return redis.Redis.from_url(api_redis_url).llen("gpu")
 
@@ -113,10 +121,7 @@ def test_cancel_running_job_sets_db_status_and_revokes(client, auth, doc_id, api
     job_id = client.post(f"/v1/documents/{doc_id}/jobs", headers=auth, json={"task": "summarize"}).json()["id"]
     with session_scope(api_settings.effective_database_url) as s:
         s.get(Job, uuid.UUID(job_id)).status = JobStatus.running
-    # Celery's revoke is a broadcast on the broker (Redis pub/sub on the pidbox exchange): listen for it.
-    pubsub = redis.Redis.from_url(api_redis_url).pubsub()
-    pubsub.psubscribe("*celery.pidbox*")
-    assert pubsub.get_message(timeout=2)["type"] == "psubscribe"
+    pubsub = _revoke_listener(api_redis_url)
     assert client.delete(f"/v1/jobs/{job_id}", headers=auth).status_code == 200
     with session_scope(api_settings.effective_database_url) as s:
         assert s.get(Job, uuid.UUID(job_id)).status == JobStatus.canceled
@@ -148,3 +153,15 @@ def test_list_jobs_filters_and_paginates(client, auth, doc_id, other_pdf_bytes):
     assert [j["id"] for j in canceled] == [mine[0]]
     bad = client.get("/v1/jobs", headers=auth, params={"status": "nope"})
     assert bad.status_code == 422
+
+
+def test_deleting_a_document_revokes_its_unfinished_jobs(client, auth, doc_id, api_redis_url):
+    queued = client.post(f"/v1/documents/{doc_id}/jobs", headers=auth, json={"task": "summarize"}).json()["id"]
+    pubsub = _revoke_listener(api_redis_url)
+    assert client.delete(f"/v1/documents/{doc_id}", headers=auth).status_code == 204
+    message = pubsub.get_message(timeout=5)
+    pubsub.close()
+    assert message is not None
+    body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
+    assert body["method"] == "revoke" and body["arguments"]["task_id"] == f"job-{queued}"
+    assert client.get(f"/v1/jobs/{queued}", headers=auth).status_code == 404
