@@ -110,3 +110,19 @@ def test_cli_init_then_generate(tmp_path, capsys):
     first = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == first and first.strip()
+
+
+def test_max_seq_len_raised_at_load_runs_past_the_checkpoint_limit(tiny_ckpt, tiny_model):
+    """ALiBi has no learned positions: a 2,600-token prompt runs on a max_seq_len 2,048 checkpoint once
+    raised at load; chunking (several key blocks of the blockwise kernel) changes nothing."""
+    from pipeline.engine import Generator, SamplingParams, prefill_chunked
+
+    model, tok = load(tiny_ckpt, dtype=torch.float32, max_seq_len=4096)
+    ids = torch.randint(3, 1000, (2600,), generator=torch.Generator().manual_seed(0)).tolist()
+    one = prefill_chunked(model, ids, model.new_cache(1, len(ids)), chunk_size=len(ids))
+    chunked = prefill_chunked(model, ids, model.new_cache(1, len(ids)), chunk_size=700)
+    torch.testing.assert_close(chunked, one, rtol=1e-4, atol=1e-4)
+    (out,) = Generator(model, tok, compile=False).generate_ids([ids], SamplingParams(max_new_tokens=3, greedy=True))
+    assert out.prompt_tokens == 2600 and out.finish_reason in ("length", "eos")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Generator(tiny_model[0], tok, compile=False).generate_ids([ids], SamplingParams(max_new_tokens=3))
