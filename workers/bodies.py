@@ -10,8 +10,6 @@ handing the claim back); anything else is a bug and fails the row with `internal
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
@@ -31,6 +29,7 @@ from storage.blobs import BlobStore
 from storage.db import session_scope
 from storage.models import Document, DocumentStatus, Job, JobStatus
 from workers import dispatch
+from workers.lease import Lease, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -52,40 +51,8 @@ class JobAborted(Exception):
     """The job's claim is gone (canceled by the API, re-queued by the reaper, deleted): stop, write nothing."""
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
-
-
 def _uuid(value: uuid.UUID | str) -> uuid.UUID:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-
-
-class Lease:
-    """Extends a lease every lease_s/3 in a daemon thread; `lost` is set once the claim is no longer ours."""
-
-    def __init__(self, extend: Callable[[], bool], lease_s: float, what: str) -> None:
-        self._extend, self._interval, self._what = extend, max(0.2, lease_s / 3), what
-        self._stop = threading.Event()
-        self.lost = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{what}", daemon=True)
-
-    def __enter__(self) -> Lease:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                if not self._extend():
-                    log.warning("%s: claim lost (canceled, re-queued or deleted)", self._what)
-                    self.lost.set()
-                    return
-            except Exception as exc:  # a DB blip: keep trying; the lease covers a few missed beats
-                log.warning("%s: heartbeat failed: %s", self._what, exc)
 
 
 # --- parse ------------------------------------------------------------------------------------------
