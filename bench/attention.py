@@ -47,6 +47,11 @@ FA4_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# every timed config is absolute: knobs it does not name run at flash-attn-4's own defaults, not at
+# whatever fa4.DEFAULTS holds (run 4 timed "fa4_exp2" with DEFAULTS' 128x160 tiles leaking in)
+FA4_BASE: dict[str, Any] = {"tile_mn": None, "mma_pv_is_rs": None, "intra_wg_overlap": None}
+
+
 def best_fa4_config(layers: dict) -> tuple[str, dict[str, Any]] | None:
     """The fa4 ALiBi config with the lowest 65K time (16K breaks ties), exact variants only."""
     candidates = []
@@ -59,7 +64,7 @@ def best_fa4_config(layers: dict) -> tuple[str, dict[str, Any]] | None:
     if not candidates:
         return None
     name = min(candidates)[2]
-    return name, FA4_CONFIGS[name]
+    return name, {**FA4_BASE, **FA4_CONFIGS[name]}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -113,7 +118,9 @@ def prefill_kernels(
         )[0]
         configs = {name: opts for name, opts in FA4_CONFIGS.items() if not quick or len(opts) == 1}
         for name, opts in configs.items():
-            kernels[name] = lambda q, k, v, o=opts: fa4.prefill(q, k, v, slopes, scale=scale, **o)
+            kernels[name] = lambda q, k, v, o={**FA4_BASE, **opts}: fa4.prefill(
+                q, k, v, slopes, scale=scale, **o
+            )
     else:
         log.warning("flash-attn-4 not available: %s", _fa4_import_error())
     kernels["flex"] = lambda q, k, v: flex.prefill(q, k, v, slopes, scale=scale)

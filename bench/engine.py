@@ -360,7 +360,7 @@ def attention_layers(b: Bench, budget_s: float) -> dict:
     layers = attn_bench.time_prefill(kernels, [16384, 65536], budget_s)
     best = attn_bench.best_fa4_config(layers)
     if best is not None:  # the model stages run with the fastest exact fa4 configuration
-        fa4.DEFAULTS.update({"tile_mn": None, "mma_pv_is_rs": None, "intra_wg_overlap": None, **best[1]})
+        fa4.DEFAULTS.update(best[1])
         b.res["fa4_config_used"] = {"name": best[0], **fa4.DEFAULTS}
     return layers
 
