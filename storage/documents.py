@@ -73,13 +73,19 @@ def _paginate(session: Session, stmt: Any, model: type[Document] | type[Job], li
 
 
 def lock_content(session: Session, sha256: str) -> None:
-    """Serialize "add a document with this content" against "delete the last one" (Postgres).
+    """Serialize "add a document with this content" against "delete the last one", and two uploads
+    of the same bytes against each other. Call it first in the transaction.
 
-    Without it, a delete could remove the blob between an upload's write and its commit. The lock is
-    transaction-scoped; SQLite serializes writers anyway.
+    Without it, a delete could remove the blob between an upload's write and its commit, and two
+    owner-less uploads (auth off; NULLs escape the unique index) could both insert. Postgres: a
+    transaction-scoped advisory lock per sha256. SQLite: the database's single write lock, taken now
+    by a no-op UPDATE instead of at the first real write (after the reads it must cover).
     """
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:sha, 0))"), {"sha": sha256})
+    elif dialect == "sqlite":
+        session.execute(text("UPDATE documents SET sha256 = sha256 WHERE 0 = 1"))
 
 
 # --- documents ---------------------------------------------------------------------------

@@ -152,3 +152,19 @@ def test_concurrent_uploads_of_the_same_bytes_make_one_document(client, auth, pd
     assert len({r.json()["id"] for r in responses}) == 1
     with session_scope(api_settings.effective_database_url) as s:
         assert s.scalar(select(func.count()).select_from(Document)) == 1
+
+
+def test_concurrent_owner_less_uploads_on_sqlite_make_one_document(api_settings, make_client, pdf_bytes, tmp_path):
+    """Auth off on the embedded store: no unique index covers NULL owners, the write lock does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage import migrate
+
+    url = f"sqlite:///{tmp_path / 'embedded.db'}"
+    migrate.upgrade(url)
+    client = make_client(api_settings.model_copy(update={"database_url": url, "auth_enabled": False}))
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: upload(client, {}, pdf_bytes), range(4)))
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 201], [r.text for r in responses]
+    with session_scope(url) as s:
+        assert s.scalar(select(func.count()).select_from(Document)) == 1
