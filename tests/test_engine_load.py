@@ -110,6 +110,10 @@ def test_cli_init_then_generate(tmp_path, capsys):
     first = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == first and first.strip()
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+    assert main([*args[:3], "--prompt", "", "--max-new-tokens", "4"]) == 2
+    assert "empty" in capsys.readouterr().err
 
 
 def test_max_seq_len_raised_at_load_runs_past_the_checkpoint_limit(tiny_ckpt, tiny_model):

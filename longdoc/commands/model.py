@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -51,17 +52,21 @@ def _generate(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    model, tokenizer = load(args.model or get_settings().model, device=device, dtype=dtype,
-                            max_seq_len=args.max_seq_len)
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        greedy=args.greedy,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
-    generator = Generator(model, tokenizer, compile=False if args.no_compile else None)
-    (completion,) = generator.generate([args.prompt], params)
+    try:  # bad checkpoints, configs and requests end with one clear line, not a traceback
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            greedy=args.greedy,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=tuple(args.stop),
+        )
+        model, tokenizer = load(args.model or get_settings().model, device=device, dtype=dtype,
+                                max_seq_len=args.max_seq_len)
+        generator = Generator(model, tokenizer, compile=False if args.no_compile else None)
+        (completion,) = generator.generate([args.prompt], params)
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointError / UnsupportedConfig are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(completion.text)
     return 0
