@@ -49,6 +49,13 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_generator):
     assert [x.tokens for x in a] != [x.tokens for x in c]
 
 
+def test_seeded_sample_does_not_depend_on_batch_company(tiny_generator):
+    params = SamplingParams(max_new_tokens=12, temperature=1.5, seed=11, stop_at_eos=False)
+    (alone,) = tiny_generator.generate(ENGINE_PROMPTS[1:2], params)
+    batched = tiny_generator.generate([ENGINE_PROMPTS[0], ENGINE_PROMPTS[1]], params)
+    assert batched[1].tokens == alone.tokens
+
+
 def test_tiny_top_p_samples_only_the_argmax(tiny_generator):
     (greedy,) = tiny_generator.generate(ENGINE_PROMPTS[:1], GREEDY)
     (nucleus,) = tiny_generator.generate(

@@ -124,13 +124,13 @@ class Generator:
     ) -> list[Completion]:
         """Sample from logits [B, V], then one decode step per token for all rows at their own lengths."""
         device = self.model.device
-        gen = None
-        if params.seed is not None and not params.is_greedy:
-            gen = torch.Generator(device=device).manual_seed(params.seed)
+        gens = None
+        if params.seed is not None and not params.is_greedy:  # one RNG per row: batch-independent samples
+            gens = [torch.Generator(device=device).manual_seed(params.seed) for _ in lengths]
         positions = torch.tensor(list(lengths), dtype=torch.long, device=device)
         streams = [_Stream(self.tokenizer, params) for _ in lengths]
         for step in range(params.max_new_tokens):
-            next_tokens = select_next(logits, params, gen)
+            next_tokens = select_next(logits, params, gens)
             for stream, tok in zip(streams, next_tokens.tolist(), strict=True):
                 stream.push(tok)
             if all(s.finish_reason for s in streams) or step == params.max_new_tokens - 1:

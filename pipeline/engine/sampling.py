@@ -44,10 +44,14 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def select_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> next token ids [B] int64."""
+def select_next(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
+    """logits [B, V] float32 -> next token ids [B] int64. With one generator per row, each sequence's
+    samples depend only on its own seed and logits, never on what else shares the batch."""
     if params.is_greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    probs = top_p_filter(probs, params.top_p)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    probs = top_p_filter(torch.softmax(logits / params.temperature, dim=-1), params.top_p)
+    if generators is None:
+        return torch.multinomial(probs, 1)[:, 0]
+    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
