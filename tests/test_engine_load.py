@@ -50,12 +50,19 @@ def test_sharded_bin_checkpoint_with_index_loads(tmp_path, tiny_ckpt, hf_tiny, t
     torch.testing.assert_close(_logits(model, ids), _logits(tiny_model[0], ids))
 
 
-def test_weights_land_on_target_dtype_and_nothing_stays_on_meta(tiny_ckpt):
-    model, _ = load(tiny_ckpt, dtype=torch.bfloat16)
+def test_weights_land_on_target_dtype_and_nothing_stays_on_meta(tiny_ckpt, tiny_model):
+    from pipeline.engine import Generator, SamplingParams
+
+    model, tok = load(tiny_ckpt, dtype=torch.bfloat16)
     tensors = list(model.parameters()) + list(model.buffers())
     assert all(t.device.type == "cpu" for t in tensors)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.slopes.dtype == torch.float32
+    ids = tok.encode(ENGINE_PROMPTS[2])
+    torch.testing.assert_close(_logits(model, ids), _logits(tiny_model[0], ids), rtol=0.05, atol=0.25)
+    (out,) = Generator(model, tok, compile=False).generate_ids([ids], SamplingParams(max_new_tokens=4, greedy=True,
+                                                                                  stop_at_eos=False))
+    assert len(out.tokens) == 4
 
 
 def test_missing_tensor_and_wrong_shape_are_reported(tmp_path, tiny_ckpt):
