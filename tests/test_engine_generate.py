@@ -118,6 +118,13 @@ def test_score_equals_log_softmax_sum_of_a_full_forward(tiny_model, hf_tiny):
     assert score_texts(model, tok, ENGINE_PROMPTS[2], [" termination"]) == pytest.approx(got[:1], abs=1e-5)
 
 
+def test_generator_load_and_score_wrappers(tiny_ckpt, tiny_model):
+    gen = Generator.load(tiny_ckpt, device="cpu", chunk_size=16)
+    assert gen.model.dtype == torch.float32 and not gen.compiled
+    prefix, conts = tiny_model[1].encode(ENGINE_PROMPTS[0]), [[5, 6], [7]]
+    assert gen.score(prefix, conts) == pytest.approx(score(tiny_model[0], prefix, conts), abs=1e-5)
+
+
 def test_shared_prefix_fork_equals_full_prompts_run_alone(tiny_model, tiny_generator):
     _, tok = tiny_model
     prefix = tok.encode(" ".join(ENGINE_PROMPTS))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -62,6 +63,31 @@ class Generator:
             backend = model.backend
             fullgraph = backend is not None and backend.decode_name != "blockwise"
             self._decode = torch.compile(model.decode, mode="reduce-overhead", fullgraph=fullgraph)
+
+    @classmethod
+    def load(
+        cls,
+        spec: str | Path,
+        *,
+        device: torch.device | str = "cuda",
+        dtype: torch.dtype | None = None,
+        max_seq_len: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+        compile: bool | None = None,
+    ) -> Generator:
+        """Model + tokenizer from a checkpoint dir or hub id (bf16 on CUDA, float32 elsewhere by default)."""
+        from pipeline.engine.load import load
+
+        device = torch.device(device)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model, tokenizer = load(spec, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        return cls(model, tokenizer, chunk_size=chunk_size, compile=compile)
+
+    def score(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        """Summed log-probability of each continuation after `prefix` (see pipeline.engine.score)."""
+        from pipeline.engine.score import score
+
+        return score(self.model, prefix, continuations, chunk_size=self.chunk_size)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self.compiled:  # round up so the compiled step sees few distinct cache shapes (recompiles)
