@@ -4,117 +4,35 @@ The embedded default wherever no GPU or MPT weights exist. It splits a document 
 segments that keep their character offsets (so every cited segment maps to real pages), embeds them
 in length-sorted batches with mean pooling (what sentence-transformers does for this model, without
 pulling that package in), and caches the embeddings per document so summarize, qa and classify on
-the same document embed it once. The task strategies live in pipeline/tasks/.
+the same document embed it once. Segmentation lives in pipeline/tasks/segments.py, the task strategies
+beside it.
 
 Imports torch and transformers at module import: only pipeline.tasks.load_engine imports this module.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from pipeline.tasks.segments import Sentence, split_sentences
 from pipeline.types import DocumentText, PipelineError
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 _BUNDLED_NAMES = {EMBEDDING_MODEL_NAME, f"sentence-transformers/{EMBEDDING_MODEL_NAME}"}
-MAX_SEGMENT_WORDS = 60  # longer sentences are cut so their tail is not lost to embedding truncation
-MIN_SEGMENT_WORDS = 4  # shorter pieces are page numbers, headings, list markers
 MAX_INPUT_TOKENS = 256  # the model's own limit (sentence_bert_config.json)
 BATCH_SIZE = 32
 CACHED_DOCUMENTS = 4
-
-# A sentence ends at . ! ? (plus closing quotes/brackets) followed by whitespace and an opening
-# character, or at a blank line. Abbreviations and initials are vetoed in _sentence_ends.
-_END = re.compile(r"[.!?][\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])|\n[ \t]*\n\s*")
-_ABBREVIATIONS = {
-    "inc", "ltd", "co", "corp", "llc", "no", "nos", "sec", "secs", "mr", "mrs", "ms", "dr", "st", "ste",
-    "jr", "sr", "vs", "v", "etc", "e.g", "i.e", "art", "fig", "figs", "al", "approx", "dept", "u.s",
-    "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "p", "pp",
-}
-_WORD_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)\.$")
-
-
-@dataclass(frozen=True)
-class Sentence:
-    """One citable segment: full_text[char_start:char_end], lying on pages page_start..page_end."""
-
-    text: str  # whitespace-normalized
-    char_start: int
-    char_end: int
-    page_start: int
-    page_end: int
-
-    @property
-    def words(self) -> int:
-        return len(self.text.split())
-
-    def citation(self) -> dict[str, object]:
-        return {"text": self.text, "page_start": self.page_start, "page_end": self.page_end,
-                "char_start": self.char_start, "char_end": self.char_end}
-
-
-def _sentence_ends(text: str) -> list[int]:
-    ends = []
-    for match in _END.finditer(text):
-        head = text[max(0, match.start() - 12):match.start() + 1]
-        word = _WORD_BEFORE.search(head)
-        if word and match.group(0)[0] == "." and (
-                word.group(1).lower() in _ABBREVIATIONS or len(word.group(1)) == 1):
-            continue  # "Inc. (the", "U.S. Virgin", "J. Smith": not a sentence end
-        ends.append(match.end())
-    ends.append(len(text))
-    return ends
-
-
-def _cut_long(start: int, end: int, text: str) -> list[tuple[int, int]]:
-    """Split text[start:end] into pieces of at most MAX_SEGMENT_WORDS words, preferring ; and , cuts."""
-    words = [(m.start() + start, m.end() + start) for m in re.finditer(r"\S+", text[start:end])]
-    pieces = []
-    while len(words) > MAX_SEGMENT_WORDS:
-        window = words[:MAX_SEGMENT_WORDS]
-        cut = next((i + 1 for i in range(len(window) - 1, MAX_SEGMENT_WORDS // 2, -1)
-                    if text[window[i][1] - 1] in ";,:"), MAX_SEGMENT_WORDS)
-        pieces.append((words[0][0], words[cut - 1][1]))
-        words = words[cut:]
-    if words:
-        pieces.append((words[0][0], words[-1][1]))
-    return pieces
-
-
-def split_sentences(doc: DocumentText) -> list[Sentence]:
-    """Citable segments of the document in reading order, each with its page span."""
-    text = doc.full_text
-    starts = [s.char_start for s in doc.page_spans]
-    spans = doc.page_spans
-
-    def page_of(pos: int) -> int:
-        i = max(0, bisect.bisect_right(starts, pos) - 1)
-        return spans[i].number if spans else 1
-
-    sentences: list[Sentence] = []
-    begin = 0
-    for end in _sentence_ends(text):
-        for a, b in _cut_long(begin, end, text):
-            piece = " ".join(text[a:b].split())
-            if len(piece.split()) < MIN_SEGMENT_WORDS or sum(c.isalpha() for c in piece) < len(piece) / 2:
-                continue
-            sentences.append(Sentence(piece, a, b, page_of(a), page_of(b - 1)))
-        begin = end
-    return sentences
 
 
 def resolve_embedding_model(spec: str) -> Path:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.extractive import MAX_SEGMENT_WORDS, split_sentences
 from pipeline.tasks import run_task
+from pipeline.tasks.segments import MAX_SEGMENT_WORDS, split_sentences
 from pipeline.types import PipelineError
 from tests.fixtures_tasks import document_from_pages, normalized, pages_text
 
@@ -77,6 +77,20 @@ def test_long_sentences_are_cut_at_clause_boundaries():
     assert all(p.words <= MAX_SEGMENT_WORDS for p in pieces)
     assert all(p.text.endswith(",") for p in pieces[:-1])  # cut after a comma, not mid-clause
     assert normalized(" ".join(p.text for p in pieces)) == normalized(doc.full_text)  # nothing lost
+
+
+def test_chinese_text_is_segmented_and_counted_by_character():
+    sentence = "本协议受纽约州法律管辖并依其解释。"  # 16 characters + the full stop
+    doc = document_from_pages([sentence * 3, "双方应在三十天内支付所有发票。"])
+    segments = split_sentences(doc)
+    assert [s.text for s in segments] == [sentence] * 3 + ["双方应在三十天内支付所有发票。"]
+    assert segments[0].words == 17 and [s.page_start for s in segments] == [1, 1, 1, 2]
+
+
+def test_text_without_sentences_falls_back_to_chunks():
+    doc = document_from_pages(["Revenue", "Net income Total"])  # words, but no segment of 4 words
+    segments = split_sentences(doc)
+    assert [(s.text, s.page_start) for s in segments] == [("Revenue", 1), ("Net income Total", 2)]
 
 
 def test_summarize_stays_within_budget_cites_pages_and_is_json(extractive_engine, supply_doc):

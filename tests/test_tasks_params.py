@@ -89,7 +89,7 @@ def test_classify_refusals(params, fragment):
 
 def test_importing_tasks_does_not_import_torch():
     """The API process imports pipeline.tasks for validation and must stay free of torch."""
-    code = ("import sys, pipeline.tasks as t; t.validate_params('qa', {'question': 'x'}); "
+    code = ("import sys, pipeline.tasks as t, pipeline.tasks.segments; t.validate_params('qa', {'question': 'x'}); "
             "heavy = [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

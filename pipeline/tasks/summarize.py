@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.tasks.progress import require_kind, scaled
+from pipeline.tasks.segments import count_words, first_words
 from pipeline.types import DocumentText
 
 MMR_LAMBDA = 0.7  # weight of centrality vs. novelty w.r.t. sentences already chosen
@@ -32,16 +33,16 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     progress(0.95, "selecting")
     picked = [sentences[i].citation() for i in sorted(chosen)]
     if len(chosen) == 1 and sentences[chosen[0]].words > max_words:
-        picked[0]["text"] = " ".join(picked[0]["text"].split()[:max_words])  # still a prefix of the page text
+        picked[0]["text"] = first_words(picked[0]["text"], max_words)  # a prefix: still on the cited page
     summary = " ".join(p["text"] for p in picked)
-    return {"summary": summary, "sentences": picked, "words": len(summary.split()),
+    return {"summary": summary, "sentences": picked, "words": count_words(summary),
             "max_words": max_words, "engine": engine.kind}
 
 
 def select(vectors: np.ndarray, texts: list[str], eligible: list[bool], max_words: int) -> list[int]:
     """Indices of the sentences to keep: central, mutually diverse, within max_words in total."""
     n = len(texts)
-    words = [len(t.split()) for t in texts]
+    words = [count_words(t) for t in texts]
     if n == 0:
         return []
     candidates = [i for i in range(n) if eligible[i]] or list(range(n))
