@@ -45,6 +45,29 @@ def test_blockwise_prefill_matches_float64_reference(tq, tk, block_q, block_k):
     torch.testing.assert_close(dense_reference(q, k, v, slopes, scale=scale).double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_skipping_alibi_negligible_key_blocks_is_exact_and_happens(monkeypatch):
+    """Steep slopes over a long range: far key blocks of most heads underflow to 0 and are skipped."""
+    g = torch.Generator().manual_seed(5)
+    b, tq, tk, h, d = 1, 48, 1500, 3, 8
+    q, k, v = (torch.randn(b, t, h, d, generator=g) for t in (tq, tk, tk))
+    slopes = torch.tensor([1.0, 0.25, 2.0**-9])
+    heads_seen = []
+    real_attend = blockwise._attend
+
+    def counting(qb, *args):
+        heads_seen.append(qb.shape[1])
+        return real_attend(qb, *args)
+
+    monkeypatch.setattr(blockwise, "_attend", counting)
+    skipped = blockwise.prefill(q, k, v, slopes, scale=0.35, block_q=16, block_k=64)
+    work_skipped, heads_seen[:] = sum(heads_seen), []
+    full = blockwise.prefill(q, k, v, slopes, scale=0.35, block_q=16, block_k=64, skip_negligible=False)
+    assert sum(heads_seen) > 1.6 * work_skipped  # the two steep heads stopped early
+    torch.testing.assert_close(skipped, full, rtol=0, atol=1e-6)
+    ref = naive_attention(q, k, v, slopes, 0.35, [list(range(tk - tq, tk))], [tk])
+    torch.testing.assert_close(skipped.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_blockwise_prefill_keeps_bfloat16_inputs_accurate():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 50, 2, 8, generator=g).bfloat16() for _ in range(3))
