@@ -16,8 +16,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
 QUESTIONS = {
@@ -78,12 +76,13 @@ def main() -> None:
             shipped, qa.LEXICAL_WEIGHT = qa.LEXICAL_WEIGHT, weight
             try:
                 scores = qa.rank(vectors, query, texts, [QUESTIONS[c] for c in asked])  # [S, Q]
+                orders = qa.answer_order(scores, [s.words for s in sentences])  # [Q, S]
             finally:
                 qa.LEXICAL_WEIGHT = shipped
             for qi, category in enumerate(asked):
                 gold = {i for i, t in enumerate(texts) if len(t.split()) >= 5 and any(
                     plain(t) in clause or clause in plain(t) for clause in labels[pdf][category])}
-                order = list(np.argsort(-scores[:, qi]))
+                order = list(orders[qi])
                 ranks[name].append(min((order.index(i) for i in gold), default=None))
         print(f"{pdf}: {len(asked)} questions, {len(texts)} segments", flush=True)
     report = {name: {"questions": len(r), "top1": sum(x == 0 for x in r),

@@ -38,6 +38,7 @@ def _progress(fraction: float, stage: str) -> None:
 
 @pytest.mark.parametrize("pdf_name, question, category", [
     (CONTRACT, "Which state's laws govern this agreement?", "Governing Law"),
+    (CONTRACT, "Which state's law governs?", "Governing Law"),  # the section heading matches best
     (CONTRACT, "How much notice must a party give to terminate the agreement?",
      "Notice Period To Terminate Renewal"),
     ("contract-ivillage-sponsorship.pdf", "Which state's laws govern this agreement?", "Governing Law"),

@@ -22,6 +22,7 @@ from pipeline.tasks.progress import require_kind, scaled
 from pipeline.types import DocumentText
 
 EVIDENCE = 3  # sentences returned per question, the answer first
+MIN_ANSWER_WORDS = 7  # shorter segments (headings, fragments) rank after every full sentence
 CONTEXT_WEIGHT = 0.3  # weight of the neighbourhood similarity vs. the sentence's own
 LEXICAL_WEIGHT = 0.5  # weight of the idf-weighted word overlap with the question (see below)
 _WORD = re.compile(r"[a-z0-9]+")
@@ -42,9 +43,10 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
         return {"answers": [_empty(q) for q in questions], "engine": engine.kind}
     query = engine.embed(questions)  # [Q, D]
     scores = rank(vectors, query, [s.text for s in sentences], questions)  # [S, Q]
+    orders = answer_order(scores, [s.words for s in sentences])  # [Q, S]
     answers = []
     for qi, question in enumerate(questions):
-        order = np.argsort(-scores[:, qi])[:EVIDENCE]
+        order = orders[qi, :EVIDENCE]
         evidence = [{**sentences[i].citation(), "score": round(float(scores[i, qi]), 4)} for i in order]
         best = evidence[0]
         answers.append({"question": question, "answer": best["text"], "page_start": best["page_start"],
@@ -61,6 +63,16 @@ def rank(vectors: np.ndarray, query: np.ndarray, texts: list[str], questions: li
     blended = (1 - CONTEXT_WEIGHT) * own + CONTEXT_WEIGHT * (context @ query.T)  # [S, Q]
     # Scaled back to about [0, 1] so `score` reads like a similarity; the ranking is unchanged.
     return (blended + LEXICAL_WEIGHT * _overlap(texts, questions)) / (1 + LEXICAL_WEIGHT)
+
+
+def answer_order(scores: np.ndarray, words: list[int]) -> np.ndarray:
+    """[Q, S] sentence indices per question, best first, headings and fragments after every full
+    sentence: "Governing Law." matches a governing-law question best and answers nothing."""
+    short = np.asarray(words) < MIN_ANSWER_WORDS  # [S]
+    if short.all():
+        short[:] = False
+    # lexsort: the last key is the primary one (full sentences first), then descending score
+    return np.stack([np.lexsort((-scores[:, qi], short)) for qi in range(scores.shape[1])])
 
 
 def _terms(text: str) -> set[str]:
