@@ -32,7 +32,8 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     progress(0.9, "scoring")
     similarity = label_similarity(engine, labels, vectors)  # [L]
     if params["multi_label"]:
-        # Independent probabilities: 0.5 at MULTI_LABEL_MARGIN below the best label.
+        # A logistic per label, relative to the best one (0.5 at MULTI_LABEL_MARGIN below it): cosine
+        # similarities carry no absolute calibration, so "fits" can only mean "fits about as well".
         threshold = similarity.max() - MULTI_LABEL_MARGIN
         probs = 1.0 / (1.0 + np.exp(-(similarity - threshold) / TEMPERATURE))
         ranked = [labels[i] for i in np.argsort(-probs)]
