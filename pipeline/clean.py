@@ -11,6 +11,7 @@ Steps, in the order clean_pages runs them:
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
 from collections import Counter
 
@@ -19,11 +20,9 @@ PDFIUM_HYPHEN = "\ufffe"
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200d\u2060\ufeff]")
 _SPACES = re.compile(r"[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
-_HYPHEN_SITE = re.compile(
-    r"(\w+)(?:\ufffe|[\u00ad-][ \t]*\n[ \t]*)(?=(\w+))"
-)
-_WORD = re.compile(r"\w+")
-_HYPHENATED_WORD = re.compile(r"\w+(?:-\w+)+")
+# A hyphen at a line end: PDFium's marker (it already joined the lines), a soft hyphen or "-" + LF.
+_BREAK_HYPHEN = re.compile(r"\ufffe|[\u00ad-][ \t]*\n[ \t]*")
+_WORD_EDGE_PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb\u2026\u2022\u00b7\u2013\u2014"
 _MULTI_SPACE = re.compile(r" {2,}")
 _MULTI_BLANK = re.compile(r"\n{3,}")
 _DIGITS = re.compile(r"\d+")
@@ -45,8 +44,7 @@ def normalize_unicode(text: str) -> str:
 
 
 def normalize_whitespace(text: str) -> str:
-    text = _MULTI_SPACE.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
+    text = "\n".join(map(str.strip, _MULTI_SPACE.sub(" ", text).split("\n")))
     return _MULTI_BLANK.sub("\n\n", text).strip()
 
 
@@ -86,75 +84,90 @@ def remove_repeated_margins(pages: list[str]) -> tuple[list[str], int]:
     The first copy of each repeated text line is kept, so the document still says it once.
     Lines in the body of a page are never touched. Returns the new pages and the lines removed.
     """
-    split = [page.split("\n") for page in pages]
     text_pages = sum(1 for page in pages if page.strip())
     if text_pages < 3:
         return pages, 0
+    split = [page.split("\n") for page in pages]
+    # (line index, masked key, page number or None) of every margin line, computed once
+    margins = [[(i, _margin_key(lines[i]), _page_number(lines[i])) for i in _margin_indices(lines)]
+               for lines in split]
     keys: Counter[str] = Counter()
     offsets: Counter[int] = Counter()
-    for index, lines in enumerate(split):
-        margin = [lines[i] for i in _margin_indices(lines)]
-        keys.update({k for k in map(_margin_key, margin) if len(_LETTERS.findall(k)) >= 3})
-        offsets.update({n - index for n in map(_page_number, margin) if n is not None})
+    for index, margin in enumerate(margins):
+        keys.update({key for _, key, _ in margin if len(_LETTERS.findall(key)) >= 3})
+        offsets.update({number - index for _, _, number in margin if number is not None})
     generic_min = max(3, int(0.4 * text_pages + 0.999))
     number_min = max(2, int(0.3 * text_pages + 0.999))
     repeated = {key for key, n in keys.items() if n >= generic_min}
     page_offsets = {offset for offset, n in offsets.items() if n >= number_min}
 
-    def is_margin_noise(index: int, line: str) -> bool:
-        number = _page_number(line)
-        if number is not None:
-            return number - index in page_offsets
-        return _margin_key(line) in repeated
-
     removed = 0
     out = []
     kept_once: set[str] = set()
-    for index, lines in enumerate(split):
+    for index, (lines, margin) in enumerate(zip(split, margins, strict=True)):
         drop = set()
-        for i in _margin_indices(lines):
-            if is_margin_noise(index, lines[i]):
-                key = _margin_key(lines[i])
-                if _page_number(lines[i]) is None and key in repeated and key not in kept_once:
-                    kept_once.add(key)  # the first copy stays: "Source: X, 10-Q" is said once
-                else:
+        for i, key, number in margin:
+            if number is not None:
+                if number - index in page_offsets:
                     drop.add(i)
+            elif key in repeated:
+                if key in kept_once:
+                    drop.add(i)
+                else:
+                    kept_once.add(key)  # the first copy stays: "Source: X, 10-Q" is said once
         removed += len(drop)
-        out.append("\n".join(line for i, line in enumerate(lines) if i not in drop))
+        out.append("\n".join(line for i, line in enumerate(lines) if i not in drop) if drop
+                   else pages[index])
     return out, removed
 
 
-def dehyphenate(text: str, vocabulary: Counter[str], hyphenated: set[str]) -> str:
+def _is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+def dehyphenate(text: str, vocabulary: set[str]) -> str:
     """Join words broken across a line end; keep the hyphen where the document says it is real.
 
-    vocabulary: lower-cased word counts of the document outside the break sites; hyphenated: the
-    lower-cased hyphenated words the document spells out in full.
+    vocabulary: the document's lower-cased words (document_vocabulary). The hyphen stays when the
+    second part starts with a capital or digit ("Multi-State", "1990-1995"), when the document
+    spells the hyphenated word out elsewhere, or when both parts are words of the document and the
+    joined form is not ("implementation-focused"); otherwise the parts are joined ("infrastructure").
     """
+    pieces: list[str] = []
+    done = 0
+    for match in _BREAK_HYPHEN.finditer(text):
+        left_start = match.start()
+        while left_start > 0 and _is_word_char(text[left_start - 1]):
+            left_start -= 1
+        right_end = match.end()
+        while right_end < len(text) and _is_word_char(text[right_end]):
+            right_end += 1
+        left, right = text[left_start:match.start()], text[match.end():right_end]
+        if not left or not right:
+            continue  # a dash in a list or a form ("Name: -"), not a broken word
+        pieces.append(text[done:match.start()])
+        pieces.append("-" if _keep_hyphen(left, right, vocabulary) else "")
+        done = match.end()
+    pieces.append(text[done:])
+    return "".join(pieces).replace(PDFIUM_HYPHEN, "-")
 
-    def join(match: re.Match[str]) -> str:
-        left, right = match.group(1), match.group(2)
-        joined = (left + right).lower()
-        if joined in vocabulary:
-            return left
-        keep = (
-            right[0].isupper()
-            or right[0].isdigit()
-            or f"{left}-{right}".lower() in hyphenated
-            or (len(left) >= 3 and len(right) >= 3 and left.lower() in vocabulary
-                and right.lower() in vocabulary)
-        )
-        return left + "-" if keep else left
 
-    text = _HYPHEN_SITE.sub(join, text)
-    return text.replace(PDFIUM_HYPHEN, "-")
+def _keep_hyphen(left: str, right: str, vocabulary: set[str]) -> bool:
+    if (left + right).lower() in vocabulary:
+        return False
+    return (
+        right[0].isupper()
+        or right[0].isdigit()
+        or f"{left}-{right}".lower() in vocabulary
+        or (len(left) >= 3 and len(right) >= 3 and left.lower() in vocabulary and right.lower() in vocabulary)
+    )
 
 
-def document_vocabulary(pages: list[str]) -> tuple[Counter[str], set[str]]:
-    """Word counts and hyphenated words of a document, ignoring the words around break sites."""
-    body = "\n".join(_HYPHEN_SITE.sub(" ", page) for page in pages)
-    words = Counter(w.lower() for w in _WORD.findall(body))
-    hyphenated = {w.lower() for w in _HYPHENATED_WORD.findall(body)}
-    return words, hyphenated
+def document_vocabulary(pages: list[str]) -> set[str]:
+    """Lower-cased words of a document (hyphenated ones whole), with the line-break hyphen sites
+    kept as single tokens so their fragments ("infrastruc", "ture") do not count as words."""
+    body = _BREAK_HYPHEN.sub(PDFIUM_HYPHEN, "\n".join(pages).lower())
+    return {token.strip(_WORD_EDGE_PUNCTUATION) for token in set(body.split())}  # strip unique tokens only
 
 
 def clean_pages(pages: list[str], *, remove_margins: bool = True) -> tuple[list[str], list[str]]:
@@ -163,7 +176,9 @@ def clean_pages(pages: list[str], *, remove_margins: bool = True) -> tuple[list[
     removed = 0
     if remove_margins:
         pages, removed = remove_repeated_margins(pages)
-    vocabulary, hyphenated = document_vocabulary(pages)
-    pages = [normalize_whitespace(dehyphenate(page, vocabulary, hyphenated)) for page in pages]
+    if any(_BREAK_HYPHEN.search(page) for page in pages):
+        vocabulary = document_vocabulary(pages)
+        pages = [dehyphenate(page, vocabulary) for page in pages]
+    pages = [normalize_whitespace(page) for page in pages]
     warnings = [f"removed {removed} repeated header/footer/page-number lines"] if removed else []
     return pages, warnings

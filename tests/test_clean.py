@@ -34,8 +34,8 @@ def dhs_raw(corpus_dir):
 
 def _dehyphenated(pages: list[str]) -> list[str]:
     pages = [normalize_unicode(p) for p in pages]
-    vocabulary, hyphenated = document_vocabulary(pages)
-    return [dehyphenate(p, vocabulary, hyphenated) for p in pages]
+    vocabulary = document_vocabulary(pages)
+    return [dehyphenate(p, vocabulary) for p in pages]
 
 
 def test_dehyphenation_of_pdfium_soft_hyphens(dhs_raw, corpus_dir):
@@ -63,11 +63,12 @@ def test_dehyphenation_of_pypdf_line_end_hyphens(corpus_dir):
 
 
 def test_dehyphenation_leaves_numbers_and_dashes_alone():
-    vocabulary, hyphenated = document_vocabulary(["Case No. 18-10248-\nMFW and the well-known rule; a well-\nknown fact"])
-    text = dehyphenate("Case No. 18-10248-\nMFW; a well-\nknown fact; 1990-\n1995", vocabulary, hyphenated)
+    vocabulary = document_vocabulary(["Case No. 18-10248-\nMFW and the well-known rule; a well-\nknown fact"])
+    text = dehyphenate("Case No. 18-10248-\nMFW; a well-\nknown fact; 1990-\n1995; bullet -\nnext", vocabulary)
     assert "18-10248-MFW" in text
     assert "well-known" in text
     assert "1990-1995" in text
+    assert "bullet -\nnext" in text
 
 
 def test_repeated_footers_are_removed_but_said_once(corpus_dir):

@@ -45,7 +45,7 @@ def _set_memory_limit(memory_mb: int) -> None:
 def handle(request: dict) -> dict:
     limits = ParseLimits(**request["limits"])
     _set_memory_limit(limits.memory_mb)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         if _hooks_enabled and request.get("hook"):
             _run_hook(request["hook"])
@@ -62,8 +62,19 @@ def handle(request: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - any library failure on hostile input is this document's error
         reply = {"ok": False, "code": "parse_error", "message": f"{type(exc).__name__}: {exc}"[:500]}
     reply["seconds"] = time.perf_counter() - started
-    reply["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reply["cpu_seconds"] = time.process_time() - cpu_started
+    reply["max_rss_kb"] = _peak_rss_kb()
     return reply
+
+
+def _peak_rss_kb() -> int:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child of a big worker would
+    # report the worker's peak as its own.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def main() -> None:

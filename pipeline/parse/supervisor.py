@@ -91,6 +91,7 @@ class ParserPool:
         self._idle: list[_Child] = []
         self._lock = threading.Lock()
         self.peak_child_rss_kb = 0  # largest peak RSS any child reported (benchmark figure)
+        self.child_cpu_seconds = 0.0  # CPU time children spent on documents (benchmark figure)
 
     def parse(self, path: Path, *, password: str | None = None, extractor: str = "pdfium",
               limits: ParseLimits, hook: str | None = None) -> ParsedDocument:
@@ -141,7 +142,9 @@ class ParserPool:
     def _checkin(self, child: _Child, reply: dict, limits: ParseLimits) -> None:
         child.documents += 1
         child.max_rss_kb = max(child.max_rss_kb, reply.get("max_rss_kb", 0))
-        self.peak_child_rss_kb = max(self.peak_child_rss_kb, child.max_rss_kb)
+        with self._lock:
+            self.peak_child_rss_kb = max(self.peak_child_rss_kb, child.max_rss_kb)
+            self.child_cpu_seconds += reply.get("cpu_seconds", 0.0)
         worn_out = (reply.get("fatal") or child.documents >= RETIRE_AFTER_DOCUMENTS
                     or child.max_rss_kb * 1024 > limits.memory_mb * 1024 * 1024 // 2)
         if worn_out or not child.alive():
