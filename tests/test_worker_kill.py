@@ -61,7 +61,8 @@ def test_worker_killed_while_running_a_job(service: ServiceSetup, corpus_dir: Pa
 
         def computing() -> bool:  # past the claim and the engine load: inside run_task
             job = _row(service, Job, job_id)
-            assert job.status == "running" or job.status == "queued", job.status
+            assert job.status in ("running", "queued"), (job.status, job.error_code, job.error_message,
+                                                         doomed.log()[-3000:])
             return job.status == "running" and job.stage not in ("starting", "loading engine")
 
         wait_for(computing, 120, 0.05, what="the gpu worker to be computing the job")
@@ -74,8 +75,9 @@ def test_worker_killed_while_running_a_job(service: ServiceSetup, corpus_dir: Pa
         parser.stop()
         service.start_worker("gpu", "--beat")
         job = poll_job(client, h, job_id, timeout=240)
-        assert job["status"] == "succeeded", job
-        assert job["attempts"] == 2 and job["result"]
+        logs = "\n".join(w.log()[-2500:] for w in service.workers[1:])
+        assert job["status"] == "succeeded", (job, logs)
+        assert job["attempts"] == 2 and job["result"], (job, logs)
 
     with session_scope(service.settings.effective_database_url) as s:
         assert s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id)) == 1
