@@ -160,7 +160,8 @@ def _cached_step(slopes: torch.Tensor) -> float | None:
 # Measured best on the H200 (bench/NOTES.md); bench/engine.py may override them for a run.
 DEFAULTS: dict[str, Any] = {
     "variant": "exp2",
-    "tile_mn": (128, 160),  # 65K: 61.4 ms vs 61.8 at flash-attn-4's default 128x128; 16K: 3.91 vs 4.15
+    # 128x160 tiles: 16K 3.9 ms vs 4.0-4.2 at flash-attn-4's 128x128 over three runs; 65K within noise
+    "tile_mn": (128, 160),
     "mma_pv_is_rs": None,
     "intra_wg_overlap": None,
 }
