@@ -32,10 +32,17 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=g).tolist()
 
 
-def run_ours(ckpt: Path, n: int, chunk: int) -> dict:
-    from pipeline.engine import Generator, SamplingParams, load, prefill_chunked
+def run_ours(ckpt: Path, n: int, chunk: int, skip: bool = True) -> dict:
+    import functools
 
-    model, tok = load(ckpt, dtype=torch.float32, max_seq_len=n + DECODE_STEPS)
+    from pipeline.engine import load, prefill_chunked
+    from pipeline.engine.attention import AttentionBackend
+    from pipeline.engine.backends import blockwise
+
+    model, _ = load(ckpt, dtype=torch.float32, max_seq_len=n + DECODE_STEPS)
+    if not skip:  # A/B: the exact ALiBi block skipping off
+        prefill = functools.partial(blockwise.prefill, skip_negligible=False)
+        model.backend = AttentionBackend("blockwise-noskip", prefill, blockwise.decode, "blockwise", "blockwise")
     ids = prompt_ids(n, model.config.vocab_size)
     base = rss_mib()
     cache = model.new_cache(1, n + DECODE_STEPS)
@@ -50,9 +57,8 @@ def run_ours(ckpt: Path, n: int, chunk: int) -> dict:
             token = model.decode(token, cache, positions).argmax(-1)
             positions += 1
     decode_ms = (time.perf_counter() - t0) / DECODE_STEPS * 1e3
-    del Generator, SamplingParams, tok
     return {
-        "impl": "ours",
+        "impl": "ours" if skip else "ours-noskip",
         "tokens": n,
         "chunk": chunk,
         "prefill_s": prefill_s,
@@ -83,7 +89,10 @@ def run_hf(ckpt: Path, n: int) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    result = run_hf(args.ckpt, args.n) if args.impl == "hf" else run_ours(args.ckpt, args.n, args.chunk)
+    if args.impl == "hf":
+        result = run_hf(args.ckpt, args.n)
+    else:
+        result = run_ours(args.ckpt, args.n, args.chunk, skip=args.impl == "ours")
     print(json.dumps(result))
 
 
@@ -92,8 +101,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384, 65536])
     parser.add_argument("--hf-tokens", type=int, nargs="*", default=[2048, 4096, 8192])
     parser.add_argument("--chunk", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", choices=["ours", "hf"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (1 is fastest for this tiny model on a shared box)")
+    parser.add_argument("--noskip-tokens", type=int, nargs="*", default=[],
+                        help="also run ours with the exact ALiBi block skipping off at these lengths")
+    parser.add_argument("--child", choices=["ours", "ours-noskip", "hf"])
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--n", type=int)
     parser.add_argument("--impl")
@@ -106,7 +118,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = init_checkpoint("tiny", Path(tmp) / "tiny", seed=0)
-        runs = [("ours", n) for n in args.tokens] + [("hf", n) for n in args.hf_tokens]
+        runs = [("ours", n) for n in args.tokens] + [("ours-noskip", n) for n in args.noskip_tokens]
+        runs += [("hf", n) for n in args.hf_tokens]
         rows = []
         for impl, n in runs:
             cmd = [
