@@ -29,6 +29,13 @@ def reference_logits(ckpt: Path, ids: list[int]) -> torch.Tensor:
     padded = [2.0 ** -(i * bias_max / 8) for i in range(1, 9)]
     slopes = torch.tensor((padded[1::2] + padded[::2])[:h], dtype=torch.float64)
     t = len(ids)
+
+    def lin(x, name):  # Linear with the optional bias
+        return x @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)
+
+    def norm(x, name):
+        return F.layer_norm(x, (d,), w[name + ".weight"], w.get(name + ".bias"), 1e-5)
+
     pos = torch.arange(t, dtype=torch.float64)
     dist = pos[:, None] - pos[None, :]  # [T, T]
     bias = -slopes[:, None, None] * dist  # [H, T, T]
@@ -36,26 +43,24 @@ def reference_logits(ckpt: Path, ids: list[int]) -> torch.Tensor:
     x = w["transformer.wte.weight"][ids]  # [T, d]
     for i in range(cfg["n_layers"]):
         p = f"transformer.blocks.{i}."
-        a = F.layer_norm(x, (d,), w[p + "norm_1.weight"], None, 1e-5)
-        qkv = (a @ w[p + "attn.Wqkv.weight"].T).clamp(-clip, clip)
+        qkv = lin(norm(x, p + "norm_1"), p + "attn.Wqkv").clamp(-clip, clip)
         q, k, v = qkv.split(d, -1)
         if cfg["attn_config"]["qk_ln"]:
-            q = F.layer_norm(q, (d,), w[p + "attn.q_ln.weight"], None, 1e-5)
-            k = F.layer_norm(k, (d,), w[p + "attn.k_ln.weight"], None, 1e-5)
+            q, k = norm(q, p + "attn.q_ln"), norm(k, p + "attn.k_ln")
         q, k, v = (m.view(t, h, d // h).transpose(0, 1) for m in (q, k, v))  # [T, d] -> [H, T, hd]
         s = q @ k.transpose(1, 2) / math.sqrt(d // h) + bias
         o = (torch.softmax(s, -1) @ v).transpose(0, 1).reshape(t, d)
-        x = x + o @ w[p + "attn.out_proj.weight"].T
-        m = F.layer_norm(x, (d,), w[p + "norm_2.weight"], None, 1e-5)
-        x = x + F.gelu(m @ w[p + "ffn.up_proj.weight"].T) @ w[p + "ffn.down_proj.weight"].T
-    x = F.layer_norm(x, (d,), w["transformer.norm_f.weight"], None, 1e-5)
+        x = x + lin(o, p + "attn.out_proj")
+        x = x + lin(F.gelu(lin(norm(x, p + "norm_2"), p + "ffn.up_proj")), p + "ffn.down_proj")
+    x = norm(x, "transformer.norm_f")
     return x @ w["transformer.wte.weight"].T  # [T, V]
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt_qk_ln(tmp_path_factory) -> Path:
+    """qk_ln, biases everywhere (no_bias=False) and expansion_ratio 3: variants HF's MPT cannot load."""
     return init_checkpoint("tiny", tmp_path_factory.mktemp("tiny-qkln"), seed=4, alibi_bias_max=16,
-                           clip_qkv=2.0, qk_ln=True, n_heads=6, d_model=48)
+                           clip_qkv=2.0, qk_ln=True, n_heads=6, d_model=48, no_bias=False, expansion_ratio=3)
 
 
 @pytest.mark.parametrize("ckpt_fixture", ["tiny_ckpt_sw", "tiny_ckpt_qk_ln"])

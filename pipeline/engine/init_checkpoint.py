@@ -34,6 +34,7 @@ class Preset:
     alibi_bias_max: float = 8
     clip_qkv: float | None = None
     qk_ln: bool = False
+    no_bias: bool = True
     expansion_ratio: int = 4
     init_std: float = 0.02
     norm_noise: float = 0.0  # LayerNorm weights 1 + N(0, norm_noise): non-trivial norms make tests sharper
@@ -71,7 +72,7 @@ def hf_config(p: Preset, eos_id: int) -> dict[str, Any]:
             "softmax_scale": None,
             "prefix_lm": False,
         },
-        "no_bias": True,
+        "no_bias": p.no_bias,
         "norm_type": "low_precision_layernorm",
         "layer_norm_epsilon": 1e-5,
         "learned_pos_emb": True,
@@ -86,21 +87,28 @@ def hf_config(p: Preset, eos_id: int) -> dict[str, Any]:
 
 
 def _tensor_shapes(p: Preset) -> Iterator[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, init) in checkpoint order; init is "normal" or "ones"."""
+    """(name, shape, init) in checkpoint order; init is "normal", "ones" or "bias" (small normal).
+    With no_bias=False every Linear and LayerNorm also carries a bias (as llm-foundry builds them)."""
     d, f = p.d_model, p.expansion_ratio * p.d_model
+
+    def module(name: str, weight: tuple[int, ...], init: str) -> Iterator[tuple[str, tuple[int, ...], str]]:
+        yield name + ".weight", weight, init
+        if not p.no_bias:
+            yield name + ".bias", weight[:1], "bias"
+
     yield "transformer.wte.weight", (p.vocab_size, d), "normal"
     for i in range(p.n_layers):
         pre = f"transformer.blocks.{i}."
-        yield pre + "norm_1.weight", (d,), "ones"
-        yield pre + "attn.Wqkv.weight", (3 * d, d), "normal"
+        yield from module(pre + "norm_1", (d,), "ones")
+        yield from module(pre + "attn.Wqkv", (3 * d, d), "normal")
         if p.qk_ln:
-            yield pre + "attn.q_ln.weight", (d,), "ones"
-            yield pre + "attn.k_ln.weight", (d,), "ones"
-        yield pre + "attn.out_proj.weight", (d, d), "normal"
-        yield pre + "norm_2.weight", (d,), "ones"
-        yield pre + "ffn.up_proj.weight", (f, d), "normal"
-        yield pre + "ffn.down_proj.weight", (d, f), "normal"
-    yield "transformer.norm_f.weight", (d,), "ones"
+            yield from module(pre + "attn.q_ln", (d,), "ones")
+            yield from module(pre + "attn.k_ln", (d,), "ones")
+        yield from module(pre + "attn.out_proj", (d, d), "normal")
+        yield from module(pre + "norm_2", (d,), "ones")
+        yield from module(pre + "ffn.up_proj", (f, d), "normal")
+        yield from module(pre + "ffn.down_proj", (d, f), "normal")
+    yield from module("transformer.norm_f", (d,), "ones")
 
 
 def write_weights(p: Preset, out: Path, *, seed: int, max_shard_bytes: int = 2 << 30) -> list[Path]:
@@ -127,6 +135,8 @@ def write_weights(p: Preset, out: Path, *, seed: int, max_shard_bytes: int = 2 <
             t = torch.ones(shape, dtype=dtype)
             if p.norm_noise:
                 t += torch.empty(shape, dtype=dtype).normal_(0.0, p.norm_noise, generator=gen)
+        elif init == "bias":
+            t = torch.empty(shape, dtype=dtype).normal_(0.0, 0.1, generator=gen)
         else:
             t = torch.empty(shape, dtype=dtype).normal_(0.0, p.init_std, generator=gen)
         nbytes = t.numel() * t.element_size()
