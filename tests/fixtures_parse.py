@@ -150,3 +150,25 @@ def xobject_fanout_pdf(depth: int, fan_out: int) -> bytes:
                                   form + b" /Resources << /XObject << /X %d 0 R >> >>" % (5 + level)))
     top = 5 + depth + 1
     return one_page_pdf(pdf_stream(b"q /X Do Q"), tuple(objects), xobjects=b"/XObject << /X %d 0 R >>" % top)
+
+
+def fanout_pages_pdf(pages: int) -> bytes:
+    """`pages` pages that all draw one endless XObject fan-out: any text extraction would time out."""
+    first_page, font = 3, 3 + pages
+    content, xobject0 = font + 1, font + 2
+    form = b"/Type /XObject /Subtype /Form /BBox [0 0 612 792]"
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [%s] /Count %d >>"
+               % (b" ".join(b"%d 0 R" % (first_page + i) for i in range(pages)), pages)]
+    depth = 8
+    top = xobject0 + depth
+    objects += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /XObject << /X %d 0 R >> "
+                b">> /Contents %d 0 R >>" % (top, content)] * pages
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    objects.append(pdf_stream(b"q /X Do Q"))
+    objects.append(pdf_stream(b"BT /F1 12 Tf 72 720 Td (loop) Tj ET",
+                              form + b" /Resources << /Font << /F1 %d 0 R >> >>" % font))
+    for level in range(1, depth + 1):
+        objects.append(pdf_stream(b" ".join([b"q /X Do Q"] * 16),
+                                  form + b" /Resources << /XObject << /X %d 0 R >> >>" % (xobject0 + level - 1)))
+    return build_pdf(objects)
