@@ -146,3 +146,19 @@ def test_concurrent_callers_each_get_their_own_child(parser_pool, corpus_dir):
 def test_parent_memory_limit_is_untouched(parser_pool, tmp_path):
     _assert_pool_still_works(parser_pool, tmp_path)
     assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
+
+
+def test_a_child_that_cannot_start_is_an_infrastructure_error(monkeypatch, tmp_path):
+    import sys
+
+    from pipeline.parse.supervisor import ParserUnavailable
+
+    path = tmp_path / "ok.pdf"
+    path.write_bytes(text_pdf("fine"))
+    pool = ParserPool()
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the child exits before saying ready
+    with pytest.raises(ParserUnavailable):
+        pool.parse(path, limits=SMALL)
+    monkeypatch.undo()
+    assert pool.parse(path, limits=SMALL).pages[0].text == "fine"
+    pool.close()

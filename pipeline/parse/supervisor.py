@@ -39,6 +39,10 @@ class _ChildDied(Exception):
     pass
 
 
+class ParserUnavailable(RuntimeError):
+    """The parser child cannot be started: a broken installation, not a bad document."""
+
+
 class _Child:
     def __init__(self, test_hooks: bool) -> None:
         argv = [sys.executable, "-m", "pipeline.parse.child"] + (["--test-hooks"] if test_hooks else [])
@@ -46,9 +50,15 @@ class _Child:
         self.documents = 0
         self.max_rss_kb = 0
         self._buffer = b""
-        ready = self.read_reply(time.monotonic() + STARTUP_TIMEOUT_S)
+        try:
+            ready = self.read_reply(time.monotonic() + STARTUP_TIMEOUT_S)
+        except (TimeoutError, _ChildDied, ValueError) as exc:
+            self.kill()
+            raise ParserUnavailable(f"the parser child process did not start ({type(exc).__name__}); "
+                                    "see the worker's stderr") from exc
         if not ready.get("ready"):
-            raise RuntimeError(f"parser child sent {ready!r} instead of ready")
+            self.kill()
+            raise ParserUnavailable(f"the parser child sent {ready!r} instead of ready")
 
     def send(self, request: dict) -> None:
         try:
