@@ -14,11 +14,10 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from longdoc.settings import Settings, get_settings
-from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_TASK
+from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_QUEUE, REAP_TASK
 
 
-def create_celery(settings: Settings, *, reap_queue: str = PARSE_QUEUE) -> Celery:
-    """reap_queue: where the beat schedule sends reaper ticks; a `--beat` worker passes one it consumes."""
+def create_celery(settings: Settings) -> Celery:
     if not settings.broker_url:
         raise ValueError("service mode needs LONGDOC_BROKER_URL (a Redis URL); unset it for embedded mode")
     # The longest job may hold its message for job_lease_s per heartbeat round; never let Redis redeliver
@@ -31,9 +30,11 @@ def create_celery(settings: Settings, *, reap_queue: str = PARSE_QUEUE) -> Celer
     app.conf.update(
         # One direct exchange per queue: a bare Queue("gpu") would inherit the default exchange and
         # routing key ("parse"), binding both queues to the same key.
-        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (PARSE_QUEUE, GPU_QUEUE)],
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q)
+                     for q in (PARSE_QUEUE, GPU_QUEUE, REAP_QUEUE)],
         task_default_queue=PARSE_QUEUE,
-        task_routes={PARSE_TASK: {"queue": PARSE_QUEUE}, JOB_TASK: {"queue": GPU_QUEUE}},
+        task_routes={PARSE_TASK: {"queue": PARSE_QUEUE}, JOB_TASK: {"queue": GPU_QUEUE},
+                     REAP_TASK: {"queue": REAP_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # results live in the DB, not in a Celery backend
@@ -49,7 +50,7 @@ def create_celery(settings: Settings, *, reap_queue: str = PARSE_QUEUE) -> Celer
                 "task": REAP_TASK,
                 "schedule": settings.reaper_interval_s,
                 # A reap tick nobody picked up within one interval is superseded by the next one.
-                "options": {"queue": reap_queue, "expires": settings.reaper_interval_s},
+                "options": {"queue": REAP_QUEUE, "expires": settings.reaper_interval_s},
             },
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
@@ -67,10 +68,10 @@ def get_celery(settings: Settings) -> Celery:
     return _celery_for(settings.broker_url or "", settings.model_dump_json())
 
 
-def worker_app(settings: Settings | None = None, *, reap_queue: str = PARSE_QUEUE) -> Celery:
+def worker_app(settings: Settings | None = None) -> Celery:
     """The app a `longdoc worker` process runs: the sending app plus the task definitions."""
     settings = settings or get_settings()
-    app = create_celery(settings, reap_queue=reap_queue)
+    app = create_celery(settings)
     from workers.tasks import register_tasks
 
     register_tasks(app)

@@ -23,6 +23,9 @@ GPU_QUEUE = "gpu"
 PARSE_TASK = "longdoc.parse_document"
 JOB_TASK = "longdoc.run_job"
 REAP_TASK = "longdoc.reap"
+# Reaper ticks get their own small queue, consumed only by the `--beat` worker: behind a parse backlog
+# they would wait (and expire) with the documents.
+REAP_QUEUE = "reaper"
 
 
 def job_task_id(job_id: UUID) -> str:
@@ -44,6 +47,8 @@ def enqueue_parse(settings: Settings, document_id: UUID, password: str | None = 
 
     get_celery(settings).send_task(
         PARSE_TASK, args=[str(document_id)], kwargs={"password": password},
+        # The kwargs repr travels in the message headers that monitoring tools (inspect, Flower) show.
+        kwargsrepr=repr({"password": "***" if password else None}),
         queue=PARSE_QUEUE, task_id=f"parse-{document_id}-{uuid.uuid4().hex[:8]}")
 
 

@@ -14,7 +14,7 @@ from celery.signals import worker_process_init
 from longdoc.settings import get_settings
 from workers import bodies, reaper
 from workers.bodies import MAX_TRANSIENT_RETRIES, backoff_s
-from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_TASK
+from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_QUEUE, REAP_TASK
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,6 @@ def register_tasks(app: Celery) -> None:
             log.warning("job %s: transient error, retry %d: %s", job_id, self.request.retries + 1, exc)
             raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
 
-    @app.task(name=REAP_TASK, ignore_result=True)  # queue chosen by the beat schedule (reap_queue)
+    @app.task(name=REAP_TASK, queue=REAP_QUEUE, ignore_result=True)
     def reap() -> dict[str, int]:
         return reaper.tick(get_settings())

@@ -86,10 +86,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except migrate.DatabaseNotMigrated as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    from workers.dispatch import REAP_QUEUE
+
     pool = args.pool or ("solo" if "gpu" in args.queues else "threads")
     concurrency = 1 if pool == "solo" else (args.concurrency or os.cpu_count() or 1)
     name = "-".join(args.queues)
-    argv = ["worker", "--queues", ",".join(args.queues), "--pool", pool, "--concurrency", str(concurrency),
+    # The beat worker also consumes the reaper's own queue, so ticks never wait behind a backlog.
+    queues = [*args.queues, REAP_QUEUE] if args.beat else list(args.queues)
+    argv = ["worker", "--queues", ",".join(queues), "--pool", pool, "--concurrency", str(concurrency),
             "--hostname", f"longdoc-{name}-{os.getpid()}@%h",
             "--loglevel", logging.getLevelName(logging.getLogger().level),
             "--without-gossip", "--without-mingle"]
@@ -99,8 +103,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     log.info("starting celery %s", " ".join(argv))
     if "gpu" in args.queues and pool in ("solo", "threads"):
         _preload_engine(settings)
-    # Reaper ticks go to a queue this worker consumes, so the schedule runs even on a gpu-only worker.
-    worker_app(settings, reap_queue=args.queues[0]).worker_main(argv)
+    worker_app(settings).worker_main(argv)
     return 0
 
 
