@@ -50,7 +50,7 @@ def tiny_model(tiny_ckpt: Path) -> tuple[Mpt, Tokenizer]:
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_model: tuple[Mpt, Tokenizer]) -> Generator:
     model, tokenizer = tiny_model
-    return Generator(model, tokenizer, chunk_size=2048, compile=False)
+    return Generator(model, tokenizer, chunk_size=2048, decode_mode="eager")
 
 
 @pytest.fixture(scope="session")

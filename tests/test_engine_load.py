@@ -60,7 +60,7 @@ def test_weights_land_on_target_dtype_and_nothing_stays_on_meta(tiny_ckpt, tiny_
     assert model.slopes.dtype == torch.float32
     ids = tok.encode(ENGINE_PROMPTS[2])
     torch.testing.assert_close(_logits(model, ids), _logits(tiny_model[0], ids), rtol=0.05, atol=0.25)
-    (out,) = Generator(model, tok, compile=False).generate_ids([ids], SamplingParams(max_new_tokens=4, greedy=True,
+    (out,) = Generator(model, tok, decode_mode="eager").generate_ids([ids], SamplingParams(max_new_tokens=4, greedy=True,
                                                                                   stop_at_eos=False))
     assert len(out.tokens) == 4
 
@@ -121,6 +121,8 @@ def test_cli_init_then_generate(tmp_path, capsys):
     assert "checkpoint directory not found" in capsys.readouterr().err
     assert main([*args[:3], "--prompt", "", "--max-new-tokens", "4"]) == 2
     assert "empty" in capsys.readouterr().err
+    assert main([*args, "--device", "cpu", "--decode-mode", "graph"]) == 2  # refused, not downgraded
+    assert "needs a CUDA model" in capsys.readouterr().err
 
 
 def test_max_seq_len_raised_at_load_runs_past_the_checkpoint_limit(tiny_ckpt, tiny_model):
@@ -133,7 +135,7 @@ def test_max_seq_len_raised_at_load_runs_past_the_checkpoint_limit(tiny_ckpt, ti
     one = prefill_chunked(model, ids, model.new_cache(1, len(ids)), chunk_size=len(ids))
     chunked = prefill_chunked(model, ids, model.new_cache(1, len(ids)), chunk_size=700)
     torch.testing.assert_close(chunked, one, rtol=1e-4, atol=1e-4)
-    (out,) = Generator(model, tok, compile=False).generate_ids([ids], SamplingParams(max_new_tokens=3, greedy=True))
+    (out,) = Generator(model, tok, decode_mode="eager").generate_ids([ids], SamplingParams(max_new_tokens=3, greedy=True))
     assert out.prompt_tokens == 2600 and out.finish_reason in ("length", "eos")
     with pytest.raises(ValueError, match="max_seq_len"):
-        Generator(tiny_model[0], tok, compile=False).generate_ids([ids], SamplingParams(max_new_tokens=3))
+        Generator(tiny_model[0], tok, decode_mode="eager").generate_ids([ids], SamplingParams(max_new_tokens=3))

@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     gen.add_argument("--max-seq-len", type=int, default=None, help="raise the checkpoint's max_seq_len")
-    gen.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    gen.add_argument("--decode-mode", choices=("eager", "graph", "compile"), default=None,
+                     help="decode step: eager, one CUDA graph (CUDA only), or torch.compile "
+                          "(default: graph on CUDA, eager on CPU)")
     gen.set_defaults(func=_generate)
 
 
@@ -63,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
         )
         model, tokenizer = load(args.model or get_settings().model, device=device, dtype=dtype,
                                 max_seq_len=args.max_seq_len)
-        generator = Generator(model, tokenizer, compile=False if args.no_compile else None)
+        generator = Generator(model, tokenizer, decode_mode=args.decode_mode)
         (completion,) = generator.generate([args.prompt], params)
     except (ValueError, FileNotFoundError) as exc:  # CheckpointError / UnsupportedConfig are ValueErrors
         print(f"error: {exc}", file=sys.stderr)

@@ -7,10 +7,12 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from pipeline.engine.cache import KVCache
+from pipeline.engine.graphs import CudaGraphStep
 from pipeline.engine.model import Mpt
 from pipeline.engine.sampling import SamplingParams, select_next
 from pipeline.engine.tokenizer import Tokenizer
@@ -48,21 +50,54 @@ def prefill_chunked(
     return logits[0, -1]
 
 
+DecodeMode = Literal["eager", "graph", "compile"]
+DECODE_MODES: tuple[str, ...] = ("eager", "graph", "compile")
+# decode kernels that read tensors back to the host (per-row Python loops): nothing to capture
+HOST_SYNC_DECODE = frozenset({"blockwise"})
+
+
+def resolve_decode_mode(requested: str | None, device: torch.device, decode_backend: str | None) -> DecodeMode:
+    """How the decode step runs. Default: "graph" (the eager step replayed from one CUDA graph) on CUDA,
+    "eager" on CPU or when the decode kernel syncs with the host. An explicit "graph" that cannot run
+    is refused (ValueError), not silently downgraded: whoever asked for it is measuring or relying on it.
+    "compile" is torch.compile(mode="reduce-overhead"), kept for comparison: it copies the KV cache
+    every step (bench/NOTES.md)."""
+    if requested is not None and requested not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES}, not {requested!r}")
+    host_sync = decode_backend in HOST_SYNC_DECODE
+    if requested is None:
+        if device.type != "cuda":
+            return "eager"
+        if host_sync:
+            log.info("decode backend %s syncs with the host: decoding eagerly, not from a CUDA graph",
+                     decode_backend)
+            return "eager"
+        return "graph"
+    if requested == "graph":
+        if device.type != "cuda":
+            raise ValueError(f"decode_mode='graph' needs a CUDA model (CUDA graphs); this one is on {device}: "
+                             "use 'eager'")
+        if host_sync:
+            raise ValueError(f"decode_mode='graph' cannot capture the {decode_backend} decode kernel "
+                             "(it syncs with the host): use 'eager'")
+    return requested  # type: ignore[return-value]
+
+
 class Generator:
-    """Holds a model + tokenizer and a (optionally compiled) decode step."""
+    """Holds a model + tokenizer and how its decode step runs (`decode_mode`, see resolve_decode_mode)."""
 
     def __init__(
-        self, model: Mpt, tokenizer: Tokenizer, *, chunk_size: int = DEFAULT_CHUNK, compile: bool | None = None
+        self, model: Mpt, tokenizer: Tokenizer, *, chunk_size: int = DEFAULT_CHUNK, decode_mode: str | None = None
     ) -> None:
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
-        self.compiled = model.device.type == "cuda" if compile is None else compile
-        self._decode: Callable[..., torch.Tensor] = model.decode
-        if self.compiled:
-            # CUDA graphs replay the step without per-kernel launch cost; the cache is marked static below
-            # (fullgraph unless the decode kernel syncs with the host, as the blockwise one does)
-            backend = model.backend
-            fullgraph = backend is not None and backend.decode_name != "blockwise"
-            self._decode = torch.compile(model.decode, mode="reduce-overhead", fullgraph=fullgraph)
+        backend = model.backend
+        self.decode_mode = resolve_decode_mode(decode_mode, model.device,
+                                               backend.decode_name if backend is not None else None)
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        if self.decode_mode == "compile":
+            # fullgraph unless the decode kernel syncs with the host, as the blockwise one does
+            fullgraph = backend is not None and backend.decode_name not in HOST_SYNC_DECODE
+            self._compiled = torch.compile(model.decode, mode="reduce-overhead", fullgraph=fullgraph)
 
     @classmethod
     def load(
@@ -73,7 +108,7 @@ class Generator:
         dtype: torch.dtype | None = None,
         max_seq_len: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
-        compile: bool | None = None,
+        decode_mode: str | None = None,
     ) -> Generator:
         """Model + tokenizer from a checkpoint dir or hub id (bf16 on CUDA, float32 elsewhere by default)."""
         from pipeline.engine.load import load
@@ -81,7 +116,7 @@ class Generator:
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model, tokenizer = load(spec, device=device, dtype=dtype, max_seq_len=max_seq_len)
-        return cls(model, tokenizer, chunk_size=chunk_size, compile=compile)
+        return cls(model, tokenizer, chunk_size=chunk_size, decode_mode=decode_mode)
 
     def score(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
         """Summed log-probability of each continuation after `prefix` (see pipeline.engine.score)."""
@@ -90,13 +125,25 @@ class Generator:
         return score(self.model, prefix, continuations, chunk_size=self.chunk_size)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        if self.compiled:  # round up so the compiled step sees few distinct cache shapes (recompiles)
+        """A cache of exactly `max_len` positions: SDPA decode reads every position it is given (masking
+        the unused ones), so spare length is paid for on every step. Only the compiled step rounds up,
+        to limit recompiles per distinct cache shape."""
+        if self.decode_mode == "compile":
             max_len = -(-max_len // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
         cache = self.model.new_cache(batch, max_len)
-        if self.compiled:
+        if self.decode_mode == "compile":
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
         return cache
+
+    def decode_step(self, cache: KVCache) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The decode step for `cache` in this generator's mode: (tokens [B], positions [B]) -> float32
+        logits [B, vocab]. In "graph" mode the logits are a static buffer the next call overwrites, and
+        the graph is captured at the first call (one capture per cache, i.e. per generate call)."""
+        if self.decode_mode == "graph":
+            return CudaGraphStep(self.model, cache)
+        decode = self._compiled if self._compiled is not None else self.model.decode
+        return lambda tokens, positions: decode(tokens, cache, positions)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
         ids = [self.tokenizer.encode(p) for p in prompts]
@@ -155,13 +202,14 @@ class Generator:
             gens = [torch.Generator(device=device).manual_seed(params.seed) for _ in lengths]
         positions = torch.tensor(list(lengths), dtype=torch.long, device=device)
         streams = [_Stream(self.tokenizer, params) for _ in lengths]
+        decode = self.decode_step(cache)
         for step in range(params.max_new_tokens):
             next_tokens = select_next(logits, params, gens)
             for stream, tok in zip(streams, next_tokens.tolist(), strict=True):
                 stream.push(tok)
             if all(s.finish_reason for s in streams) or step == params.max_new_tokens - 1:
                 break
-            logits = self._decode(next_tokens, cache, positions)
+            logits = decode(next_tokens, positions)  # next_tokens were taken from the old logits
             positions = positions + 1
         return [s.completion(n) for s, n in zip(streams, lengths, strict=True)]
 
