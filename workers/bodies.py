@@ -23,6 +23,7 @@ from kombu.exceptions import OperationalError as BrokerOperationalError
 from sqlalchemy import select
 
 from longdoc.settings import Settings
+from pipeline.parse.supervisor import ParserUnavailable
 from pipeline.types import DocumentText, ParsedDocument, PipelineError
 from storage import jobs as q
 from storage.blobs import BlobStore
@@ -33,9 +34,10 @@ from workers.lease import Lease, worker_id
 
 log = logging.getLogger(__name__)
 
-# Failures that say "try again later", never "this input is bad".
+# Failures that say "try again later", never "this input is bad". A parser child that cannot start is
+# this machine's problem, not the document's: the document stays `uploaded` until a worker can parse it.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    sqlalchemy.exc.OperationalError, redis.exceptions.ConnectionError, BrokerOperationalError)
+    sqlalchemy.exc.OperationalError, redis.exceptions.ConnectionError, BrokerOperationalError, ParserUnavailable)
 MAX_TRANSIENT_RETRIES = 5
 INTERNAL_ERROR = "internal_error"
 PROGRESS_WRITE_INTERVAL_S = 1.0
