@@ -8,7 +8,8 @@ Stages (JSON rewritten after each, so a crash keeps what ran):
   hf         HF prefill 16K (it OOMs at 32K) and decode 4K with use_cache=True
   prefill    ours at 16,384 and 65,536 tokens (StoryWriter slopes, bias max 16), chunk sizes, peak memory
   decode     ours, batch 1 at 4K and 65K context: the Generator's default step (eager step replayed from
-             one CUDA graph), its tokens vs eager decode, and (--compiled-decode) its torch.compile step
+             one CUDA graph), its tokens vs eager decode, and (--eager-decode, --compiled-decode) its
+             eager and torch.compile steps
   layers     one attention layer at 16K / 65K: fa4 variants and tile options, flex, SDPA without ALiBi
 then a table: ours, HF, ratio, roofline floor (FLOPs / 795 TFLOP/s, bytes / 4.27 TB/s), ours / floor.
 
@@ -377,14 +378,17 @@ def ours_decode(
     steps: int,
     compiled_contexts: list[int],
     index_copy_contexts: list[int] = (),  # type: ignore[assignment]
+    eager_contexts: list[int] = (),  # type: ignore[assignment]
 ) -> dict:
     """ms/token at batch 1 through the Generator's default decode step ("graph" on CUDA: the eager step
     replayed from one CUDA graph; "eager" on CPU), into a cache of exactly ctx + 64 positions as the
-    Generator sizes it; for `compiled_contexts` also its decode_mode="compile" step (the old default).
+    Generator sizes it; for `compiled_contexts` also its decode_mode="compile" step (the old default),
+    for `eager_contexts` its decode_mode="eager" step (what the capture saves per token).
     At the first context, the default step's greedy tokens are checked against eager decode.
     Floor: weights + K/V of `ctx` tokens read once at 4.27 TB/s."""
     gen = Generator(model, _NoText())  # type: ignore[arg-type]
     compiled_gen = Generator(model, _NoText(), decode_mode="compile") if compiled_contexts else None  # type: ignore[arg-type]
+    eager_gen = Generator(model, _NoText(), decode_mode="eager")  # type: ignore[arg-type]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     prefilled = b.private.pop("cache", None)
     out: dict[str, Any] = {"default_mode": gen.decode_mode}
@@ -408,6 +412,8 @@ def ours_decode(
             "cache_len": cache.max_len,
         }
         modes = [("generator", lambda cache=cache, ctx=ctx: generator_step(b, gen, cache, ctx))]
+        if ctx in eager_contexts and gen.decode_mode != "eager":
+            modes.append(("eager", lambda cache=cache, ctx=ctx: generator_step(b, eager_gen, cache, ctx)))
         if compiled_gen is not None and ctx in compiled_contexts:
             modes.append(("compiled", lambda cache=cache, ctx=ctx: compiled_step(b, compiled_gen, cache, ctx)))
         if ctx in index_copy_contexts:
@@ -496,6 +502,8 @@ def table(res: dict) -> str:
                 f"{theirs} | {ratio} | {ours['floor_ms']:.2f} ms | {ours['ms_per_token'] / ours['floor_ms']:.2f} | "
                 f"goal <= {goal} ms"
             )
+        if isinstance(ours, dict) and "eager_ms_per_token" in ours:
+            rows.append(f"decode b1 @{ctx:>6} (Generator, eager) | {ours['eager_ms_per_token']:.2f} ms | | | | | -")
         if isinstance(ours, dict) and "compiled_ms_per_token" in ours:
             rows.append(f"decode b1 @{ctx:>6} (Generator, compile: old default) | "
                         f"{ours['compiled_ms_per_token']:.2f} ms | | | | | -")
@@ -519,7 +527,8 @@ def model_stages(b: Bench, args: argparse.Namespace, skip: set[str]) -> None:
     if "decode" not in skip:
         compiled = [int(c) for c in args.compiled_decode.split(",") if c] if not b.smoke else []
         fixed = [int(c) for c in args.index_copy_decode.split(",") if c] if not b.smoke else []
-        b.stage("decode", lambda: ours_decode(b, model, contexts, 4 if b.smoke else 32, compiled, fixed))
+        eager = [int(c) for c in args.eager_decode.split(",") if c] if not b.smoke else []
+        b.stage("decode", lambda: ours_decode(b, model, contexts, 4 if b.smoke else 32, compiled, fixed, eager))
 
 
 def main() -> None:
@@ -534,6 +543,9 @@ def main() -> None:
     parser.add_argument("--decode-contexts", default="4096,65536", help="contexts of the decode stage")
     parser.add_argument(
         "--compiled-decode", default="4096", help="contexts that also time the decode_mode='compile' step"
+    )
+    parser.add_argument(
+        "--eager-decode", default="4096", help="contexts that also time the decode_mode='eager' step"
     )
     parser.add_argument(
         "--index-copy-decode", default="", help="contexts that time the compiled step with index_copy_ writes"
