@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from operator import itemgetter
 
 from pipeline.tokens import TokenCounter
 from pipeline.types import Chunk, DocumentText, PageSpan, PageText
@@ -28,6 +29,7 @@ _HEADING = re.compile(
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 _SENTENCE = re.compile(r"[.!?;:][\"'\u201d\u2019)\]]*\s+(?=\S)")
 _LINE = re.compile(r"\n\s*")
+_END = itemgetter(1)
 
 
 def _safety_margin(chunk_tokens: int) -> int:
@@ -36,99 +38,114 @@ def _safety_margin(chunk_tokens: int) -> int:
     return min(4, chunk_tokens // 64)
 
 
-def _break_scores(text: str, offsets: list[tuple[int, int]]) -> list[int]:
-    """Score of breaking before each token (and one past the end).
+class _Breaks:
+    """Where a chunk may end, and how good a place it is.
 
-    A token starts a word when a space precedes it or it begins with one (byte-level BPE tokens
-    may carry their leading space). A break position p belongs to the first token ending after p.
+    Structural break points (heading, paragraph, sentence, line) come from a few regex passes over
+    the text and are sparse; whether a token starts a word is looked up only near chunk edges and
+    where a window has no structural point, so there is no per-token pass over the document.
     """
-    scores = [WORD if i == 0 or text[s - 1].isspace() or text[s:s + 1].isspace() else MID_WORD
-              for i, (s, _) in enumerate(offsets)]
-    # Byte-level tokens of one multi-byte character share its offsets: never cut between them.
-    for i in range(1, len(offsets)):
-        if offsets[i][0] < offsets[i - 1][1]:
-            scores[i] = MID_CHAR
-    scores.append(HEADING)
-    ends = [e for _, e in offsets]
-    for pattern, score in ((_LINE, LINE), (_SENTENCE, SENTENCE), (_PARAGRAPH, PARAGRAPH)):
-        for match in pattern.finditer(text):
-            i = bisect_right(ends, match.end())
-            if i < len(ends) and scores[i] < score:
-                scores[i] = score
-    previous_heading_end = -2
-    for match in _HEADING.finditer(text):
-        # "ARTICLE I\nDEFINITIONS" is one heading: break before its first line only.
-        follows_heading = text[previous_heading_end:match.start()].isspace()
-        previous_heading_end = match.end()
-        i = bisect_right(ends, match.start())
-        if i < len(ends) and not follows_heading:
-            scores[i] = HEADING
-    return scores
 
+    def __init__(self, text: str, offsets: list[tuple[int, int]]) -> None:
+        self.text, self.offsets, self.n = text, offsets, len(offsets)
+        structural: dict[int, int] = {self.n: HEADING}  # the end of the text is the best break
+        for pattern, score in ((_LINE, LINE), (_SENTENCE, SENTENCE), (_PARAGRAPH, PARAGRAPH)):
+            for match in pattern.finditer(text):
+                i = self.token_after(match.end())
+                if i < self.n and structural.get(i, MID_CHAR) < score:
+                    structural[i] = score
+        previous_heading_end = -2
+        for match in _HEADING.finditer(text):
+            # "ARTICLE I\nDEFINITIONS" is one heading: break before its first line only.
+            follows_heading = text[previous_heading_end:match.start()].isspace()
+            previous_heading_end = match.end()
+            i = self.token_after(match.start())
+            if i < self.n and not follows_heading:
+                structural[i] = HEADING
+        self.structural = structural
+        self.positions = sorted(structural)
 
-def _best_break(scores: list[int], start: int, limit: int, budget: int, previous_end: int) -> int:
-    """Token index to end the chunk that begins at `start`: in (previous_end, limit], so every
-    chunk reaches past the one before it even when overlap pulled its start back."""
-    lowest = max(start, previous_end) + 1
-    floor = max(lowest, start + budget // 2)
-    heading_floor = max(lowest, start + budget // 4)
-    best, best_score = limit, scores[limit]
-    for i in range(limit, heading_floor - 1, -1):
-        score = scores[i]
-        if i < floor and score < HEADING:
-            continue
-        if score > best_score:
-            best, best_score = i, score
-            if score == HEADING:
-                break
-    if best_score <= MID_WORD:  # no word boundary in the back half: take any in the window
+    def token_after(self, char: int) -> int:
+        """The first token ending after `char`: the one a break at `char` goes before."""
+        return bisect_right(self.offsets, char, key=_END)
+
+    def score(self, i: int) -> int:
+        known = self.structural.get(i)
+        if known is not None:
+            return known
+        start = self.offsets[i][0]
+        if i and start < self.offsets[i - 1][1]:
+            return MID_CHAR  # byte-level tokens of one multi-byte character share its offsets
+        # A token starts a word when a space precedes it or it begins with one (BPE's " word").
+        if i == 0 or self.text[start - 1].isspace() or self.text[start:start + 1].isspace():
+            return WORD
+        return MID_WORD
+
+    def best(self, start: int, limit: int, budget: int, previous_end: int) -> int:
+        """Token index to end the chunk that begins at `start`, in (previous_end, limit] so every
+        chunk reaches past the one before it even when overlap pulled its start back. The highest
+        score in the back half of the budget wins (a heading anywhere in the last three quarters),
+        the latest among equals; mid-word only when no word starts in the whole window."""
+        lowest = max(start, previous_end) + 1
+        floor = max(lowest, start + budget // 2)
+        heading_floor = max(lowest, start + budget // 4)
+        best, best_score = limit, self.score(limit)
+        first = bisect_right(self.positions, heading_floor - 1)
+        for k in range(bisect_right(self.positions, limit) - 1, first - 1, -1):
+            i = self.positions[k]
+            score = self.structural[i]
+            if i < floor and score < HEADING:
+                continue
+            if score > best_score:
+                best, best_score = i, score
+                if score == HEADING:
+                    break
+        if best_score >= WORD:
+            return best
         for wanted in (WORD, MID_WORD):
             for i in range(limit, lowest - 1, -1):
-                if scores[i] >= wanted:
+                if self.score(i) >= wanted:
                     return i
-    return best
+        return limit
+
+    def standalone_count(self, tokenizer: TokenCounter, start: int, end: int) -> int:
+        """Tokens of the chunk [start, end) tokenized on its own. Only its edge words can differ
+        from the slice of the whole-text tokenization (a BPE word without its leading space, a word
+        cut at the end), so only they are re-tokenized."""
+        text, offsets = self.text, self.offsets
+        first_word_end = start + 1
+        while first_word_end < end and self.score(first_word_end) < WORD:
+            first_word_end += 1
+        head = tokenizer.count(text[offsets[start][0]:offsets[first_word_end - 1][1]])
+        if first_word_end >= end:
+            return head
+        last_word_start, tail = end, 0
+        if end < self.n and self.score(end) < WORD:  # the chunk ends inside a word
+            last_word_start = end - 1
+            while last_word_start > first_word_end and self.score(last_word_start) < WORD:
+                last_word_start -= 1
+            tail = tokenizer.count(text[offsets[last_word_start][0]:offsets[end - 1][1]])
+        return head + (last_word_start - first_word_end) + tail
+
+    def overlap_start(self, end: int, overlap: int, start: int) -> int:
+        i = max(start + 1, end - overlap)
+        while i < end and self.score(i) < WORD:
+            i += 1
+        return i
 
 
-def _standalone_count(tokenizer: TokenCounter, text: str, offsets: list[tuple[int, int]], scores: list[int],
-                      start: int, end: int) -> int:
-    """Tokens of text[tokens start..end) tokenized on its own. Only the edge words can differ from
-    the slice of the whole-text tokenization (a BPE word without its leading space, a word cut at
-    the end), so only they are re-tokenized."""
-    first_word_end = start + 1
-    while first_word_end < end and scores[first_word_end] < WORD:
-        first_word_end += 1
-    head = tokenizer.count(text[offsets[start][0]:offsets[first_word_end - 1][1]])
-    if first_word_end >= end:
-        return head
-    last_word_start, tail = end, 0
-    if end < len(offsets) and scores[end] < WORD:  # the chunk ends inside a word
-        last_word_start = end - 1
-        while last_word_start > first_word_end and scores[last_word_start] < WORD:
-            last_word_start -= 1
-        tail = tokenizer.count(text[offsets[last_word_start][0]:offsets[end - 1][1]])
-    return head + (last_word_start - first_word_end) + tail
-
-
-def _fit(tokenizer: TokenCounter, text: str, offsets: list[tuple[int, int]], scores: list[int], start: int,
-         previous_end: int, budget: int, chunk_tokens: int) -> tuple[int, int]:
+def _fit(tokenizer: TokenCounter, breaks: _Breaks, start: int, previous_end: int, budget: int,
+         chunk_tokens: int) -> tuple[int, int]:
     """End token index and standalone token count of the chunk starting at `start`."""
-    n = len(offsets)
     lowest = max(start, previous_end) + 1
-    limit = min(n, start + budget)
-    end = limit if limit == n else _best_break(scores, start, limit, budget, previous_end)
-    count = _standalone_count(tokenizer, text, offsets, scores, start, end)
+    limit = min(breaks.n, start + budget)
+    end = limit if limit == breaks.n else breaks.best(start, limit, budget, previous_end)
+    count = breaks.standalone_count(tokenizer, start, end)
     while count > chunk_tokens and end > lowest:
         limit = max(lowest, min(end - 1, end - (count - chunk_tokens)))
-        end = _best_break(scores, start, limit, budget, previous_end)
-        count = _standalone_count(tokenizer, text, offsets, scores, start, end)
+        end = breaks.best(start, limit, budget, previous_end)
+        count = breaks.standalone_count(tokenizer, start, end)
     return end, count
-
-
-def _overlap_start(scores: list[int], end: int, overlap: int, start: int) -> int:
-    i = max(start + 1, end - overlap)
-    while i < end and scores[i] < WORD:
-        i += 1
-    return i
 
 
 def _strip(text: str, start: int, end: int) -> tuple[int, int]:
@@ -167,7 +184,7 @@ def build_document_text(pages: list[PageText], *, tokenizer: TokenCounter, chunk
     full_text = "".join(parts)
 
     offsets = tokenizer.offsets(full_text)
-    scores = _break_scores(full_text, offsets)
+    breaks = _Breaks(full_text, offsets)
     budget = chunk_tokens - _safety_margin(chunk_tokens)
     text_spans = [s for s in spans if s.char_end > s.char_start]
     page_starts = [s.char_start for s in text_spans]
@@ -179,7 +196,7 @@ def build_document_text(pages: list[PageText], *, tokenizer: TokenCounter, chunk
     previous_end = 0  # token index where the previous chunk ended
     text_end = len(full_text.rstrip())
     while start < n:
-        end, count = _fit(tokenizer, full_text, offsets, scores, start, previous_end, budget, chunk_tokens)
+        end, count = _fit(tokenizer, breaks, start, previous_end, budget, chunk_tokens)
         # Characters no token covers (symbols some tokenizers drop) go with the chunk after them,
         # the tail with the last chunk: chunks cover every non-space character.
         char_start = min(offsets[start][0], covered_to)
@@ -197,7 +214,7 @@ def build_document_text(pages: list[PageText], *, tokenizer: TokenCounter, chunk
         if end >= n:
             break
         previous_end = end
-        start = _overlap_start(scores, end, overlap_tokens, start) if overlap_tokens else end
+        start = breaks.overlap_start(end, overlap_tokens, start) if overlap_tokens else end
         # The overlap must not pull the next chunk back to where this one began.
         while chunks and start < end and offsets[start][0] <= chunks[-1].char_start:
             start += 1
