@@ -1,10 +1,11 @@
 """The whole shared corpus through parse_file (contained child processes), both PDF extractors.
 
 CUAD fidelity measure: word-level F1 on normalized tokens (lower-cased \\w+ runs, compared as
-multisets) between our text and CUAD's reference .txt. Measured here (2026-11-28): extraction
-before header/footer removal >= 0.9978 on all 8 contracts with PDFium (>= 0.997 with pypdf); after
+multisets) between our text and CUAD's reference .txt. Measured here (2026-11-28), the same with
+PDFium and pypdf: F1 of the text before header/footer removal >= 0.9978 on all 8 contracts; after
 full cleaning precision >= 0.9985 and recall >= 0.967 (the reference repeats every page's footer
-and page number; cleaning keeps one copy). Thresholds held: 0.995, 0.998, 0.95.
+and page number; cleaning keeps one copy of a repeated line). Thresholds held: F1 0.995 (PDFium),
+precision 0.998 and recall 0.95 (both extractors).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def test_cuad_contracts_through_pypdf_match_reference(corpus_results_pypdf, corp
     for name in CONTRACTS:
         reference = (corpus_dir / name.replace(".pdf", ".txt")).read_text(encoding="utf-8")
         precision, recall, _ = word_scores("\n".join(p.text for p in corpus_results_pypdf[name].pages), reference)
-        assert precision >= 0.997 and recall >= 0.95, (name, precision, recall)
+        assert precision >= 0.998 and recall >= 0.95, (name, precision, recall)
 
 
 def test_parsed_pdfs_list_is_what_the_pypdf_fixture_covers():
