@@ -18,14 +18,15 @@ from pipeline.engine.attention import AttentionBackend
 
 log = logging.getLogger(__name__)
 
-# Preference order per device type. fa4 (flash-attn-4 CuTe DSL, sm90) beats FlexAttention for prefill;
+# Preference order per device type. fa4 (flash-attn-4 CuTe DSL, sm90), then flash-attn 2 (native
+# alibi_slopes, sm80+), beat FlexAttention for prefill;
 # SDPA with a per-sequence ALiBi bias row reads the cache at the bandwidth floor for decode.
 PREFILL_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("fa4", "flex", "blockwise"),
+    "cuda": ("fa4", "fa2", "flex", "blockwise"),
     "cpu": ("blockwise",),
 }
 DECODE_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("sdpa", "flex", "blockwise"),
+    "cuda": ("sdpa", "fa2", "flex", "blockwise"),
     "cpu": ("blockwise",),
 }
 
