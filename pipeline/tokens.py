@@ -60,7 +60,7 @@ def _tokenizer_file(spec: str) -> Path:
     if local.is_dir():
         if (local / "tokenizer.json").is_file():
             return local / "tokenizer.json"
-        raise TokenizerNotFound(f"{local} has no tokenizer.json")
+        return local  # no tokenizer.json: transformers may build the fast tokenizer from slow files
     try:
         from huggingface_hub import hf_hub_download
 
@@ -77,4 +77,20 @@ def load_tokenizer(spec: str) -> TokenCounter:
     """The TokenCounter for `spec`, loaded once per process and cached."""
     path = _tokenizer_file(spec)
     log.info("loading tokenizer %s from %s", spec, path)
+    if path.is_dir():
+        return TokenCounter(_fast_tokenizer_via_transformers(path), spec)
     return TokenCounter(Tokenizer.from_file(str(path)), spec)
+
+
+def _fast_tokenizer_via_transformers(directory: Path) -> Tokenizer:
+    """A checkpoint without tokenizer.json (vocab/merges files only): let transformers convert it to
+    its fast (Rust) tokenizer. Imported only here: transformers is heavy and the usual path skips it."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means: no usable tokenizer here
+        raise TokenizerNotFound(f"{directory} has no tokenizer.json and transformers cannot load one: {exc}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise TokenizerNotFound(f"{directory}: only a slow tokenizer is available; longdoc needs a fast one")
+    return tokenizer.backend_tokenizer

