@@ -194,3 +194,22 @@ def test_pdf_text_round_trip(tmp_path):
     path = tmp_path / "hello.pdf"
     path.write_bytes(text_pdf("Hello (world) \\ done"))
     assert parse_file(path, limits=LIMITS).pages[0].text == "Hello (world) \\ done"
+
+
+def test_pypdf_takes_over_when_pdfium_cannot_open_a_file(corpus_dir, monkeypatch):
+    # No corpus file is one PDFium refuses and pypdf reads, so PDFium's refusal is simulated here
+    # (in-process: the child would not see a monkeypatch).
+    import pypdfium2
+
+    from pipeline.parse import pdf
+
+    def refuse(*args, **kwargs):
+        raise pypdfium2.PdfiumError("Failed to load document (PDFium: Data format error).")
+
+    monkeypatch.setattr(pdf.pdfium, "PdfDocument", refuse)
+    raw = pdf.extract_pdf(corpus_dir / "contract-galera-joint-filing.pdf", password=None, extractor="pdfium",
+                          max_pages=50)
+    assert len(raw.pages) == 3 and "JOINT FILING" in raw.pages[0].text.upper()
+    assert raw.warnings and "extracted with pypdf" in raw.warnings[0]
+    with pytest.raises(PipelineError, match="parse_error"):
+        pdf.extract_pdf(corpus_dir / "hostile-no-startxref.pdf", password=None, extractor="pdfium", max_pages=50)
