@@ -88,9 +88,16 @@ def remove_repeated_margins(pages: list[str]) -> tuple[list[str], int]:
     if text_pages < 3:
         return pages, 0
     split = [page.split("\n") for page in pages]
-    # (line index, masked key, page number or None) of every margin line, computed once
-    margins = [[(i, _margin_key(lines[i]), _page_number(lines[i])) for i in _margin_indices(lines)]
-               for lines in split]
+    # (line index, masked key, page number or None) of every margin line; headers repeat, so each
+    # distinct line is analysed once
+    seen_lines: dict[str, tuple[str, int | None]] = {}
+
+    def analyse(line: str) -> tuple[str, int | None]:
+        if line not in seen_lines:
+            seen_lines[line] = (_margin_key(line), _page_number(line))
+        return seen_lines[line]
+
+    margins = [[(i, *analyse(lines[i])) for i in _margin_indices(lines)] for lines in split]
     keys: Counter[str] = Counter()
     offsets: Counter[int] = Counter()
     for index, margin in enumerate(margins):
