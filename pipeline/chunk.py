@@ -108,15 +108,16 @@ class _Breaks:
                     return i
         return limit
 
-    def standalone_count(self, tokenizer: TokenCounter, start: int, end: int) -> int:
-        """Tokens of the chunk [start, end) tokenized on its own. Only its edge words can differ
-        from the slice of the whole-text tokenization (a BPE word without its leading space, a word
-        cut at the end), so only they are re-tokenized."""
+    def standalone_count(self, tokenizer: TokenCounter, start: int, end: int, text_start: int) -> int:
+        """Tokens of the chunk [start, end), whose text begins at char `text_start`, tokenized on its
+        own. Only its edge words can differ from the slice of the whole-text tokenization (a BPE
+        word without its leading space, a word cut at the end), so only they are re-tokenized."""
         text, offsets = self.text, self.offsets
-        first_word_end = start + 1
-        while first_word_end < end and self.score(first_word_end) < WORD:
+        first_word_end = start + 1  # the first word: every token up to the next word starting later
+        while first_word_end < end and (self.score(first_word_end) < WORD
+                                        or offsets[first_word_end][0] <= text_start):
             first_word_end += 1
-        head = tokenizer.count(text[offsets[start][0]:offsets[first_word_end - 1][1]])
+        head = tokenizer.count(text[text_start:offsets[first_word_end - 1][1]])
         if first_word_end >= end:
             return head
         last_word_start, tail = end, 0
@@ -134,17 +135,18 @@ class _Breaks:
         return i
 
 
-def _fit(tokenizer: TokenCounter, breaks: _Breaks, start: int, previous_end: int, budget: int,
-         chunk_tokens: int) -> tuple[int, int]:
-    """End token index and standalone token count of the chunk starting at `start`."""
+def _fit(tokenizer: TokenCounter, breaks: _Breaks, start: int, text_start: int, previous_end: int,
+         budget: int, chunk_tokens: int) -> tuple[int, int]:
+    """End token index and standalone token count of the chunk starting at token `start`, char
+    `text_start`."""
     lowest = max(start, previous_end) + 1
     limit = min(breaks.n, start + budget)
     end = limit if limit == breaks.n else breaks.best(start, limit, budget, previous_end)
-    count = breaks.standalone_count(tokenizer, start, end)
+    count = breaks.standalone_count(tokenizer, start, end, text_start)
     while count > chunk_tokens and end > lowest:
         limit = max(lowest, min(end - 1, end - (count - chunk_tokens)))
         end = breaks.best(start, limit, budget, previous_end)
-        count = breaks.standalone_count(tokenizer, start, end)
+        count = breaks.standalone_count(tokenizer, start, end, text_start)
     return end, count
 
 
@@ -196,10 +198,10 @@ def build_document_text(pages: list[PageText], *, tokenizer: TokenCounter, chunk
     previous_end = 0  # token index where the previous chunk ended
     text_end = len(full_text.rstrip())
     while start < n:
-        end, count = _fit(tokenizer, breaks, start, previous_end, budget, chunk_tokens)
         # Characters no token covers (symbols some tokenizers drop) go with the chunk after them,
         # the tail with the last chunk: chunks cover every non-space character.
-        char_start = min(offsets[start][0], covered_to)
+        char_start, _ = _strip(full_text, min(offsets[start][0], covered_to), len(full_text))
+        end, count = _fit(tokenizer, breaks, start, char_start, previous_end, budget, chunk_tokens)
         char_end = text_end if end == n else offsets[end - 1][1]
         char_start, char_end = _strip(full_text, char_start, char_end)
         covered_to = max(covered_to, char_end)

@@ -62,10 +62,7 @@ def minilm():
     return load_tokenizer("all-MiniLM-L6-v2")
 
 
-@pytest.fixture(scope="session")
-def bpe_tokenizer(tmp_path_factory, corpus_dir: Path):
-    """A byte-level BPE tokenizer (GPT-NeoX's kind) trained here on corpus text, saved as a checkpoint
-    directory with tokenizer.json and loaded through load_tokenizer like an MPT checkpoint."""
+def _train_bpe(tmp_path_factory, corpus_dir: Path, *, trim_offsets: bool):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     from pipeline.tokens import load_tokenizer
@@ -73,7 +70,7 @@ def bpe_tokenizer(tmp_path_factory, corpus_dir: Path):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
     trainer = trainers.BpeTrainer(vocab_size=2000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     texts = [(corpus_dir / n).read_text(encoding="utf-8") for n in
@@ -82,6 +79,20 @@ def bpe_tokenizer(tmp_path_factory, corpus_dir: Path):
     checkpoint = tmp_path_factory.mktemp("bpe-checkpoint")
     tokenizer.save(str(checkpoint / "tokenizer.json"))
     return load_tokenizer(str(checkpoint))
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory, corpus_dir: Path):
+    """A byte-level BPE tokenizer (GPT-NeoX's kind) trained here on corpus text, saved as a checkpoint
+    directory with tokenizer.json and loaded through load_tokenizer like an MPT checkpoint."""
+    return _train_bpe(tmp_path_factory, corpus_dir, trim_offsets=True)
+
+
+@pytest.fixture(scope="session")
+def bpe_untrimmed_tokenizer(tmp_path_factory, corpus_dir: Path):
+    """The same, with offsets that keep each word's leading space (as the engine's own
+    pipeline/engine/init_checkpoint.py tokenizer writes them)."""
+    return _train_bpe(tmp_path_factory, corpus_dir, trim_offsets=False)
 
 
 # --- crafted PDFs -------------------------------------------------------------------------
