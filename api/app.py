@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import sqlalchemy.exc
+from anyio import to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +18,7 @@ from api.routes import documents, health, jobs
 from longdoc.settings import Settings, get_settings
 from storage import migrate
 from storage.blobs import BlobStore
+from storage.db import POOL_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("AUTH IS OFF (LONGDOC_AUTH_ENABLED=false): every request is served without an API key; "
                     "keep this server on localhost")
     app.state.blobs.root.mkdir(parents=True, exist_ok=True)
+    # Sync routes and DB calls run in this loop's thread pool, each holding a pooled connection; more
+    # threads than the pool keeps would open and close an overflow connection per request under load.
+    to_thread.current_default_thread_limiter().total_tokens = POOL_SIZE
     await run_in_threadpool(check_database, settings)
     log.info("longdoc API ready (%s mode, database %s)", "embedded" if settings.embedded else "service",
              migrate.safe_url(settings.effective_database_url))

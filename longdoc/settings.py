@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     # --- HTTP API ------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = Field(
+        default=1, ge=1, description="`longdoc serve` processes (service mode only; each has its own DB pool).")
     auth_enabled: bool = Field(default=True, description="Require Bearer API keys on /v1 routes.")
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, description="Uploads over this answer 413.")
     auth_cache_s: float = Field(

@@ -1,13 +1,30 @@
-"""Engine and session factory. One engine per process and URL; sessions are short-lived."""
+"""Engine and session factory. One engine per process and URL; sessions are short-lived.
+
+No `pool_pre_ping`: its `SELECT 1` per checkout was a round trip and ~0.1 ms of CPU on every API
+request (bench/api_load.py). A pooled connection that died (server restart, pg_terminate_backend)
+fails its first statement instead; SQLAlchemy then invalidates the whole pool, so the next checkout
+connects afresh. That first failure is a 503 in the API (api/errors.py), a transient retry in the
+workers (workers/bodies.py), and for idempotent reads `read_with_reconnect` retries it at once.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
+
+# Connections kept open per process. The API caps its thread pool at this (api/app.py): more threads
+# than pooled connections would open and close an overflow connection per request under load.
+POOL_SIZE = 10
+# Replace connections older than this, before a server-side or firewall idle timeout kills them.
+POOL_RECYCLE_S = 1800
 
 
 @functools.lru_cache(maxsize=8)
@@ -25,7 +42,31 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_size=POOL_SIZE, max_overflow=20, pool_recycle=POOL_RECYCLE_S)
+
+
+def get_read_engine(url: str) -> Engine:
+    """The same pool in autocommit mode: a lone SELECT needs no BEGIN/ROLLBACK round trips."""
+    return _autocommit(get_engine(url))
+
+
+@functools.lru_cache(maxsize=8)
+def _autocommit(engine: Engine) -> Engine:
+    # Keyed by the engine, not the URL, so it follows get_engine.cache_clear() (forked workers).
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def read_with_reconnect(url: str, query: Callable[[Connection], T]) -> T:
+    """Run a read-only `query` on an autocommit connection, once more on a fresh one if the pooled
+    connection turned out to be dead (safe only because the query writes nothing)."""
+    try:
+        with get_read_engine(url).connect() as conn:
+            return query(conn)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    with get_read_engine(url).connect() as conn:
+        return query(conn)
 
 
 @functools.lru_cache(maxsize=8)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+import orjson
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.schemas import ERROR_RESPONSES, ErrorPublic, JobListPublic, JobPublic
+from api.schemas import ERROR_RESPONSES, ErrorPublic, JobListPublic, JobPublic, job_public_dict
 from storage import documents as repo
+from storage.db import read_with_reconnect
 from storage.models import Job, JobStatus
 from workers import dispatch
 
@@ -29,15 +33,18 @@ def _owned_job(session: Session, owner: uuid.UUID | None, job_id: uuid.UUID) -> 
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=ERROR_RESPONSES)
-def get_job(job_id: uuid.UUID, response: Response, session: ReadSessionDep, owner: OwnerDep) -> JobPublic:
+async def get_job(job_id: uuid.UUID, request: Request, owner: OwnerDep) -> Response:
     """Status, progress and, once succeeded, the result. `Retry-After` is set until the job is terminal."""
-    found = repo.get_job_with_result(session, owner, job_id)
-    if found is None:
+    # The hot path (clients poll this): one Core SELECT in the thread pool, no session dependency, and
+    # the body rendered by orjson from a plain dict; response_model still documents it as JobPublic.
+    url = request.app.state.settings.effective_database_url
+    row = await run_in_threadpool(read_with_reconnect, url, partial(repo.get_job_view, owner_id=owner, job_id=job_id))
+    if row is None:
         raise ApiError(404, "not_found", f"job {job_id} not found")
-    job, result = found
-    if not job.status.terminal:
-        response.headers["Retry-After"] = RETRY_AFTER_S[job.status]
-    return JobPublic.of(job, result)
+    status = row["status"]
+    headers = None if status.terminal else {"Retry-After": RETRY_AFTER_S[status]}
+    return Response(orjson.dumps(job_public_dict(row), option=orjson.OPT_UTC_Z), headers=headers,
+                    media_type="application/json")
 
 
 @router.get("/jobs", response_model=JobListPublic, responses=ERROR_RESPONSES)

@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the HTTP API (and, in embedded mode, the in-process workers)")
     serve.add_argument("--host", default=None, help="bind address (default: settings.api_host)")
     serve.add_argument("--port", type=int, default=None, help="port (default: settings.api_port)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="API processes sharing the port (default: settings.api_workers); service mode only")
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run a Celery worker for the parse (CPU) or gpu queue")
@@ -51,6 +53,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from longdoc.settings import get_settings
 
     settings = get_settings()
+    workers = args.workers if args.workers is not None else settings.api_workers
+    host, port = args.host or settings.api_host, args.port or settings.api_port
+    level = logging.getLevelName(logging.getLogger().level)
+    if workers < 1:
+        print(f"--workers must be at least 1, got {workers}", file=sys.stderr)
+        return 2
+    if workers > 1:
+        if settings.embedded or settings.effective_database_url.startswith("sqlite"):
+            print(f"--workers {workers} needs service mode (LONGDOC_BROKER_URL and a Postgres LONGDOC_DATABASE_URL): "
+                  "in embedded mode the task pool and the SQLite database live inside the one API process; "
+                  "run `longdoc serve` with one worker", file=sys.stderr)
+            return 2
+        # Each worker process imports the app and builds it from the same LONGDOC_* environment.
+        uvicorn.run("api.app:create_app", factory=True, workers=workers, host=host, port=port,
+                    log_level=level.lower(), log_config=_worker_log_config(level))
+        return 0
     # The app migrates the embedded SQLite default itself and refuses an unmigrated service database.
     from api.app import create_app
 
@@ -63,12 +81,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("embedded mode: tasks run in-process (%d parse threads, 1 gpu thread)",
                  settings.embedded_workers)
     try:
-        uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
-                    log_level=logging.getLevelName(logging.getLogger().level).lower())
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=level.lower())
     finally:
         if runner is not None:
             runner.shutdown(wait=False)
     return 0
+
+
+def _worker_log_config(level: str) -> dict:
+    """uvicorn's logging config plus our root logger: worker processes are spawned fresh, so the CLI's
+    logging.basicConfig does not reach them."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["longdoc"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["handlers"]["longdoc"] = {"class": "logging.StreamHandler", "formatter": "longdoc",
+                                     "stream": "ext://sys.stderr"}
+    config["root"] = {"handlers": ["longdoc"], "level": level}
+    return config
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
