@@ -19,6 +19,7 @@ from longdoc.settings import Settings, get_settings
 from storage import migrate
 from storage.blobs import BlobStore
 from storage.db import POOL_SIZE
+from storage.hot_reads import HotReads
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # threads than the pool keeps would open and close an overflow connection per request under load.
     to_thread.current_default_thread_limiter().total_tokens = POOL_SIZE
     await run_in_threadpool(check_database, settings)
+    await app.state.hot_reads.open()
     log.info("longdoc API ready (%s mode, database %s)", "embedded" if settings.embedded else "service",
              migrate.safe_url(settings.effective_database_url))
-    yield
+    try:
+        yield
+    finally:
+        await app.state.hot_reads.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -70,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.blobs = BlobStore(settings.effective_blob_dir)
     app.state.metrics = Metrics(settings)
     app.state.key_cache = KeyCache(settings.auth_cache_s)
+    app.state.hot_reads = HotReads(settings.effective_database_url)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, upload_path="/v1/documents",
                        upload_limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import kombu.exceptions
+import psycopg
 import redis.exceptions
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
@@ -26,7 +27,9 @@ _CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 40
                    422: "validation_error", 503: "unavailable"}
 
 # Connection-level failures: the request may succeed later, so they answer 503, not 500.
-DB_DOWN = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)
+# psycopg.OperationalError (PoolTimeout included): the job poll's reads use psycopg directly.
+DB_DOWN = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError,
+           psycopg.OperationalError)
 BROKER_DOWN = (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 

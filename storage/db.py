@@ -4,7 +4,8 @@ No `pool_pre_ping`: its `SELECT 1` per checkout was a round trip and ~0.1 ms of 
 request (bench/api_load.py). A pooled connection that died (server restart, pg_terminate_backend)
 fails its first statement instead; SQLAlchemy then invalidates the whole pool, so the next checkout
 connects afresh. That first failure is a 503 in the API (api/errors.py), a transient retry in the
-workers (workers/bodies.py), and for idempotent reads `read_with_reconnect` retries it at once.
+workers (workers/bodies.py); idempotent reads retry it at once (`read_with_reconnect`, and
+storage/hot_reads.py for the job poll).
 """
 
 from __future__ import annotations

@@ -10,14 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
-    Connection,
-    RowMapping,
     Select,
     and_,
     bindparam,
@@ -31,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, joinedload
 
 from storage.blobs import BlobStore
+from storage.hot_reads import HotReads
 from storage.models import Document, DocumentStatus, Job, JobStatus, Result, TaskName, utcnow
 
 NON_TERMINAL = (JobStatus.queued, JobStatus.running)
@@ -179,11 +179,12 @@ _JOB_VIEW_OWNED = _job_view_statement(Job.__table__.c.owner_id == bindparam("own
 _JOB_VIEW_UNOWNED = _job_view_statement(Job.__table__.c.owner_id.is_(None))
 
 
-def get_job_view(conn: Connection, owner_id: uuid.UUID | None, job_id: uuid.UUID) -> RowMapping | None:
-    """The poll path: one Core SELECT of the job's shown columns and its result payload, no ORM."""
+async def get_job_view(reads: HotReads, owner_id: uuid.UUID | None, job_id: uuid.UUID) -> Mapping[str, Any] | None:
+    """The poll path: the job's shown columns and its result payload (key "result") in one SELECT,
+    no ORM, no session (storage/hot_reads.py). "task" and "status" may be plain str values."""
     if owner_id is None:
-        return conn.execute(_JOB_VIEW_UNOWNED, {"job_id": job_id}).mappings().first()
-    return conn.execute(_JOB_VIEW_OWNED, {"job_id": job_id, "owner_id": owner_id}).mappings().first()
+        return await reads.fetch_one(_JOB_VIEW_UNOWNED, {"job_id": job_id})
+    return await reads.fetch_one(_JOB_VIEW_OWNED, {"job_id": job_id, "owner_id": owner_id})
 
 
 def list_jobs(session: Session, owner_id: uuid.UUID | None, *, limit: int, cursor: str | None = None,

@@ -4,6 +4,7 @@ worker processes in service mode)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from longdoc.cli import main as longdoc_main
 from longdoc.settings import Settings, get_settings
 from storage import documents as repo
 from storage import keys, migrate
-from storage.db import read_with_reconnect, session_scope
+from storage.db import session_scope
+from storage.hot_reads import HotReads
 from storage.models import Document, DocumentStatus, Job, JobStatus, Result, utcnow
 from tests.fixtures_workers import settings_env, wait_for
 
@@ -83,7 +85,7 @@ def test_poll_body_is_exactly_jobpublic_on_sqlite(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'poll.db'}"
     migrate.upgrade(url)
     for job_id in _add_jobs(url, None):
-        row = read_with_reconnect(url, lambda conn, j=job_id: repo.get_job_view(conn, None, j))
+        row = asyncio.run(repo.get_job_view(HotReads(url), None, job_id))
         assert orjson.loads(orjson.dumps(job_public_dict(row), option=orjson.OPT_UTC_Z)) == _expected(url, job_id)
 
 

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from functools import partial
 from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import ERROR_RESPONSES, ErrorPublic, JobListPublic, JobPublic, job_public_dict
 from storage import documents as repo
-from storage.db import read_with_reconnect
 from storage.models import Job, JobStatus
 from workers import dispatch
 
@@ -35,13 +32,12 @@ def _owned_job(session: Session, owner: uuid.UUID | None, job_id: uuid.UUID) -> 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=ERROR_RESPONSES)
 async def get_job(job_id: uuid.UUID, request: Request, owner: OwnerDep) -> Response:
     """Status, progress and, once succeeded, the result. `Retry-After` is set until the job is terminal."""
-    # The hot path (clients poll this): one Core SELECT in the thread pool, no session dependency, and
-    # the body rendered by orjson from a plain dict; response_model still documents it as JobPublic.
-    url = request.app.state.settings.effective_database_url
-    row = await run_in_threadpool(read_with_reconnect, url, partial(repo.get_job_view, owner_id=owner, job_id=job_id))
+    # The hot path (clients poll this): one SELECT on the event loop (storage/hot_reads.py), no session
+    # dependency, the body rendered by orjson from a plain dict; response_model still documents it.
+    row = await repo.get_job_view(request.app.state.hot_reads, owner, job_id)
     if row is None:
         raise ApiError(404, "not_found", f"job {job_id} not found")
-    status = row["status"]
+    status = JobStatus(row["status"])
     headers = None if status.terminal else {"Retry-After": RETRY_AFTER_S[status]}
     return Response(orjson.dumps(job_public_dict(row), option=orjson.OPT_UTC_Z), headers=headers,
                     media_type="application/json")
