@@ -166,10 +166,22 @@ def test_serve_with_two_workers_serves_polls_from_two_processes(migrated_pg, api
         workers = [p for p in psutil.Process(server.pid).children()
                    if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2, [p.cmdline() for p in psutil.Process(server.pid).children()]
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {secret}"}, timeout=10) as http:
-            for job_id in job_ids:
+        # 16 keep-alive connections, opened together: SO_REUSEPORT spreads them over both processes
+        # (all 16 on one would happen by chance once in 2**15 runs).
+        clients = [httpx.Client(base_url=base, headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+                   for _ in range(16)]
+        try:
+            for i, http in enumerate(clients):
+                job_id = job_ids[i % len(job_ids)]
                 assert http.get(f"/v1/jobs/{job_id}").json() == _expected(migrated_pg, job_id)
+            held = [sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in w.net_connections())
+                    for w in workers]
+            assert sum(held) == 16 and min(held) >= 1, held
+        finally:
+            for http in clients:
+                http.close()
     finally:
         server.terminate()
         server.wait(30)
-    assert "Application startup complete" in log_path.read_text()
+    assert server.returncode == 0
+    assert log_path.read_text().count("Application startup complete") == 2

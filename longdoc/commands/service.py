@@ -65,10 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "in embedded mode the task pool and the SQLite database live inside the one API process; "
                   "run `longdoc serve` with one worker", file=sys.stderr)
             return 2
-        # Each worker process imports the app and builds it from the same LONGDOC_* environment.
-        uvicorn.run("api.app:create_app", factory=True, workers=workers, host=host, port=port,
-                    log_level=level.lower(), log_config=_worker_log_config(level))
-        return 0
+        from api.serve import serve_workers
+
+        return serve_workers(workers, host, port, level.lower(), _worker_log_config(level))
     # The app migrates the embedded SQLite default itself and refuses an unmigrated service database.
     from api.app import create_app
 
