@@ -3,6 +3,7 @@
 
     python bench/api_load.py                     # 10,000 jobs, 10 s of polling, 10 MB and 50 MB uploads
     python bench/api_load.py --duration 20 --concurrency 32 --upload-mb 10 50 100
+    python bench/api_load.py --workers 2          # `longdoc serve --workers 2`
 
 Everything runs on loopback: a throwaway Postgres database (dropped at the end), Redis db 12 as the
 broker (service mode; no worker consumes it), the server as a subprocess, and the load generator as a
@@ -203,7 +204,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(url: str, port: int, data_dir: Path, max_upload: int) -> subprocess.Popen:
+def start_server(url: str, port: int, data_dir: Path, max_upload: int, workers: int = 1) -> subprocess.Popen:
     env = {
         **os.environ,
         "LONGDOC_DATABASE_URL": url,
@@ -213,7 +214,8 @@ def start_server(url: str, port: int, data_dir: Path, max_upload: int) -> subpro
         "LONGDOC_API_HOST": "127.0.0.1",
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "longdoc.cli", "--log-level", "WARNING", "serve", "--port", str(port)],
+        [sys.executable, "-m", "longdoc.cli", "--log-level", "WARNING", "serve", "--port", str(port),
+         "--workers", str(workers)],
         cwd=REPO,
         env=env,
     )
@@ -230,11 +232,16 @@ def start_server(url: str, port: int, data_dir: Path, max_upload: int) -> subpro
     raise RuntimeError("server did not become healthy in 60 s")
 
 
-def server_cpu_s(pid: int) -> float:
+def _server_processes(pid: int) -> list:
+    """The server and its worker processes (`--workers N`)."""
     import psutil
 
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def server_cpu_s(pid: int) -> float:
+    return sum(t.user + t.system for t in (p.cpu_times() for p in _server_processes(pid)))
 
 
 def run_load(port: int, pid: int, paths: list[str], token: str, args: argparse.Namespace, tmp: Path) -> dict:
@@ -261,9 +268,8 @@ def run_load(port: int, pid: int, paths: list[str], token: str, args: argparse.N
 
 
 def rss_mb(pid: int) -> float:
-    import psutil
-
-    return psutil.Process(pid).memory_info().rss / 2**20
+    """Summed over the server's processes: growth is that of whichever worker took the upload."""
+    return sum(p.memory_info().rss for p in _server_processes(pid)) / 2**20
 
 
 def upload_once(port: int, token: str, path: Path) -> tuple[float, int, str]:
@@ -340,17 +346,20 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of measured polling per run")
     p.add_argument("--concurrency", type=int, default=16, help="keep-alive connections of the load process")
     p.add_argument("--upload-mb", type=int, nargs="*", default=[10, 50])
+    p.add_argument("--workers", type=int, default=1, help="`longdoc serve --workers N`")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
 
     t0 = time.time()
     url, token, job_ids = make_database(args.jobs)
     print(f"database with {len(job_ids)} jobs ready in {time.time() - t0:.1f} s", file=sys.stderr)
-    results: dict = {"jobs_in_db": len(job_ids), "concurrency": args.concurrency, "duration_s": args.duration}
+    results: dict = {"jobs_in_db": len(job_ids), "concurrency": args.concurrency, "duration_s": args.duration,
+                     "workers": args.workers}
     with tempfile.TemporaryDirectory(prefix="longdoc-bench-") as tmp_name:
         tmp = Path(tmp_name)
         port = free_port()
-        server = start_server(url, port, tmp / "data", max_upload=max(args.upload_mb or [1]) * 2**20 + 2**24)
+        server = start_server(url, port, tmp / "data", max_upload=max(args.upload_mb or [1]) * 2**20 + 2**24,
+                              workers=args.workers)
         try:
             results["baseline_healthz"] = run_load(port, server.pid, ["/healthz"], "", args, tmp)
             sample = random.Random(0).sample(job_ids, min(2000, len(job_ids)))
