@@ -25,7 +25,7 @@ from storage.db import get_engine, read_with_reconnect
 # Connections per process for hot reads. Each query is one short round trip, and this box has 2 cores.
 POOL_SIZE = 4
 # How long a read waits for a free connection (or for the database to accept one) before failing (503).
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 2.0
 
 
 class HotReads:
