@@ -1,31 +1,24 @@
 """Engine and session factory. One engine per process and URL; sessions are short-lived.
 
-No `pool_pre_ping`: its `SELECT 1` per checkout was a round trip and ~0.1 ms of CPU on every API
-request (bench/api_load.py). A pooled connection that died (server restart, pg_terminate_backend)
-fails its first statement instead; SQLAlchemy then invalidates the whole pool, so the next checkout
-connects afresh. That first failure is a 503 in the API (api/errors.py), a transient retry in the
-workers (workers/bodies.py); idempotent reads retry it at once (`read_with_reconnect`, and
-storage/hot_reads.py for the job poll).
+`pool_pre_ping` stays on: its `SELECT 1` per checkout costs a round trip and ~0.06-0.1 ms of CPU
+(a sync micro-benchmark, bench/RESULTS.md), which did not show above run-to-run noise on the ORM
+routes (GET /v1/documents/{id}: ~2.5-2.8 ms of CPU per request either way), and it lets sessions,
+uploads and the workers ride over a database restart without an error. The job poll, where that cost
+would count, does not use this pool (storage/hot_reads.py: no ping, one retry after a dead connection).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
-
-T = TypeVar("T")
 
 # Connections kept open per process. The API caps its thread pool at this (api/app.py): more threads
 # than pooled connections would open and close an overflow connection per request under load.
 POOL_SIZE = 10
-# Replace connections older than this, before a server-side or firewall idle timeout kills them.
-POOL_RECYCLE_S = 1800
 
 
 @functools.lru_cache(maxsize=8)
@@ -43,7 +36,7 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=POOL_SIZE, max_overflow=20, pool_recycle=POOL_RECYCLE_S)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=20)
 
 
 def get_read_engine(url: str) -> Engine:
@@ -55,19 +48,6 @@ def get_read_engine(url: str) -> Engine:
 def _autocommit(engine: Engine) -> Engine:
     # Keyed by the engine, not the URL, so it follows get_engine.cache_clear() (forked workers).
     return engine.execution_options(isolation_level="AUTOCOMMIT")
-
-
-def read_with_reconnect(url: str, query: Callable[[Connection], T]) -> T:
-    """Run a read-only `query` on an autocommit connection, once more on a fresh one if the pooled
-    connection turned out to be dead (safe only because the query writes nothing)."""
-    try:
-        with get_read_engine(url).connect() as conn:
-            return query(conn)
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-    with get_read_engine(url).connect() as conn:
-        return query(conn)
 
 
 @functools.lru_cache(maxsize=8)

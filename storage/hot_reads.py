@@ -17,10 +17,10 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Connection, Dialect, Select
+from sqlalchemy import Dialect, Select
 from starlette.concurrency import run_in_threadpool
 
-from storage.db import get_engine, read_with_reconnect
+from storage.db import get_engine, get_read_engine
 
 # Connections per process for hot reads. Each query is one short round trip, and this box has 2 cores.
 POOL_SIZE = 4
@@ -53,8 +53,7 @@ class HotReads:
     async def fetch_one(self, statement: Select, params: dict[str, Any]) -> Mapping[str, Any] | None:
         """The first row of a read-only statement as {column: value}, or None."""
         if self.pool is None:
-            return await run_in_threadpool(read_with_reconnect, self.url, functools.partial(_core_fetch_one,
-                                                                                            statement, params))
+            return await run_in_threadpool(_core_fetch_one, self.url, statement, params)
         sql, keys = _compiled(statement, self.dialect)
         for attempt in (1, 2):
             async with self.pool.connection() as conn:
@@ -72,8 +71,9 @@ class HotReads:
         raise AssertionError("unreachable")
 
 
-def _core_fetch_one(statement: Select, params: dict[str, Any], conn: Connection) -> Mapping[str, Any] | None:
-    row = conn.execute(statement, params).first()
+def _core_fetch_one(url: str, statement: Select, params: dict[str, Any]) -> Mapping[str, Any] | None:
+    with get_read_engine(url).connect() as conn:
+        row = conn.execute(statement, params).first()
     return None if row is None else dict(row._mapping)
 
 

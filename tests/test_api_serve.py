@@ -1,5 +1,5 @@
 """The serving side of the API: the poll's hand-built JSON against JobPublic, recovery from killed DB
-connections (no pool_pre_ping), and `longdoc serve --workers N` (refused in embedded mode, real
+connections, and `longdoc serve --workers N` (refused in embedded mode, real
 worker processes in service mode)."""
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ def _terminate_app_connections(db_url: str) -> int:
 
 
 def test_killed_db_connections_cost_at_most_one_503_and_polls_none(client, api_settings, auth, pdf_bytes):
-    """What a Postgres restart does to the pool: every pooled connection dies. The first statement on a
-    dead one invalidates the pool; a route fails that one request (503), the poll retries it."""
+    """What a Postgres restart does to the pools: every pooled connection dies. Sessions' pool pings
+    on checkout (at worst one 503 if a ping-less path meets it first); the poll's own pool has no ping
+    and must retry on a fresh connection, never answering 503 for it."""
     from tests.fixtures_api import upload
 
     doc_id = upload(client, auth, pdf_bytes).json()["id"]
