@@ -29,6 +29,8 @@ CONNECT_TIMEOUT_S = 2.0
 
 
 class HotReads:
+    """Hot-path reads for one database URL; open() and close() run in the app's lifespan."""
+
     def __init__(self, url: str) -> None:
         self.url = url
         engine = get_engine(url)
@@ -60,7 +62,7 @@ class HotReads:
                 try:
                     cursor = await conn.execute(sql, params)
                     row = await cursor.fetchone()
-                    return None if row is None else dict(zip(keys, row, strict=True))
+                    break
                 except psycopg.OperationalError:
                     if attempt == 2 or not conn.broken:
                         raise
@@ -68,7 +70,7 @@ class HotReads:
             # Check the idle ones too (a restart kills them all), then read once more: the statement
             # writes nothing, so running it again is safe.
             await self.pool.check()
-        raise AssertionError("unreachable")
+        return None if row is None else dict(zip(keys, row, strict=True))
 
 
 def _core_fetch_one(url: str, statement: Select, params: dict[str, Any]) -> Mapping[str, Any] | None:
