@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import uuid
 
 import redis
@@ -93,7 +95,10 @@ def test_upload_password_is_never_stored(client, auth, corpus_dir, api_settings,
         row = s.scalars(select(Document)).one()
         assert secret not in repr({c.key: getattr(row, c.key) for c in Document.__table__.columns})
     # it travels in the parse task message only
-    assert secret in redis.Redis.from_url(api_redis_url).lindex("parse", 0).decode()
+    message = json.loads(redis.Redis.from_url(api_redis_url).lindex("parse", 0))
+    assert message["properties"]["body_encoding"] == "base64"
+    _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    assert kwargs["password"] == secret
 
 
 def test_failed_password_document_is_reparsed_when_uploaded_with_password(client, auth, corpus_dir, api_settings,
