@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from storage.models import Document, DocumentStatus, Job, JobStatus, TaskName
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes for timezone-aware columns; every stored time is UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class ErrorDetail(BaseModel):
@@ -35,8 +43,8 @@ class DocumentPublic(BaseModel):
     tokens: int | None
     warnings: list[Any]
     error: ErrorDetail | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
 
     @classmethod
     def of(cls, doc: Document) -> DocumentPublic:
@@ -65,10 +73,10 @@ class JobPublic(BaseModel):
     result: dict[str, Any] | None = Field(description="Present when status is succeeded.")
     error: ErrorDetail | None = Field(description="Present when status is failed.")
     attempts: int
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
     @classmethod
     def of(cls, job: Job, result: dict[str, Any] | None = None) -> JobPublic:
@@ -79,6 +87,14 @@ class JobPublic(BaseModel):
                    progress=job.progress, stage=job.stage, result=result, error=error, attempts=job.attempts,
                    created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
                    finished_at=job.finished_at)
+
+
+def job_public_json(row: Mapping[str, Any]) -> bytes:
+    """The poll body: job_public_dict rendered by orjson, times in UTC with a Z (naive ones from
+    SQLite are UTC too)."""
+    import orjson
+
+    return orjson.dumps(job_public_dict(row), option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
 
 
 def job_public_dict(row: Mapping[str, Any]) -> dict[str, Any]:

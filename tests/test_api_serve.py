@@ -18,7 +18,7 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
-from api.schemas import JobPublic, job_public_dict
+from api.schemas import JobPublic, job_public_json
 from longdoc.cli import main as longdoc_main
 from longdoc.settings import Settings, get_settings
 from storage import documents as repo
@@ -86,7 +86,9 @@ def test_poll_body_is_exactly_jobpublic_on_sqlite(tmp_path: Path):
     migrate.upgrade(url)
     for job_id in _add_jobs(url, None):
         row = asyncio.run(repo.get_job_view(HotReads(url), None, job_id))
-        assert orjson.loads(orjson.dumps(job_public_dict(row), option=orjson.OPT_UTC_Z)) == _expected(url, job_id)
+        body = orjson.loads(job_public_json(row))
+        assert body == _expected(url, job_id)
+        assert body["created_at"].endswith("Z") and body["updated_at"].endswith("Z")  # UTC, never naive
 
 
 def _terminate_app_connections(db_url: str) -> int:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from api.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.schemas import ERROR_RESPONSES, ErrorPublic, JobListPublic, JobPublic, job_public_dict
+from api.schemas import ERROR_RESPONSES, ErrorPublic, JobListPublic, JobPublic, job_public_json
 from storage import documents as repo
 from storage.models import Job, JobStatus
 from workers import dispatch
@@ -39,7 +38,7 @@ async def get_job(job_id: uuid.UUID, request: Request, owner: OwnerDep) -> Respo
         raise ApiError(404, "not_found", f"job {job_id} not found")
     status = JobStatus(row["status"])
     headers = None if status.terminal else {"Retry-After": RETRY_AFTER_S[status]}
-    return Response(orjson.dumps(job_public_dict(row), option=orjson.OPT_UTC_Z), headers=headers,
+    return Response(job_public_json(row), headers=headers,
                     media_type="application/json")
 
 
