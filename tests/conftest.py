@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,12 +53,12 @@ def pg_url() -> Iterator[str]:
         _drop_pg_database(name)
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis database emptied before and after the test."""
+@contextmanager
+def flushed_redis_db(db: int) -> Iterator[str]:
+    """The URL of Redis database `db`, emptied before and after use."""
     import redis
 
-    url = f"{REDIS_BASE_URL}/15"
+    url = f"{REDIS_BASE_URL}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     try:
@@ -65,3 +66,10 @@ def redis_url() -> Iterator[str]:
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """Redis db 15, emptied before and after the test."""
+    with flushed_redis_db(15) as url:
+        yield url

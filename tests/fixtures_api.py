@@ -10,14 +10,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from longdoc.settings import Settings
 from storage import keys, migrate
 from storage.db import session_scope
-from tests.conftest import REDIS_BASE_URL
+from tests.conftest import flushed_redis_db
 
 SMALL_PDF = "contract-ivillage-sponsorship.pdf"
 OTHER_PDF = "contract-galera-joint-filing.pdf"
@@ -33,14 +32,8 @@ def migrated_pg(pg_url: str) -> str:
 def api_redis_url() -> Iterator[str]:
     """Redis db 13, emptied around each test: the API tests count messages per queue, so they must not
     share a database with other areas' tests (db 15), whose workers consume from it."""
-    url = f"{REDIS_BASE_URL}/13"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
+    with flushed_redis_db(13) as url:
         yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.fixture
