@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from storage.models import Document, DocumentStatus, Job, JobStatus, TaskName
@@ -92,8 +93,6 @@ class JobPublic(BaseModel):
 def job_public_json(row: Mapping[str, Any]) -> bytes:
     """The poll body: job_public_dict rendered by orjson, times in UTC with a Z (naive ones from
     SQLite are UTC too)."""
-    import orjson
-
     return orjson.dumps(job_public_dict(row), option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
 
 

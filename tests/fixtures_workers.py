@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +48,39 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env[f"LONGDOC_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(env: dict[str, str], cwd: Path, log_path: Path, port: int,
+                  what: str = "longdoc serve") -> Iterator[tuple[subprocess.Popen, str]]:
+    """A real `longdoc serve` subprocess, yielded with its base URL once /readyz answers 200;
+    terminated on exit (its returncode and log are left for the test to check)."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "longdoc.cli", "serve"], env=env, cwd=cwd,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def ready() -> bool:
+            assert server.poll() is None, log_path.read_text()
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, 60, 0.3, what=f"{what} to answer /readyz")
+        yield server, base
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 @dataclass

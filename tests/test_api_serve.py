@@ -5,9 +5,6 @@ worker processes in service mode)."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +23,7 @@ from storage import keys, migrate
 from storage.db import session_scope
 from storage.hot_reads import HotReads
 from storage.models import Document, DocumentStatus, Job, JobStatus, Result, utcnow
-from tests.fixtures_workers import settings_env, wait_for
+from tests.fixtures_workers import free_port, serve_process, settings_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,9 +139,7 @@ def test_serve_refuses_several_workers_in_embedded_mode(tmp_path, monkeypatch, c
 
 
 def test_serve_with_two_workers_serves_polls_from_two_processes(migrated_pg, api_redis_url, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     settings = Settings(_env_file=None, data_dir=tmp_path / "data", database_url=migrated_pg,
                         broker_url=api_redis_url, api_port=port, api_workers=2)
     with session_scope(migrated_pg) as s:
@@ -152,20 +147,7 @@ def test_serve_with_two_workers_serves_polls_from_two_processes(migrated_pg, api
         owner = key.id
     job_ids = _add_jobs(migrated_pg, owner)
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "longdoc.cli", "serve"], env=settings_env(settings),
-                                  cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            assert server.poll() is None, log_path.read_text()
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, 60, 0.3, what="longdoc serve --workers 2 to answer /readyz")
+    with serve_process(settings_env(settings), REPO_ROOT, log_path, port, "longdoc serve --workers 2") as (server, base):
         workers = [p for p in psutil.Process(server.pid).children()
                    if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2, [p.cmdline() for p in psutil.Process(server.pid).children()]
@@ -183,8 +165,5 @@ def test_serve_with_two_workers_serves_polls_from_two_processes(migrated_pg, api
         finally:
             for http in clients:
                 http.close()
-    finally:
-        server.terminate()
-        server.wait(30)
     assert server.returncode == 0
     assert log_path.read_text().count("Application startup complete") == 2

@@ -14,9 +14,11 @@ from storage.db import session_scope
 from storage.models import Document, DocumentStatus, Job, JobStatus, Result, utcnow
 from tests.fixtures_workers import (
     api_client,
+    free_port,
     make_api_key,
     poll_document,
     poll_job,
+    serve_process,
     settings_env,
     upload,
     wait_for,
@@ -80,15 +82,12 @@ def _status(url: str, model: type, row_id: object) -> str:
 def test_longdoc_serve_runs_embedded_with_nothing_else_started(tmp_path: Path, corpus_dir: Path) -> None:
     """The README's embedded path as a user runs it: `longdoc db upgrade` + `keys create`, then `longdoc serve` (a real
     uvicorn process with its in-process workers) on SQLite; upload over HTTP until parsed."""
-    import socket
     import subprocess
     import sys
 
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     settings = Settings(_env_file=None, data_dir=tmp_path / "data", api_port=port, engine="extractive")
     env = settings_env(settings)
     cli = [sys.executable, "-m", "longdoc.cli"]
@@ -96,24 +95,9 @@ def test_longdoc_serve_runs_embedded_with_nothing_else_started(tmp_path: Path, c
     secret = subprocess.run([*cli, "keys", "create", "me"], env=env, cwd=tmp_path, check=True,
                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([*cli, "serve"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base, h = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {secret}"}
-
-        def up() -> bool:
-            assert server.poll() is None, log_path.read_text()
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, 60, 0.3, what="longdoc serve to answer /readyz")
+    with serve_process(env, tmp_path, log_path, port) as (server, base):
+        h = {"Authorization": f"Bearer {secret}"}
         doc = upload(httpx.Client(base_url=base, timeout=30), h, corpus_dir / "contract-galera-joint-filing.pdf")
         body = poll_document(httpx.Client(base_url=base, timeout=30), h, doc["id"], timeout=60)
         assert body["status"] == "parsed" and body["pages"] == 3, body
-    finally:
-        server.terminate()
-        server.wait(30)
-    # uvicorn shuts down cleanly, then re-raises the SIGTERM it caught (exit status -15).
     assert server.returncode in (0, -15) and "Application shutdown complete" in log_path.read_text()
