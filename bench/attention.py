@@ -44,20 +44,26 @@ FA4_CONFIGS: dict[str, dict[str, Any]] = {
     "fa4_exp2_pv_ss": {"variant": "exp2", "mma_pv_is_rs": False},
     "fa4_exp2_128x176_pv_ss": {"variant": "exp2", "tile_mn": (128, 176), "mma_pv_is_rs": False},
     "fa4_fast_128x176": {"variant": "fast", "tile_mn": (128, 176)},
+    "fa4_fused_128x160": {"variant": "fused", "tile_mn": (128, 160)},
+    "fa4_fused_128x176": {"variant": "fused", "tile_mn": (128, 176)},
+    # exact windows (alibi_window.py): same output, less work; timed on random q/k (norm ~11)
+    "fa4_exp2_128x160_windows": {"variant": "exp2", "tile_mn": (128, 160), "windows": True},
+    "fa4_fused_128x160_windows": {"variant": "fused", "tile_mn": (128, 160), "windows": True},
+    "fa4_fused_windows": {"variant": "fused", "windows": True},
 }
 
 
 # every timed config is absolute: knobs it does not name run at flash-attn-4's own defaults, not at
 # whatever fa4.DEFAULTS holds (run 4 timed "fa4_exp2" with DEFAULTS' 128x160 tiles leaking in)
-FA4_BASE: dict[str, Any] = {"tile_mn": None, "mma_pv_is_rs": None, "intra_wg_overlap": None}
+FA4_BASE: dict[str, Any] = {"tile_mn": None, "mma_pv_is_rs": None, "intra_wg_overlap": None, "windows": False}
 
 
 def best_fa4_config(layers: dict) -> tuple[str, dict[str, Any]] | None:
     """The fa4 ALiBi config with the lowest 65K time (16K breaks ties), exact variants only."""
     candidates = []
     for name, opts in FA4_CONFIGS.items():
-        if opts["variant"] == "kvonly":
-            continue  # rounding grows with the key index: reported, never picked
+        if opts["variant"] == "kvonly" or opts.get("windows"):
+            continue  # kvonly: rounding grows with the key index; windows: a different amount of work
         times = [layers.get(t, {}).get(name) for t in ("65536", "16384")]
         if all(isinstance(x, dict) for x in times):
             candidates.append((times[0]["ms"], times[1]["ms"], name))
@@ -105,9 +111,16 @@ def identity_score_mod() -> Any:
 
 
 def prefill_kernels(
+    slopes: torch.Tensor, scale: float, *, quick: bool, only: set[str] | None = None
+) -> dict[str, Callable[..., torch.Tensor]]:
+    """name -> fn(q, k, v) for every prefill variant that can run here (those named in `only`)."""
+    kernels = _all_prefill_kernels(slopes, scale, quick=quick)
+    return {name: fn for name, fn in kernels.items() if only is None or name in only}
+
+
+def _all_prefill_kernels(
     slopes: torch.Tensor, scale: float, *, quick: bool
 ) -> dict[str, Callable[..., torch.Tensor]]:
-    """name -> fn(q, k, v) for every prefill variant that can run here."""
     kernels: dict[str, Callable[..., torch.Tensor]] = {}
     if fa4.is_available(torch.device("cuda")):
         interface = fa4._flash_attn_module()
@@ -158,6 +171,39 @@ def check_prefill(
                 traceback.print_exc()
         results[f"blockwise_q{tq}_k{tk}"] = rel_err(blockwise.prefill(q, k, v, slopes, scale=scale), ref)
         print("check", tq, tk, {k_: v_ for k_, v_ in results.items() if f"q{tq}_k{tk}" in k_}, flush=True)
+    return results
+
+
+def check_windows(slopes: torch.Tensor, scale: float, variants: tuple[str, ...] = ("exp2", "fused")) -> dict:
+    """Windowed fa4 vs the same kernel dense: the outputs must be bit-identical (the skipped weights
+    are exactly 0.0). Also reports the plan (groups, work fraction) on these random inputs."""
+    from pipeline.engine.backends.alibi_window import head_windows, plan_groups, work_fraction
+
+    results: dict[str, Any] = {}
+    if not fa4.is_available(torch.device("cuda")):
+        return {"skipped": "flash-attn-4 not available"}
+    for tq, tk in ((8192, 8192), (2048, 16384)):
+        q = torch.randn(1, tq, H, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, tk, H, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, tk, H, D, device="cuda", dtype=torch.bfloat16)
+        groups = plan_groups(head_windows(q, k, slopes, scale=scale), tq, tk)
+        entry: dict[str, Any] = {
+            "groups": [(g.start, g.stop, g.window) for g in groups],
+            "work_fraction": round(work_fraction(groups, tq, tk), 3),
+        }
+        for variant in variants:
+            try:
+                dense = fa4.prefill(q, k, v, slopes, scale=scale, variant=variant, windows=False)
+                windowed = fa4.prefill(q, k, v, slopes, scale=scale, variant=variant, windows=True)
+                entry[variant] = {
+                    "bit_identical": bool(torch.equal(dense, windowed)),
+                    "max_abs_diff": (dense.float() - windowed.float()).abs().max().item(),
+                }
+            except Exception as exc:
+                traceback.print_exc()
+                entry[variant] = repr(exc)[:300]
+        results[f"q{tq}_k{tk}"] = entry
+        print("windows", tq, tk, entry, flush=True)
     return results
 
 
@@ -280,6 +326,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="16384,65536")
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop timing new variants after this")
     parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--configs", default="", help="comma list: time only these kernels (default all)")
+    parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.cpu_smoke:
@@ -295,9 +343,12 @@ def main() -> None:
         res["flash_attn"] = getattr(flash_attn, "__version__", "?")
     except Exception as exc:
         res["flash_attn"] = repr(exc)[:300]
-    kernels = prefill_kernels(slopes, scale, quick=args.quick)
+    only = set(filter(None, args.configs.split(","))) or None
+    kernels = prefill_kernels(slopes, scale, quick=args.quick, only=only)
     res["check"] = check_prefill(kernels, slopes, scale)
-    res["decode"] = check_and_time_decode(slopes, scale)
+    res["windows"] = check_windows(slopes, scale)
+    print(json.dumps(res["windows"]), flush=True)
+    res["decode"] = {} if args.skip_decode else check_and_time_decode(slopes, scale)
     res["prefill"] = time_prefill(kernels, [int(x) for x in args.lengths.split(",")], args.budget_s)
     with open(os.path.join(args.out, "attention.json"), "w") as fh:
         json.dump(res, fh, indent=1)

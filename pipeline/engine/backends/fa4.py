@@ -14,8 +14,18 @@ Slope variants (bench/engine.py times each per layer; bench/NOTES.md has the num
   integer op less, but float32 rounding grows with the key index. Measured, never the default.
 - "aux": slopes read from an aux tensor by head index. Works for any slopes, but flash-attn-4 then
   wraps every q/kv index with a fast-divmod and runs the score_mod one element at a time: slowest.
-"exp2"/"fast"/"kvonly" are only used when the slopes are exactly that geometric series (checked
-once per slopes tensor); otherwise "aux" is used.
+- "exp2s": "exp2" with the first head's slope exponent passed as a runtime aux scalar, so one
+  compiled kernel serves every head group of a windowed call (below).
+- "fused": ALiBi inside the kernel's score hook, the softmax scale kept folded into exp2
+  (pipeline/engine/backends/fa4_fused.py patches flash-attn-4 for it).
+The geometric variants are only used when the slopes are exactly that series (checked once per
+slopes tensor); otherwise "aux" is used.
+
+Exact windows (option `windows`, on by default): steep-slope heads give keys more than a few
+hundred positions back a weight that is exactly 0.0 in float32 (pipeline/engine/backends/
+alibi_window.py proves the bound from this call's q/k norms). Heads are grouped and each group runs
+as flash-attn-4 local attention with its window: the same output, bit for bit, with ~40% less work
+for StoryWriter's slopes at 65K.
 """
 
 from __future__ import annotations
@@ -28,10 +38,17 @@ from typing import Any
 
 import torch
 
+from pipeline.engine.backends import fa4_fused
+from pipeline.engine.backends.alibi_window import HeadGroup, head_windows, plan_groups
+
 log = logging.getLogger(__name__)
 
 NAME = "fa4"
-VARIANTS = ("exp2", "fast", "kvonly", "aux")
+VARIANTS = ("exp2", "fast", "kvonly", "aux", "exp2s", "fused")
+# variants that can run a head group starting past head 0 (the others hard-code head 0's slope)
+GROUPABLE = ("exp2s", "fused", "aux")
+# below this many keys a windowed plan cannot pay for its norm pass and host sync
+WINDOW_MIN_KEYS = 4096
 _MAGIC_I2F = 0x4B000000  # float32 bits of 2^23: int n in [0, 2^23) -> bits(2^23 + n)
 _TWO_23 = 8388608.0
 
@@ -113,6 +130,20 @@ def score_mod(variant: str, step: float | None = None) -> Any:
 
         return alibi_exp2
 
+    if variant == "exp2s":
+
+        @cute.jit
+        def alibi_exp2s(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors, aux_scalars):
+            # aux_scalars[0]: log2 of the slope ratio of this call's head 0 to the model's head 0
+            offset = seqlen_info.seqlen_k - seqlen_info.seqlen_q
+            dist = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to((VEC,)) - kv_idx
+            head = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
+            base = scalar_to_ssa(aux_scalars[0], cutlass.Float32).broadcast_to((VEC,))
+            slope = cute.math.exp2(head * cute.full_like(score, neg_step) + base)
+            return score - slope * dist.to(cutlass.Float32)
+
+        return alibi_exp2s
+
     if variant == "kvonly":
 
         @cute.jit
@@ -164,6 +195,7 @@ DEFAULTS: dict[str, Any] = {
     "tile_mn": (128, 160),
     "mma_pv_is_rs": None,
     "intra_wg_overlap": None,
+    "windows": True,
 }
 
 
@@ -178,7 +210,7 @@ def prefill(
 ) -> torch.Tensor:
     """Causal ALiBi attention, q [B, Tq, H, D], k/v [B, Tk, H, D] (Tk >= Tq) -> [B, Tq, H, D].
 
-    `overrides` (variant, tile_mn, mma_pv_is_rs, intra_wg_overlap) are tuning knobs for the
+    `overrides` (variant, windows, tile_mn, mma_pv_is_rs, intra_wg_overlap) are tuning knobs for the
     benchmark; DEFAULTS holds the measured best.
     """
     interface = _flash_attn_module()
@@ -190,24 +222,69 @@ def prefill(
     if unknown:
         raise TypeError(f"unknown fa4 options {sorted(unknown)}")
     options = {**DEFAULTS, **overrides}
-    variant = options.pop("variant")
-    aux_tensors = None
+    variant, windows = options.pop("variant"), options.pop("windows")
     step = None if variant == "aux" else _cached_step(slopes)
     if step is None:
         variant = "aux"
-        aux_tensors = [slopes.to(device=q.device, dtype=torch.float32).contiguous()]
+    if variant == "fused" and not fa4_fused.install():
+        variant = "exp2s"
     kernel_options = {name: value for name, value in options.items() if value is not None}
     if "tile_mn" in kernel_options:
         kernel_options["tile_mn"] = tuple(kernel_options["tile_mn"])
+    call = functools.partial(_call, interface, variant=variant, step=step, scale=scale, options=kernel_options)
+
+    heads = q.shape[2]
+    groups = [HeadGroup(0, heads, None)]
+    if windows and k.shape[1] >= WINDOW_MIN_KEYS and (variant in GROUPABLE or variant == "exp2"):
+        groups = plan_groups(head_windows(q, k, slopes, scale=scale), q.shape[1], k.shape[1])
+    if len(groups) == 1:
+        return call(q, k, v, slopes, groups[0])
+    out = torch.empty_like(q)
+    for group in groups:
+        hs = slice(group.start, group.stop)
+        out[:, :, hs] = call(q[:, :, hs], k[:, :, hs], v[:, :, hs], slopes[hs], group)
+    return out
+
+
+def _call(
+    interface: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    group: HeadGroup,
+    *,
+    variant: str,
+    step: float | None,
+    scale: float,
+    options: dict[str, Any],
+) -> torch.Tensor:
+    """One flash-attn-4 call over the heads of `group` (q/k/v/slopes already sliced to them)."""
+    aux_tensors, aux_scalars = None, None
+    if variant == "exp2" and group.start > 0:
+        variant = "exp2s"
+    if variant == "aux":
+        aux_tensors = [slopes.to(device=q.device, dtype=torch.float32).contiguous()]
+    elif variant == "exp2s":
+        assert step is not None
+        aux_scalars = (-step * group.start,)
+    elif variant == "fused":
+        assert step is not None
+        aux_scalars = fa4_fused.scalars(step, group.start, scale)
+    elif group.start > 0:
+        raise ValueError(f"variant {variant!r} cannot run heads from {group.start} on")
+    mod = fa4_fused.score_mod() if variant == "fused" else score_mod(variant, step)
     return interface._flash_attn_fwd(
         q,
         k,
         v,
         softmax_scale=scale,
         causal=True,
-        score_mod=score_mod(variant, step),
+        window_size_left=group.window,
+        score_mod=mod,
         aux_tensors=aux_tensors,
-        **kernel_options,
+        aux_scalars=aux_scalars,
+        **options,
     )[0]
 
 

@@ -1,0 +1,168 @@
+"""Exact ALiBi windows (pipeline/engine/backends/alibi_window.py) and fa4's windowed head groups.
+
+The GPU kernel cannot run here; the bound itself is checked in float32 arithmetic on CPU (weights
+beyond each head's window are exactly 0.0), and fa4.prefill's grouping, slicing and per-group slope
+scalars are checked through a stand-in kernel that honours the same arguments.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from pipeline.engine.attention import dense_reference
+from pipeline.engine.backends import alibi_window, fa4
+from pipeline.engine.backends.alibi_window import HeadGroup, causal_work, head_windows, plan_groups
+from pipeline.engine.config import alibi_slopes
+
+
+def brute_work(window: int | None, tq: int, tk: int) -> int:
+    return sum(
+        sum(1 for j in range(p + 1) if window is None or p - j <= window) for p in range(tk - tq, tk)
+    )
+
+
+@pytest.mark.parametrize("tq,tk", [(1, 1), (5, 5), (7, 19), (19, 19), (1, 30)])
+@pytest.mark.parametrize("window", [None, 0, 1, 3, 6, 18, 40])
+def test_causal_work_counts_visible_keys(tq, tk, window):
+    assert causal_work(window, tq, tk) == brute_work(window, tq, tk)
+
+
+def test_plan_groups_is_the_cheapest_contiguous_partition():
+    windows = [3, 9, 4, 30, 12, 100, 7]
+    tq = tk = 64
+    cost_per_call = 150.0
+    groups = plan_groups(windows, tq, tk, call_cost=cost_per_call)
+
+    def cost(parts: list[tuple[int, int]]) -> float:
+        total = 0.0
+        for start, stop in parts:
+            span = [None if w >= tk - 1 else w for w in windows[start:stop]]
+            window = None if None in span else max(span)
+            total += cost_per_call + (stop - start) * causal_work(window, tq, tk)
+        return total
+
+    n = len(windows)
+    best = math.inf
+    for cuts in itertools.product([False, True], repeat=n - 1):
+        bounds = [0] + [i + 1 for i, cut in enumerate(cuts) if cut] + [n]
+        best = min(best, cost(list(zip(bounds, bounds[1:], strict=False))))
+    assert cost([(g.start, g.stop) for g in groups]) == pytest.approx(best)
+    assert [g.start for g in groups][0] == 0 and groups[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(groups, groups[1:], strict=False))
+    holding_5 = next(g for g in groups if g.start <= 5 < g.stop)
+    assert holding_5.window is None  # 100 >= tk - 1: that head sees every key
+
+
+def test_equal_windows_stay_one_call():
+    assert plan_groups([5] * 8, 300, 300) == [HeadGroup(0, 8, 5)]
+
+
+def float32_alibi_weights(q, k, slopes, scale):
+    """softmax weights as a flash kernel computes them in float32: exp2((s - rowmax) * log2 e)."""
+    qh, kh = q[0].transpose(0, 1).float(), k[0].transpose(0, 1).float()  # [H, T, D]
+    t = q.shape[1]
+    pos = torch.arange(t, dtype=torch.float32)
+    dist = pos[:, None] - pos[None, :]  # [T, T]
+    scores = scale * (qh @ kh.transpose(-1, -2)) - slopes.float().view(-1, 1, 1) * dist
+    scores = scores.masked_fill(dist < 0, float("-inf"))
+    rowmax = scores.amax(dim=-1, keepdim=True)
+    return torch.exp2((scores - rowmax) * math.log2(math.e)), dist  # [H, T, T]
+
+
+@pytest.mark.parametrize("norm_scale", [0.3, 1.0, 4.0])
+def test_weights_beyond_each_heads_window_are_exactly_zero(norm_scale):
+    torch.manual_seed(0)
+    h, d, t = 8, 16, 1500
+    q = torch.randn(1, t, h, d) * norm_scale
+    k = torch.randn(1, t, h, d) * norm_scale
+    slopes = alibi_slopes(h, 16.0)
+    scale = d**-0.5
+    windows = head_windows(q, k, slopes, scale=scale)
+    weights, dist = float32_alibi_weights(q, k, slopes, scale)
+    for head, window in enumerate(windows):
+        beyond = dist > window
+        assert bool((weights[head][beyond] == 0.0).all()), f"head {head} window {window}"
+    # the bound is not vacuous: at moderate norms the steepest head skips most keys at this length
+    if norm_scale <= 1.0:
+        assert windows[0] < t // 2
+    # and it grows with the activations' norms (a bigger reach is never unsafe)
+    bigger = head_windows(q * 2, k * 2, slopes, scale=scale)
+    assert all(b >= w for b, w in zip(bigger, windows, strict=True))
+
+
+def test_non_finite_activations_never_shrink_windows():
+    q = torch.randn(1, 8, 2, 4)
+    q[0, 3, 1, 0] = float("inf")
+    windows = head_windows(q, q.clone(), alibi_slopes(2, 8.0), scale=0.5)
+    assert windows[1] >= 2**60
+
+
+class FakeFlashAttn:
+    """Stands in for flash_attn.cute.interface: float64 ALiBi attention honouring the arguments the
+    windowed path passes (head slice, window_size_left, per-group slope scalars)."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.calls: list[dict] = []
+
+    def _flash_attn_fwd(self, q, k, v, *, softmax_scale, causal, window_size_left, score_mod,
+                        aux_tensors, aux_scalars, **options):
+        variant, _ = score_mod
+        heads = q.shape[2]
+        exponent = -self.step * torch.arange(1, heads + 1, dtype=torch.float64)
+        if variant in ("exp2s", "fused"):
+            exponent = exponent + aux_scalars[0]
+        elif variant == "aux":
+            exponent = torch.log2(aux_tensors[0].double())
+        slopes = torch.exp2(exponent)
+        self.calls.append({"heads": heads, "window": window_size_left, "variant": variant})
+        assert causal
+        tq, tk = q.shape[1], k.shape[1]
+        out = dense_reference(q.double(), k.double(), v.double(), slopes, scale=softmax_scale)
+        if window_size_left is not None:  # recompute with the window mask applied
+            qpos = torch.arange(tk - tq, tk)[:, None]
+            kpos = torch.arange(tk)[None, :]
+            mask = (kpos >= qpos - window_size_left) & (kpos <= qpos)
+            qd, kd, vd = (x.double().transpose(1, 2) for x in (q, k, v))
+            scores = softmax_scale * qd @ kd.transpose(-1, -2) - slopes.view(1, -1, 1, 1) * (qpos - kpos)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = (torch.softmax(scores, -1) @ vd).transpose(1, 2)
+        return (out.to(q.dtype),)
+
+
+@pytest.mark.parametrize("variant", ["exp2", "fused", "aux"])
+def test_fa4_windowed_groups_equal_dense_attention(monkeypatch, variant):
+    torch.manual_seed(1)
+    h, d, t = 8, 16, 640
+    slopes = alibi_slopes(h, 16.0)
+    step = fa4.geometric_step(slopes)
+    fake = FakeFlashAttn(step)
+    monkeypatch.setattr(fa4, "_flash_attn_module", lambda: fake)
+    monkeypatch.setattr(fa4, "score_mod", lambda name, step=None: (name, step))
+    monkeypatch.setattr(fa4.fa4_fused, "install", lambda: True)
+    monkeypatch.setattr(fa4.fa4_fused, "score_mod", lambda: ("fused", None))
+    monkeypatch.setattr(fa4, "WINDOW_MIN_KEYS", 64)
+    monkeypatch.setattr(alibi_window, "CALL_COST_ELEMENTS", 1000.0)
+    q, k, v = (torch.randn(1, t, h, d, dtype=torch.float64) * 0.5 for _ in range(3))
+    chunk = slice(t - 200, t)  # a later prefill chunk: queries sit at the end of the keys
+    out = fa4.prefill(q[:, chunk], k, v, slopes, scale=d**-0.5, variant=variant)
+    ref = dense_reference(q[:, chunk], k, v, slopes, scale=d**-0.5)
+    assert len(fake.calls) > 1, fake.calls  # the steep heads really were split off with a window
+    assert any(c["window"] is not None for c in fake.calls)
+    assert sum(c["heads"] for c in fake.calls) == h
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_fa4_windows_off_is_one_dense_call(monkeypatch):
+    slopes = alibi_slopes(4, 8.0)
+    fake = FakeFlashAttn(fa4.geometric_step(slopes))
+    monkeypatch.setattr(fa4, "_flash_attn_module", lambda: fake)
+    monkeypatch.setattr(fa4, "score_mod", lambda name, step=None: (name, step))
+    q = torch.randn(1, 128, 4, 8, dtype=torch.float64)
+    fa4.prefill(q, q, q, slopes, scale=0.3, windows=False)
+    fa4.prefill(q, q, q, slopes, scale=0.3)  # below WINDOW_MIN_KEYS: not worth a host sync
+    assert [c["window"] for c in fake.calls] == [None, None]
