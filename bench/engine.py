@@ -198,20 +198,40 @@ def hf_timings(b: Bench, model: Mpt) -> dict:
     return out
 
 
-def ours_prefill(b: Bench, model: Mpt, lengths: list[int], chunks: list[int]) -> dict:
+# fa4 option sets the prefill stage can run side by side (--prefill-fa4); applied over fa4.DEFAULTS
+PREFILL_FA4_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "dense": {"windows": False},
+    "windows": {"windows": True},
+    "fused": {"variant": "fused", "windows": False},
+    "fused_windows": {"variant": "fused", "windows": True},
+}
+
+
+def ours_prefill(
+    b: Bench, model: Mpt, lengths: list[int], chunks: list[int], fa4_sets: list[str] | None = None,
+    profile_len: int | None = None,
+) -> dict:
     """Chunked prefill into a cache of T + 64 rows (room for decode); seconds, tok/s, FLOP/s, peak over
-    weights + KV."""
+    weights + KV. With fa4 as the backend, each named fa4 option set runs in turn (keys get a suffix),
+    and the first set's prefill at `profile_len` is profiled (top CUDA kernels)."""
     model.slopes = alibi_slopes(model.config.n_heads, 16, device=b.device)  # StoryWriter from here on
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     out: dict[str, Any] = {}
     cache = None
+    uses_fa4 = model.backend is not None and model.backend.prefill_name == "fa4"
+    sets = (fa4_sets or ["default"]) if uses_fa4 else ["default"]
+    saved = dict(fa4.DEFAULTS)
     for t in lengths:
         ids = b.tokens(t, model.config.vocab_size)
         cache = None  # free the previous length's cache before allocating this one
         cache = model.new_cache(1, t + 64)
-        for chunk in chunks:
+        for chunk, set_name in [(c, s) for c in chunks for s in sets]:
             if chunk > t:
                 continue
+            fa4.DEFAULTS.clear()
+            fa4.DEFAULTS.update({**saved, **PREFILL_FA4_SETS[set_name]})
+            suffix = "" if set_name == "default" else f"_{set_name}"
             if b.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -222,8 +242,12 @@ def ours_prefill(b: Bench, model: Mpt, lengths: list[int], chunks: list[int]) ->
 
             try:
                 sec = time_median(b, run, reps)
-            except torch.OutOfMemoryError as exc:
-                out[f"{t}_chunk{chunk}"] = repr(exc)[:200]
+                if t == profile_len and set_name == sets[0] and f"profile_{t}" not in out:
+                    out[f"profile_{t}"] = top_kernels(b, run)
+                    print(out[f"profile_{t}"], flush=True)
+            except Exception as exc:  # OOM or a kernel failing to compile: record, go on
+                traceback.print_exc()
+                out[f"{t}_chunk{chunk}{suffix}"] = repr(exc)[:300]
                 continue
             finally:
                 del run  # its default argument would keep this cache alive into the next length
@@ -239,8 +263,10 @@ def ours_prefill(b: Bench, model: Mpt, lengths: list[int], chunks: list[int]) ->
                     kv_gb=round(cache.nbytes / 1e9, 2),
                     over_weights_kv_gb=round((peak - weights - cache.nbytes) / 1e9, 2),
                 )
-            out[f"{t}_chunk{chunk}"] = entry
-            print("ours prefill", t, chunk, entry, flush=True)
+            out[f"{t}_chunk{chunk}{suffix}"] = entry
+            print("ours prefill", t, chunk, set_name, entry, flush=True)
+    fa4.DEFAULTS.clear()
+    fa4.DEFAULTS.update(saved)
     if cache is not None:
         b.private["cache"] = (lengths[-1], cache)  # the longest prefilled cache feeds the 65K decode
     return out
@@ -456,7 +482,7 @@ def attention_layers(b: Bench, budget_s: float) -> dict:
     layers = attn_bench.time_prefill(kernels, [16384, 65536], budget_s)
     best = attn_bench.best_fa4_config(layers)
     if best is not None:  # the model stages run with the fastest exact fa4 configuration
-        fa4.DEFAULTS.update(best[1])
+        fa4.DEFAULTS.update({k: v for k, v in best[1].items() if k != "windows"})  # windows stay on
         b.res["fa4_config_used"] = {"name": best[0], **fa4.DEFAULTS}
     return layers
 
@@ -523,7 +549,9 @@ def model_stages(b: Bench, args: argparse.Namespace, skip: set[str]) -> None:
     chunks = [32, 16] if b.smoke else [int(c) for c in args.chunks.split(",")]
     contexts = [32, 96] if b.smoke else [int(c) for c in args.decode_contexts.split(",") if c]
     if "prefill" not in skip:
-        b.stage("prefill", lambda: ours_prefill(b, model, lengths, chunks))
+        sets = [x for x in args.prefill_fa4.split(",") if x] if not b.smoke else None
+        profile_len = args.profile_prefill if not b.smoke else None
+        b.stage("prefill", lambda: ours_prefill(b, model, lengths, chunks, sets, profile_len))
     if "decode" not in skip:
         compiled = [int(c) for c in args.compiled_decode.split(",") if c] if not b.smoke else []
         fixed = [int(c) for c in args.index_copy_decode.split(",") if c] if not b.smoke else []
@@ -540,6 +568,10 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of stages to skip")
     parser.add_argument("--chunks", default="16384,8192")
     parser.add_argument("--layers-budget-s", type=float, default=240.0)
+    parser.add_argument(
+        "--prefill-fa4", default="default", help=f"fa4 option sets for the prefill stage: {list(PREFILL_FA4_SETS)}"
+    )
+    parser.add_argument("--profile-prefill", type=int, default=0, help="profile the prefill of this length")
     parser.add_argument("--decode-contexts", default="4096,65536", help="contexts of the decode stage")
     parser.add_argument(
         "--compiled-decode", default="4096", help="contexts that also time the decode_mode='compile' step"
