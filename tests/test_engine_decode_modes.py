@@ -112,8 +112,8 @@ def test_generator_graph_path_gives_the_eager_tokens(tiny_model, monkeypatch, pa
     model, tok = tiny_model
     made: list[StaticDecodeStep] = []
 
-    def static_step(model, cache):
-        made.append(StaticDecodeStep(model, cache))
+    def static_step(model, cache, *, pick=None, capture_pick=False):
+        made.append(StaticDecodeStep(model, cache, pick=pick))
         return made[-1]
 
     monkeypatch.setattr(generate_module, "CudaGraphStep", static_step)

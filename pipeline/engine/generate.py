@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from pipeline.engine.cache import KVCache
-from pipeline.engine.graphs import CudaGraphStep
+from pipeline.engine.graphs import CudaGraphStep, Pick, StaticDecodeStep
 from pipeline.engine.model import Mpt
 from pipeline.engine.sampling import SamplingParams, select_next
 from pipeline.engine.tokenizer import Tokenizer
@@ -136,14 +136,16 @@ class Generator:
             torch._dynamo.mark_static_address(cache.v)
         return cache
 
-    def decode_step(self, cache: KVCache) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The decode step for `cache` in this generator's mode: (tokens [B], positions [B]) -> float32
-        logits [B, vocab]. In "graph" mode the logits are a static buffer the next call overwrites, and
-        the graph is captured at the first call (one capture per cache, i.e. per generate call)."""
+    def decode_step(self, cache: KVCache, *, pick: Pick | None = None, capture_pick: bool = False) -> StaticDecodeStep:
+        """The decode step for `cache` in this generator's mode: called with (tokens [B], positions [B])
+        it returns float32 logits [B, vocab] in a static buffer the next call overwrites; with `pick`
+        it also runs the device-side token loop (`start` / `advance`, see graphs.py). In "graph" mode
+        the graph is captured at the first run (one capture per cache, i.e. per generate call), the pick
+        inside it when `capture_pick` (greedy: no RNG state to capture)."""
         if self.decode_mode == "graph":
-            return CudaGraphStep(self.model, cache)
+            return CudaGraphStep(self.model, cache, pick=pick, capture_pick=capture_pick)
         decode = self._compiled if self._compiled is not None else self.model.decode
-        return lambda tokens, positions: decode(tokens, cache, positions)
+        return StaticDecodeStep(self.model, cache, decode=decode, pick=pick)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
         ids = [self.tokenizer.encode(p) for p in prompts]
@@ -200,18 +202,67 @@ class Generator:
         gens = None
         if params.seed is not None and not params.is_greedy:  # one RNG per row: batch-independent samples
             gens = [torch.Generator(device=device).manual_seed(params.seed) for _ in lengths]
-        positions = torch.tensor(list(lengths), dtype=torch.long, device=device)
+
+        def pick(step_logits: torch.Tensor) -> torch.Tensor:
+            return select_next(step_logits, params, gens)
+
         streams = [_Stream(self.tokenizer, params) for _ in lengths]
-        decode = self.decode_step(cache)
-        for step in range(params.max_new_tokens):
-            next_tokens = select_next(logits, params, gens)
-            for stream, tok in zip(streams, next_tokens.tolist(), strict=True):
+
+        def consume(tokens: list[int]) -> bool:
+            for stream, tok in zip(streams, tokens, strict=True):
                 stream.push(tok)
-            if all(s.finish_reason for s in streams) or step == params.max_new_tokens - 1:
-                break
-            logits = decode(next_tokens, positions)  # next_tokens were taken from the old logits
-            positions = positions + 1
+            return all(s.finish_reason for s in streams)
+
+        step = self.decode_step(cache, pick=pick, capture_pick=params.is_greedy)
+        positions = torch.tensor(list(lengths), dtype=torch.long, device=device)
+        step.start(pick(logits), positions)
+        run_token_loop(step, params.max_new_tokens, consume)
         return [s.completion(n) for s, n in zip(streams, lengths, strict=True)]
+
+
+def run_token_loop(step: StaticDecodeStep, max_new_tokens: int, consume: Callable[[list[int]], bool]) -> int:
+    """Drive a started step for up to `max_new_tokens` tokens (the first is already in its buffer);
+    consume(tokens of one step, one int per row) returns True when every row has finished.
+    Returns the number of tokens consumed per row.
+
+    The host stays one step behind the GPU: step i's tokens are copied to pinned memory, step i + 1
+    is enqueued, and only then does the host wait for step i's copy and check it. So the GPU never
+    idles on the host's stop checks; when they end the loop, the step already enqueued is wasted
+    and its tokens never reach `consume` (a finished row drops what follows anyway)."""
+    reader = _HostTokens(step.tokens)
+    for i in range(max_new_tokens):
+        reader.put(step.tokens)
+        if i < max_new_tokens - 1:
+            step.advance()  # reads the tokens just queued for the host, then overwrites them
+        if consume(reader.get()):
+            return i + 1
+    return max_new_tokens
+
+
+class _HostTokens:
+    """Token ids [B] from the device to the host without stalling the stream: a pinned buffer filled
+    by an async copy, read once its event has passed (CUDA). Elsewhere the read is immediate."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.cuda = like.is_cuda
+        self.pending: list[int] | None = None
+        if self.cuda:
+            self.host = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            self.copied = torch.cuda.Event()
+
+    def put(self, tokens: torch.Tensor) -> None:
+        if self.cuda:
+            self.host.copy_(tokens, non_blocking=True)
+            self.copied.record()
+        else:
+            self.pending = tokens.tolist()
+
+    def get(self) -> list[int]:
+        if self.cuda:
+            self.copied.synchronize()
+            return self.host.tolist()
+        assert self.pending is not None
+        return self.pending
 
 
 class _Stream:

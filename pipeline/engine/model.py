@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.engine import fused
 from pipeline.engine.attention import AttentionBackend
 from pipeline.engine.cache import KVCache
 from pipeline.engine.config import MptConfig, alibi_slopes
@@ -27,6 +28,14 @@ class LayerNorm(nn.Module):
             return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, norm(residual)) with residual = x + delta (x when delta is None): one fused kernel
+        on CUDA (pipeline/engine/fused.py), else the same ops as `x + delta` then forward."""
+        if fused.fusable_norm(x):
+            return fused.add_layer_norm(x, delta, self.weight, self.bias, self.eps)
+        residual = x if delta is None else x + delta
+        return residual, self(residual)
 
 
 def _norm(config: MptConfig) -> LayerNorm:
@@ -106,20 +115,24 @@ class Block(nn.Module):
     def decode(
         self,
         x: torch.Tensor,
+        pending: torch.Tensor | None,
         kv: tuple[torch.Tensor, torch.Tensor],
         positions: torch.Tensor,
+        lengths: torch.Tensor,
         backend: AttentionBackend,
         slopes: torch.Tensor,
-    ) -> torch.Tensor:
-        """x [B, 1, d_model]; the new token of row b sits at positions[b] (= its length before it)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 1, d_model] is the residual stream without `pending` (the previous block's MLP output,
+        None for the first block), so that add and norm_1 run as one kernel. The new token of row b
+        sits at positions[b]; lengths = positions + 1. Returns (residual stream, this block's MLP
+        output): the caller adds the latter (fused into the next norm)."""
         k_cache, v_cache = kv  # each [B, L_max, H, D]
-        rows = torch.arange(x.shape[0], device=x.device)
-        q, k, v = self.attn.project(self.norm_1(x))
-        k_cache[rows, positions] = k[:, 0]  # [B, H, D] scattered to one slot per row
-        v_cache[rows, positions] = v[:, 0]
-        a = backend.decode(q, k_cache, v_cache, slopes, positions + 1, scale=self.attn.config.scale)
-        x = x + self.attn.output(a)
-        return x + self.ffn(self.norm_2(x))
+        x, h = self.norm_1.add_forward(x, pending)
+        q, k, v = self.attn.project(h)
+        fused.write_kv(k_cache, v_cache, k[:, 0], v[:, 0], positions)  # [B, H, D] to one slot per row
+        a = backend.decode(q, k_cache, v_cache, slopes, lengths, scale=self.attn.config.scale)
+        x, h = self.norm_2.add_forward(x, self.attn.output(a))
+        return x, self.ffn(h)
 
 
 class Mpt(nn.Module):
@@ -151,9 +164,7 @@ class Mpt(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d_model] (before norm_f) -> float32 logits [..., vocab]."""
-        weight = self.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        out = F.linear(self.norm_f(hidden), weight).float()
-        return out * self.config.logit_scale if self.config.logit_scale is not None else out
+        return self._head(self.norm_f(hidden))
 
     def _backend(self) -> AttentionBackend:
         if self.backend is None:
@@ -191,6 +202,15 @@ class Mpt(nn.Module):
         Shapes are static and nothing syncs with the host, so the step can be compiled / graph-captured."""
         backend = self._backend()
         x = self.wte(tokens)[:, None]  # [B] -> [B, 1, d_model]
+        lengths = positions + 1  # keys per row incl. the new token, shared by every layer
+        pending = None
         for i, block in enumerate(self.blocks):
-            x = block.decode(x, cache.layer(i), positions, backend, self.slopes)
-        return self.logits(x[:, 0])
+            x, pending = block.decode(x, pending, cache.layer(i), positions, lengths, backend, self.slopes)
+        _, h = self.norm_f.add_forward(x, pending)
+        return self._head(h[:, 0])
+
+    def _head(self, normed: torch.Tensor) -> torch.Tensor:
+        """normed [..., d_model] (after norm_f) -> float32 logits [..., vocab], as `logits` computes them."""
+        weight = self.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        out = F.linear(normed, weight).float()
+        return out * self.config.logit_scale if self.config.logit_scale is not None else out

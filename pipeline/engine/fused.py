@@ -1,0 +1,167 @@
+"""Fused decode kernels (Triton on CUDA): residual add + LayerNorm, and the new token's K/V cache write.
+
+Batch-1 decode replays ~500 kernels per token from one CUDA graph; the small ones are paid in launch
+latency, not bytes. Unfused, each LayerNorm is one 7.6 us kernel with one block per 4096-vector (65 per
+step) and each residual add another kernel; each layer's cache write is two index_put kernels plus an
+arange (H200 profile, bench/NOTES.md). Here a block's residual add and the following norm are one
+kernel, and a layer's K and V writes are one.
+
+Both have a torch fallback with exactly the unfused math (CPU, torch.compile, no Triton), so CPU results
+are bit-identical to the plain model. `KERNELS` switches each fusion off, for the bench's before/after
+rows; a CUDA graph keeps what was on when it was captured.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FusedKernels:
+    """Which fused kernels the decode step uses where Triton runs (read at each call / capture)."""
+
+    add_norm: bool = True
+    kv_write: bool = True
+
+
+KERNELS = FusedKernels()
+
+
+@functools.cache
+def _triton() -> Any:
+    """The jitted kernels, or None when Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        log.debug("triton not installed: decode uses the unfused torch ops")
+        return None
+
+    @triton.jit
+    def add_layer_norm(
+        x_ptr, delta_ptr, res_ptr, out_ptr, w_ptr, b_ptr, n_cols, eps,
+        HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        offs = row * n_cols + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            x += tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            # rounded to the activation dtype and normalized from there, as `x = x + a; norm(x)` does
+            x = x.to(res_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            tl.store(res_ptr + offs, x, mask=mask)
+            x = x.to(tl.float32)
+        mean = tl.sum(x, axis=0) / n_cols
+        centred = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
+        y = centred * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def write_kv(
+        k_ptr, v_ptr, src_row_stride, k_cache_ptr, v_cache_ptr, cache_row_stride, cache_pos_stride,
+        positions_ptr, n_cols, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        position = tl.load(positions_ptr + row).to(tl.int64)
+        src = row * src_row_stride + cols
+        dst = row * cache_row_stride + position * cache_pos_stride + cols
+        tl.store(k_cache_ptr + dst, tl.load(k_ptr + src, mask=mask), mask=mask)
+        tl.store(v_cache_ptr + dst, tl.load(v_ptr + src, mask=mask), mask=mask)
+
+    return add_layer_norm, write_kv
+
+
+def _runs_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and not torch.compiler.is_compiling() and _triton() is not None
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Triton kernel for `residual = x + delta` (x alone when delta is None) and
+    `layer_norm(residual)` over the last dim; returns (residual, normalized), both in x's dtype.
+
+    Statistics and affine in float32, output rounded once: F.layer_norm's math for both MPT norms (the
+    low-precision one on bf16 CUDA tensors also accumulates in float32). Caller checks `fusable`."""
+    add_norm_kernel = _triton()[0]
+    n_cols = x.shape[-1]
+    x = x.contiguous()
+    residual = x
+    if delta is not None:
+        delta = delta.contiguous()
+        residual = torch.empty_like(x)
+    out = torch.empty_like(x)
+    block = triton_next_power_of_2(n_cols)
+    add_norm_kernel[(x.numel() // n_cols,)](
+        x, delta if delta is not None else x, residual, out, weight, bias if bias is not None else weight,
+        n_cols, eps, HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return residual, out
+
+
+def fusable_norm(x: torch.Tensor) -> bool:
+    """Whether add_layer_norm runs its Triton kernel for x (else the caller runs the torch ops)."""
+    return KERNELS.add_norm and _runs_triton(x)
+
+
+_KV_BLOCK = 1024
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """k_cache[b, positions[b]] = k[b] and the same for V, for every row b: caches [B, L, H, D], k and v
+    [B, H, D] (views into the fused QKV projection are fine: only each row's H * D block must be
+    contiguous). One kernel on CUDA with Triton; the two index_put elsewhere."""
+    b, h, d = k.shape
+    if not (KERNELS.kv_write and _runs_triton(k) and _kv_layout_ok(k_cache, v_cache, k, v)):
+        rows = torch.arange(b, device=k.device)
+        k_cache[rows, positions] = k  # [B, H, D] scattered to one slot per row
+        v_cache[rows, positions] = v
+        return
+    write_kernel = _triton()[1]
+    n_cols = h * d
+    grid = (b, -(-n_cols // _KV_BLOCK))
+    write_kernel[grid](
+        k, v, k.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), positions, n_cols,
+        BLOCK=_KV_BLOCK,
+    )
+
+
+def _kv_layout_ok(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The kernel addresses each (row, position) slot and each source row as one flat H * D run."""
+    h, d = k.shape[1:]
+
+    def flat_heads(t: torch.Tensor, head_dim: int) -> bool:
+        return t.stride(-1) == 1 and t.stride(-2) == head_dim
+
+    return (
+        k.stride() == v.stride()
+        and k_cache.stride() == v_cache.stride()
+        and flat_heads(k, d)
+        and flat_heads(k_cache, d)
+        and k_cache.stride(1) == h * d
+    )
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
