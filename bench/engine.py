@@ -15,14 +15,17 @@ then a table: ours, HF, ratio, roofline floor (FLOPs / 795 TFLOP/s, bytes / 4.27
 
 H200:  PYTHONPATH=. python bench/engine.py --out $OUT
 CPU:   PYTHONPATH=. python bench/engine.py --cpu-smoke   (tiny config, every code path but the kernels)
-Decode only, 4K, no flash-attn-4 needed (FlexAttention prefill, SDPA decode), ~1 minute:
+Decode only, 4K and 65K, no flash-attn-4 needed (FlexAttention prefill at 4K, random K/V at 65K), every
+decode row side by side (before / token loop / fused norm / fused K/V write / split-K), ~1-2 minutes:
        PYTHONPATH=. python bench/engine.py --out $OUT --skip attention,layers,logits,prefill \
-           --decode-contexts 4096 --compiled-decode ""
+           --decode-contexts 4096,65536 --compiled-decode ""
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,16 +33,17 @@ import os
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from bench import attention as attn_bench
 from bench import hf_reference
-from pipeline.engine.backends import fa4, select_backend
+from pipeline.engine import fused
+from pipeline.engine.backends import fa4, sdpa, select_backend, splitk
 from pipeline.engine.config import MptConfig, alibi_slopes
-from pipeline.engine.generate import Generator, prefill_chunked
+from pipeline.engine.generate import Generator, prefill_chunked, run_token_loop
 from pipeline.engine.model import Mpt
 from pipeline.engine.sampling import SamplingParams, select_next
 
@@ -291,9 +295,10 @@ class _NoText:
 
 
 def generator_step(b: Bench, gen: Generator, cache: Any, ctx: int) -> tuple[Callable[[], None], float]:
-    """`gen.decode_step(cache)` driven the way Generator._decode_loop drives it: step, greedy pick,
-    tokens to the host (its stop checks read them), positions + 1. Setup = the first call (in "graph"
-    mode: warm-up + CUDA-graph capture)."""
+    """`gen.decode_step(cache)` driven the way Generator._decode_loop drove it before the device-side
+    loop: step, greedy pick, tokens to the host every step (its stop checks read them), positions + 1,
+    tokens / positions copied back in. Setup = the first call (in "graph" mode: warm-up + CUDA-graph
+    capture)."""
     step = gen.decode_step(cache)
     state = {
         "tokens": torch.zeros(1, dtype=torch.long, device=b.device),
@@ -311,6 +316,69 @@ def generator_step(b: Bench, gen: Generator, cache: Any, ctx: int) -> tuple[Call
     run()
     b.sync()
     return run, time.perf_counter() - start
+
+
+def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+    return select_next(logits, GREEDY_STEPS)
+
+
+def loop_step(b: Bench, gen: Generator, cache: Any, ctx: int, steps: int) -> tuple[Callable[[], None], float]:
+    """The Generator's token loop as `_decode_loop` runs it now: greedy pick inside the CUDA graph,
+    positions bumped on the device, tokens read back one step behind (run_token_loop). One run =
+    `steps` decode steps (steps + 1 tokens, the first from the "prefill"); one capture for all runs."""
+    step = gen.decode_step(cache, pick=greedy_pick, capture_pick=True)
+    first = torch.zeros(1, dtype=torch.long, device=b.device)
+    positions = torch.full((1,), ctx, dtype=torch.long, device=b.device)
+
+    @torch.inference_mode()
+    def run(n: int = steps) -> None:
+        step.start(first, positions)
+        run_token_loop(step, n + 1, lambda tokens: False)
+
+    start = time.perf_counter()
+    run(1)  # warm-up + capture
+    b.sync()
+    return run, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def decode_variant(model: Mpt, *, add_norm: bool, kv_write: bool, attention: str = "sdpa") -> Iterator[None]:
+    """Run the decode step with the chosen fused kernels and decode attention, restored after."""
+    saved_kernels, saved_backend = dataclasses.replace(fused.KERNELS), model.backend
+    fused.KERNELS.add_norm, fused.KERNELS.kv_write = add_norm, kv_write
+    if attention == "splitk":
+        assert saved_backend is not None
+        model.backend = dataclasses.replace(saved_backend, decode=splitk.decode, decode_name="splitk")
+    try:
+        yield
+    finally:
+        fused.KERNELS.add_norm, fused.KERNELS.kv_write = saved_kernels.add_norm, saved_kernels.kv_write
+        model.backend = saved_backend
+
+
+def attention_per_layer(b: Bench, model: Mpt, cache: Any, ctx: int) -> dict:
+    """Decode attention alone over every layer's cache at this context: SDPA + bias row (bias rebuilt
+    per layer, as under inference mode) vs the Triton split-K kernel; microseconds per layer. Inputs
+    are the cache's own K/V, so both read exactly what the model's step reads."""
+    cfg = model.config
+    q = torch.randn(1, 1, cfg.n_heads, cfg.head_dim, device=b.device, dtype=model.dtype)
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        lengths = torch.full((1,), ctx + 1, dtype=torch.long, device=b.device)  # inference tensor: no bias memo
+        ref = sdpa.decode(q, *cache.layer(0), model.slopes, lengths, scale=cfg.scale)
+        got = splitk.decode(q, *cache.layer(0), model.slopes, lengths, scale=cfg.scale)
+        out["splitk_vs_sdpa_rel_err"] = rel(got, ref)
+        for name, kernel in (("sdpa_bias_row", sdpa.decode), ("splitk", splitk.decode)):
+
+            def layers(kernel: Callable[..., torch.Tensor] = kernel) -> None:
+                for i in range(cfg.n_layers):
+                    kernel(q, *cache.layer(i), model.slopes, lengths, scale=cfg.scale)
+
+            sec = time_median(b, layers, 5, warmup=2)
+            out[f"{name}_us_per_layer"] = round(sec / cfg.n_layers * 1e6, 1)
+    kv_bytes = 2 * (ctx + 1) * cfg.d_model * 2
+    out["floor_us_per_layer"] = round(kv_bytes / COPY_TBPS / 1e6, 1)
+    return out
 
 
 def compiled_step(b: Bench, gen: Generator, cache: Any, ctx: int) -> tuple[Callable[[], None], float]:
@@ -331,16 +399,6 @@ def compiled_step(b: Bench, gen: Generator, cache: Any, ctx: int) -> tuple[Calla
         run()
     b.sync()
     return run, time.perf_counter() - start
-
-
-def graph_vs_eager_tokens(gen: Generator, ids: list[int]) -> dict:
-    """Greedy tokens of the Generator's default decode vs its eager decode from the same prompt: the
-    capture must not change what is computed (the same kernels, replayed)."""
-    eager = Generator(gen.model, _NoText(), decode_mode="eager")  # type: ignore[arg-type]
-    default = Generator(gen.model, _NoText())  # type: ignore[arg-type]
-    (want,) = eager.generate_ids([ids], GREEDY_STEPS)
-    (got,) = default.generate_ids([ids], GREEDY_STEPS)
-    return {"mode": default.decode_mode, "tokens_equal": got.tokens == want.tokens, "n": len(got.tokens)}
 
 
 def decode_index_copy(model: Mpt, tokens: torch.Tensor, cache: Any, positions: torch.Tensor) -> torch.Tensor:
@@ -397,6 +455,9 @@ def top_kernels(b: Bench, step: Callable[[], None]) -> str:
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60)
 
 
+PROFILE_STEPS = 4
+
+
 def ours_decode(
     b: Bench,
     model: Mpt,
@@ -405,12 +466,20 @@ def ours_decode(
     compiled_contexts: list[int],
     index_copy_contexts: list[int] = (),  # type: ignore[assignment]
     eager_contexts: list[int] = (),  # type: ignore[assignment]
+    split_k_contexts: list[int] = (),  # type: ignore[assignment]
 ) -> dict:
-    """ms/token at batch 1 through the Generator's default decode step ("graph" on CUDA: the eager step
-    replayed from one CUDA graph; "eager" on CPU), into a cache of exactly ctx + 64 positions as the
-    Generator sizes it; for `compiled_contexts` also its decode_mode="compile" step (the old default),
-    for `eager_contexts` its decode_mode="eager" step (what the capture saves per token).
-    At the first context, the default step's greedy tokens are checked against eager decode.
+    """ms/token at batch 1, into a cache of exactly ctx + 64 positions as the Generator sizes it, rows
+    side by side (each its own capture; a failing row prints its traceback and the rest go on):
+      graph_before  the step as it was: unfused kernels, host round trip every step (generator_step)
+      graph_loop    + device-side token loop (pick in graph, positions on device, tokens read back one
+                    step behind): item 1 alone
+      graph_norm    + fused residual add + LayerNorm
+      generator     + one-kernel K/V cache write = the Generator's default now (the goal row)
+      splitk        generator with the Triton split-K decode attention instead of SDPA + bias row
+    plus `eager` (decode_mode="eager", old driver), `compiled` / `compiled_index_copy` (experiments),
+    and attention alone per layer (SDPA + bias row vs split-K) for split-K contexts. At the first
+    context: greedy tokens of the default vs eager, unfused and split-K, and a profile of the new
+    step. Contexts above 8K skip the prefill (random K/V: decode time does not depend on values).
     Floor: weights + K/V of `ctx` tokens read once at 4.27 TB/s."""
     gen = Generator(model, _NoText())  # type: ignore[arg-type]
     compiled_gen = Generator(model, _NoText(), decode_mode="compile") if compiled_contexts else None  # type: ignore[arg-type]
@@ -418,54 +487,62 @@ def ours_decode(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     prefilled = b.private.pop("cache", None)
     out: dict[str, Any] = {"default_mode": gen.decode_mode}
+    graph = gen.decode_mode == "graph"
     for ctx in contexts:
         ids = b.tokens(ctx, model.config.vocab_size)
         if ctx == contexts[0]:
-            try:
-                out["tokens_vs_eager"] = graph_vs_eager_tokens(gen, ids)
-            except Exception as exc:
-                traceback.print_exc()
-                out["tokens_vs_eager"] = {"error": repr(exc)[:500]}
-            print("ours decode tokens vs eager", out["tokens_vs_eager"], flush=True)
+            out["tokens"] = token_checks(gen, ids, splitk_too=bool(split_k_contexts))
+            print("ours decode tokens", out["tokens"], flush=True)
         if prefilled is not None and prefilled[0] == ctx:
             cache = prefilled[1]  # K/V of a real 65K prefill, room for 64 more
         else:
             cache = gen.new_cache(1, ctx + 64)
-            prefill_chunked(model, ids, cache, chunk_size=min(ctx, 8192))
+            if ctx <= 8192 or b.smoke:
+                prefill_chunked(model, ids, cache, chunk_size=min(ctx, 8192))
+            else:
+                cache.k.normal_()
+                cache.v.normal_()
         kv_bytes = 2 * model.config.n_layers * ctx * model.config.d_model * 2  # K and V once, bf16
         entry: dict[str, Any] = {
             "floor_ms": round((weights + kv_bytes) / COPY_TBPS / 1e9, 3),
             "cache_len": cache.max_len,
         }
-        modes = [("generator", lambda cache=cache, ctx=ctx: generator_step(b, gen, cache, ctx))]
-        if ctx in eager_contexts and gen.decode_mode != "eager":
-            modes.append(("eager", lambda cache=cache, ctx=ctx: generator_step(b, eager_gen, cache, ctx)))
+        unfused = {"add_norm": False, "kv_write": False}
+        fused_all = {"add_norm": True, "kv_write": True}
+        rows: list[tuple[str, dict, Callable[[], tuple[Callable[..., None], float]], bool]] = []
+        if graph:
+            rows += [
+                ("graph_before", unfused, lambda cache=cache, ctx=ctx: generator_step(b, gen, cache, ctx), False),
+                ("graph_loop", unfused, lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True),
+                ("graph_norm", {"add_norm": True, "kv_write": False},
+                 lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True),
+            ]
+        rows.append(("generator", fused_all, lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True))
+        if ctx in split_k_contexts:
+            rows.append(("splitk", {**fused_all, "attention": "splitk"},
+                         lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True))
+        if ctx in eager_contexts and graph:
+            rows.append(("eager", fused_all, lambda cache=cache, ctx=ctx: generator_step(b, eager_gen, cache, ctx),
+                         False))
         if compiled_gen is not None and ctx in compiled_contexts:
-            modes.append(("compiled", lambda cache=cache, ctx=ctx: compiled_step(b, compiled_gen, cache, ctx)))
+            rows.append(("compiled", unfused, lambda cache=cache, ctx=ctx: compiled_step(b, compiled_gen, cache, ctx),
+                         False))
         if ctx in index_copy_contexts:
-            modes.append(
-                (
-                    "compiled_index_copy",
-                    lambda cache=cache, ctx=ctx: compiled_index_copy_step(b, model, cache, ctx),
-                )
-            )
-        for mode, make in modes:
+            rows.append(("compiled_index_copy", unfused,
+                         lambda cache=cache, ctx=ctx: compiled_index_copy_step(b, model, cache, ctx), False))
+        for mode, variant, make, whole_loop in rows:
             try:
-                step, setup_s = make()
-                step()
-                b.sync()
-                start = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                b.sync()
-                entry[f"{mode}_ms_per_token"] = round((time.perf_counter() - start) / steps * 1e3, 3)
-                entry[f"{mode}_setup_s"] = round(setup_s, 1)
-                if ctx == contexts[0]:
-                    entry[f"{mode}_top_kernels"] = top_kernels(b, step)
-                    print(entry[f"{mode}_top_kernels"], flush=True)
+                with decode_variant(model, **variant):
+                    time_row(b, entry, mode, make, whole_loop, steps, profile=ctx == contexts[0])
             except Exception as exc:
                 traceback.print_exc()
                 entry[f"{mode}_error"] = repr(exc)[:500]
+        if ctx in split_k_contexts:
+            try:
+                entry["attention"] = attention_per_layer(b, model, cache, ctx)
+            except Exception as exc:
+                traceback.print_exc()
+                entry["attention"] = {"error": repr(exc)[:500]}
         if "generator_ms_per_token" in entry:  # the goal row: what generate() runs, not the best variant
             entry["ms_per_token"] = entry["generator_ms_per_token"]
         out[str(ctx)] = entry
@@ -473,6 +550,69 @@ def ours_decode(
             "ours decode", ctx, {k: v for k, v in entry.items() if not k.endswith("_top_kernels")}, flush=True
         )
         cache = prefilled = None
+    return out
+
+
+def time_row(
+    b: Bench, entry: dict, mode: str, make: Callable[[], tuple[Callable[..., None], float]], whole_loop: bool,
+    steps: int, *, profile: bool,
+) -> None:
+    """ms/token of one row into `entry`. A whole-loop row's run() decodes `steps` tokens (the
+    pipelined loop has to run to show its overlap); a per-step row's run() decodes one."""
+    step, setup_s = make()
+    if whole_loop:
+        step()
+        b.sync()
+        start = time.perf_counter()
+        step()
+    else:
+        step()
+        b.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+    b.sync()
+    entry[f"{mode}_ms_per_token"] = round((time.perf_counter() - start) / steps * 1e3, 3)
+    entry[f"{mode}_setup_s"] = round(setup_s, 1)
+    if profile and mode in ("graph_before", "generator", "splitk"):
+        if whole_loop:
+            table_text = top_kernels(b, lambda: step(PROFILE_STEPS))
+        else:
+            table_text = top_kernels(b, lambda: [step() for _ in range(PROFILE_STEPS)])  # type: ignore[func-returns-value]
+        entry[f"{mode}_top_kernels"] = table_text
+        print(f"top kernels, {mode}, {PROFILE_STEPS} decode steps:", flush=True)
+        print(table_text, flush=True)
+
+
+def token_checks(gen: Generator, ids: list[int], *, splitk_too: bool) -> dict:
+    """Greedy tokens (16 steps) of the default decode vs eager (must be equal: same kernels, replayed),
+    and of the unfused kernels / split-K attention vs the default (bf16 rounding may legitimately
+    differ; reported, not asserted)."""
+    out: dict[str, Any] = {}
+    checks: list[tuple[str, dict]] = [("vs_eager", {"add_norm": True, "kv_write": True})]
+    checks.append(("unfused_vs_default", {"add_norm": False, "kv_write": False}))
+    if splitk_too:
+        checks.append(("splitk_vs_default", {"add_norm": True, "kv_write": True, "attention": "splitk"}))
+    try:
+        default = Generator(gen.model, _NoText())  # type: ignore[arg-type]
+        (want,) = default.generate_ids([ids], GREEDY_STEPS)
+        out["mode"] = default.decode_mode
+    except Exception as exc:
+        traceback.print_exc()
+        return {"error": repr(exc)[:500]}
+    for name, variant in checks:
+        try:
+            with decode_variant(gen.model, **variant):
+                mode = "eager" if name == "vs_eager" else None
+                (got,) = Generator(gen.model, _NoText(), decode_mode=mode).generate_ids([ids], GREEDY_STEPS)  # type: ignore[arg-type]
+            out[f"tokens_{name}"] = got.tokens == want.tokens
+            if got.tokens != want.tokens:
+                out[f"first_difference_{name}"] = next(
+                    i for i, (x, y) in enumerate(zip(got.tokens, want.tokens, strict=True)) if x != y
+                )
+        except Exception as exc:
+            traceback.print_exc()
+            out[f"{name}_error"] = repr(exc)[:500]
     return out
 
 
@@ -528,6 +668,13 @@ def table(res: dict) -> str:
                 f"{theirs} | {ratio} | {ours['floor_ms']:.2f} ms | {ours['ms_per_token'] / ours['floor_ms']:.2f} | "
                 f"goal <= {goal} ms"
             )
+        for row, label in (("graph_before", "graph, before: unfused, host round trip"),
+                           ("graph_loop", "graph + device token loop"),
+                           ("graph_norm", "graph + loop + fused add+norm"),
+                           ("splitk", "default + split-K attention")):
+            if isinstance(ours, dict) and f"{row}_ms_per_token" in ours:
+                rows.append(f"decode b1 @{ctx:>6} ({label}) | {ours[f'{row}_ms_per_token']:.2f} ms | | | "
+                            f"{ours['floor_ms']:.2f} ms | {ours[f'{row}_ms_per_token'] / ours['floor_ms']:.2f} | -")
         if isinstance(ours, dict) and "eager_ms_per_token" in ours:
             rows.append(f"decode b1 @{ctx:>6} (Generator, eager) | {ours['eager_ms_per_token']:.2f} ms | | | | | -")
         if isinstance(ours, dict) and "compiled_ms_per_token" in ours:
@@ -556,7 +703,9 @@ def model_stages(b: Bench, args: argparse.Namespace, skip: set[str]) -> None:
         compiled = [int(c) for c in args.compiled_decode.split(",") if c] if not b.smoke else []
         fixed = [int(c) for c in args.index_copy_decode.split(",") if c] if not b.smoke else []
         eager = [int(c) for c in args.eager_decode.split(",") if c] if not b.smoke else []
-        b.stage("decode", lambda: ours_decode(b, model, contexts, 4 if b.smoke else 32, compiled, fixed, eager))
+        split_k = [int(c) for c in args.split_k_decode.split(",") if c] if not b.smoke else []
+        b.stage("decode", lambda: ours_decode(b, model, contexts, 4 if b.smoke else 32, compiled, fixed, eager,
+                                              split_k))
 
 
 def main() -> None:
@@ -578,6 +727,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--eager-decode", default="4096", help="contexts that also time the decode_mode='eager' step"
+    )
+    parser.add_argument(
+        "--split-k-decode", default="4096,65536",
+        help="contexts that also time the Triton split-K decode attention (model row + attention alone)",
     )
     parser.add_argument(
         "--index-copy-decode", default="", help="contexts that time the compiled step with index_copy_ writes"

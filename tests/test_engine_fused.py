@@ -140,3 +140,33 @@ def test_decode_step_through_the_triton_kernels_equals_the_unfused_step(tiny_mod
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-5, atol=1e-5)  # LayerNorm sums in
     torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-5, atol=1e-5)  # another order
+
+
+@pytest.mark.usefixtures("interpreted_triton")
+@pytest.mark.parametrize("programs", [1, 24])
+def test_split_k_decode_matches_blockwise(monkeypatch, programs):
+    from pipeline.engine.backends import blockwise, splitk
+    from pipeline.engine.config import alibi_slopes
+
+    splitk._kernels.cache_clear()
+    monkeypatch.setattr(splitk, "MIN_KEYS_PER_SPLIT", 64)  # several splits at a test-sized length
+    monkeypatch.setattr(splitk, "_target_programs", lambda device: programs)
+    b, length, h, d = 3, 300, 4, 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, 1, h, d, generator=g)
+    k_cache, v_cache = torch.randn(2, b, length, h, d, generator=g)
+    lengths = torch.tensor([1, 129, 300])  # one key only, a split boundary inside, the whole cache
+    slopes = alibi_slopes(h, 16)
+    out = splitk.decode(q, k_cache, v_cache, slopes, lengths, scale=0.3)
+    ref = blockwise.decode(q, k_cache, v_cache, slopes, lengths, scale=0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    splitk._kernels.cache_clear()
+
+
+def test_split_plan_fills_the_chip_and_covers_every_key():
+    from pipeline.engine.backends.splitk import BLOCK_N, split_plan
+
+    for bh, length in [(32, 4160), (32, 65600), (32, 100), (64, 4160)]:
+        splits, keys = split_plan(bh, length, 528)
+        assert keys % BLOCK_N == 0 and splits * keys >= length > (splits - 1) * keys
+    assert split_plan(32, 4160, 528)[0] == 17 and split_plan(32, 65600, 528)[0] == 17
