@@ -110,13 +110,11 @@ class FakeFlashAttn:
         self.calls: list[dict] = []
 
     def _flash_attn_fwd(self, q, k, v, *, softmax_scale, causal, window_size_left, score_mod,
-                        aux_tensors, aux_scalars, **options):
-        variant, _ = score_mod
+                        aux_tensors, **options):
+        variant, _, head_offset = score_mod
         heads = q.shape[2]
-        exponent = -self.step * torch.arange(1, heads + 1, dtype=torch.float64)
-        if variant in ("exp2s", "fused"):
-            exponent = exponent + aux_scalars[0]
-        elif variant == "aux":
+        exponent = -self.step * torch.arange(1 + head_offset, heads + 1 + head_offset, dtype=torch.float64)
+        if variant == "aux":
             exponent = torch.log2(aux_tensors[0].double())
         slopes = torch.exp2(exponent)
         self.calls.append({"heads": heads, "window": window_size_left, "variant": variant})
@@ -142,9 +140,9 @@ def test_fa4_windowed_groups_equal_dense_attention(monkeypatch, variant):
     step = fa4.geometric_step(slopes)
     fake = FakeFlashAttn(step)
     monkeypatch.setattr(fa4, "_flash_attn_module", lambda: fake)
-    monkeypatch.setattr(fa4, "score_mod", lambda name, step=None: (name, step))
+    monkeypatch.setattr(fa4, "score_mod", lambda name, step=None, head_offset=0: (name, step, head_offset))
     monkeypatch.setattr(fa4.fa4_fused, "install", lambda: True)
-    monkeypatch.setattr(fa4.fa4_fused, "score_mod", lambda: ("fused", None))
+    monkeypatch.setattr(fa4.fa4_fused, "score_mod", lambda step, start, scale: ("fused", step, start))
     monkeypatch.setattr(fa4, "WINDOW_MIN_KEYS", 64)
     monkeypatch.setattr(alibi_window, "CALL_COST_ELEMENTS", 1000.0)
     q, k, v = (torch.randn(1, t, h, d, dtype=torch.float64) * 0.5 for _ in range(3))
@@ -161,7 +159,7 @@ def test_fa4_windows_off_is_one_dense_call(monkeypatch):
     slopes = alibi_slopes(4, 8.0)
     fake = FakeFlashAttn(fa4.geometric_step(slopes))
     monkeypatch.setattr(fa4, "_flash_attn_module", lambda: fake)
-    monkeypatch.setattr(fa4, "score_mod", lambda name, step=None: (name, step))
+    monkeypatch.setattr(fa4, "score_mod", lambda name, step=None, head_offset=0: (name, step, head_offset))
     q = torch.randn(1, 128, 4, 8, dtype=torch.float64)
     fa4.prefill(q, q, q, slopes, scale=0.3, windows=False)
     fa4.prefill(q, q, q, slopes, scale=0.3)  # below WINDOW_MIN_KEYS: not worth a host sync

@@ -14,8 +14,6 @@ Slope variants (bench/engine.py times each per layer; bench/NOTES.md has the num
   integer op less, but float32 rounding grows with the key index. Measured, never the default.
 - "aux": slopes read from an aux tensor by head index. Works for any slopes, but flash-attn-4 then
   wraps every q/kv index with a fast-divmod and runs the score_mod one element at a time: slowest.
-- "exp2s": "exp2" with the first head's slope exponent passed as a runtime aux scalar, so one
-  compiled kernel serves every head group of a windowed call (below).
 - "fused": ALiBi inside the kernel's score hook, the softmax scale kept folded into exp2
   (pipeline/engine/backends/fa4_fused.py patches flash-attn-4 for it).
 The geometric variants are only used when the slopes are exactly that series (checked once per
@@ -44,9 +42,9 @@ from pipeline.engine.backends.alibi_window import HeadGroup, head_windows, plan_
 log = logging.getLogger(__name__)
 
 NAME = "fa4"
-VARIANTS = ("exp2", "fast", "kvonly", "aux", "exp2s", "fused")
-# variants that can run a head group starting past head 0 (the others hard-code head 0's slope)
-GROUPABLE = ("exp2s", "fused", "aux")
+VARIANTS = ("exp2", "fast", "kvonly", "aux", "fused")
+# variants that can run a head group starting past head 0 (a compile-time head offset, or aux slopes)
+GROUPABLE = ("exp2", "fused", "aux")
 # below this many keys a windowed plan cannot pay for its norm pass and host sync
 WINDOW_MIN_KEYS = 4096
 _MAGIC_I2F = 0x4B000000  # float32 bits of 2^23: int n in [0, 2^23) -> bits(2^23 + n)
@@ -90,9 +88,10 @@ def geometric_step(slopes: torch.Tensor) -> float | None:
 
 
 @functools.cache
-def score_mod(variant: str, step: float | None = None) -> Any:
-    """The cute.jit ALiBi score_mod for `variant` (one Python object per variant and step, so
-    flash-attn-4's compile cache hits). `score` arrives already multiplied by softmax_scale."""
+def score_mod(variant: str, step: float | None = None, head_offset: int = 0) -> Any:
+    """The cute.jit ALiBi score_mod for `variant` (one Python object per variant, step and first
+    head, so flash-attn-4's compile cache hits). `score` arrives already multiplied by softmax_scale.
+    `head_offset`: the call covers heads [head_offset, ...) of the model (exp2 only)."""
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.utils import scalar_to_ssa
@@ -116,6 +115,9 @@ def score_mod(variant: str, step: float | None = None) -> Any:
     if step is None:
         raise ValueError(f"score_mod variant {variant!r} needs the geometric step")
     neg_step = -float(step)
+    log2_first = neg_step * head_offset  # slope exponent shift of this call's head 0
+    if head_offset and variant != "exp2":
+        raise ValueError(f"variant {variant!r} has no head offset")
     VEC = 2  # elements per score_mod call without aux tensors (flash-attn-4's sm90 default)
 
     if variant == "exp2":
@@ -125,24 +127,13 @@ def score_mod(variant: str, step: float | None = None) -> Any:
             offset = seqlen_info.seqlen_k - seqlen_info.seqlen_q
             dist = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to((VEC,)) - kv_idx
             head = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
-            slope = cute.math.exp2(head * cute.full_like(score, neg_step))
+            if cutlass.const_expr(log2_first != 0.0):
+                slope = cute.math.exp2(head * cute.full_like(score, neg_step) + cute.full_like(score, log2_first))
+            else:
+                slope = cute.math.exp2(head * cute.full_like(score, neg_step))
             return score - slope * dist.to(cutlass.Float32)
 
         return alibi_exp2
-
-    if variant == "exp2s":
-
-        @cute.jit
-        def alibi_exp2s(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors, aux_scalars):
-            # aux_scalars[0]: log2 of the slope ratio of this call's head 0 to the model's head 0
-            offset = seqlen_info.seqlen_k - seqlen_info.seqlen_q
-            dist = q_idx + scalar_to_ssa(offset, cutlass.Int32).broadcast_to((VEC,)) - kv_idx
-            head = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
-            base = scalar_to_ssa(aux_scalars[0], cutlass.Float32).broadcast_to((VEC,))
-            slope = cute.math.exp2(head * cute.full_like(score, neg_step) + base)
-            return score - slope * dist.to(cutlass.Float32)
-
-        return alibi_exp2s
 
     if variant == "kvonly":
 
@@ -227,7 +218,7 @@ def prefill(
     if step is None:
         variant = "aux"
     if variant == "fused" and not fa4_fused.install():
-        variant = "exp2s"
+        variant = "exp2"
     kernel_options = {name: value for name, value in options.items() if value is not None}
     if "tile_mn" in kernel_options:
         kernel_options["tile_mn"] = tuple(kernel_options["tile_mn"])
@@ -235,7 +226,7 @@ def prefill(
 
     heads = q.shape[2]
     groups = [HeadGroup(0, heads, None)]
-    if windows and k.shape[1] >= WINDOW_MIN_KEYS and (variant in GROUPABLE or variant == "exp2"):
+    if windows and k.shape[1] >= WINDOW_MIN_KEYS and variant in GROUPABLE:
         groups = plan_groups(head_windows(q, k, slopes, scale=scale), q.shape[1], k.shape[1])
     if len(groups) == 1:
         return call(q, k, v, slopes, groups[0])
@@ -260,20 +251,19 @@ def _call(
     options: dict[str, Any],
 ) -> torch.Tensor:
     """One flash-attn-4 call over the heads of `group` (q/k/v/slopes already sliced to them)."""
-    aux_tensors, aux_scalars = None, None
-    if variant == "exp2" and group.start > 0:
-        variant = "exp2s"
+    aux_tensors = None
     if variant == "aux":
         aux_tensors = [slopes.to(device=q.device, dtype=torch.float32).contiguous()]
-    elif variant == "exp2s":
-        assert step is not None
-        aux_scalars = (-step * group.start,)
+        mod = score_mod("aux")
     elif variant == "fused":
         assert step is not None
-        aux_scalars = fa4_fused.scalars(step, group.start, scale)
+        mod = fa4_fused.score_mod(step, group.start, scale)
+    elif variant == "exp2":
+        mod = score_mod("exp2", step, group.start)
     elif group.start > 0:
         raise ValueError(f"variant {variant!r} cannot run heads from {group.start} on")
-    mod = fa4_fused.score_mod() if variant == "fused" else score_mod(variant, step)
+    else:
+        mod = score_mod(variant, step)
     return interface._flash_attn_fwd(
         q,
         k,
@@ -283,7 +273,6 @@ def _call(
         window_size_left=group.window,
         score_mod=mod,
         aux_tensors=aux_tensors,
-        aux_scalars=aux_scalars,
         **options,
     )[0]
 
