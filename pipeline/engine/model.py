@@ -70,32 +70,6 @@ class Attention(nn.Module):
         shape = (b, t, cfg.n_heads, cfg.head_dim)
         return q.reshape(shape), k.reshape(shape), v.reshape(shape)  # [B, T, d_model] -> [B, T, H, D]
 
-    def project_into(
-        self, x: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """As `project`, but K and V are computed straight into k_out / v_out ([B, T, H, D] cache
-        slices), saving a strided copy of each per layer (~2% of a 16K prefill on the H200).
-        None when the slices are not contiguous or qk_ln must rewrite K (the caller then copies)."""
-        cfg = self.config
-        b, t, d = x.shape
-        if cfg.qk_ln or not (k_out.is_contiguous() and v_out.is_contiguous()):
-            return None
-        x2 = x.reshape(b * t, d)  # [B, T, d_model] -> [B*T, d_model]
-        weight, bias = self.Wqkv.weight, self.Wqkv.bias  # [3 * d_model, d_model], rows q | k | v
-        outs = []
-        for i, out in enumerate((None, k_out.view(b * t, d), v_out.view(b * t, d))):  # [B, T, H, D] -> [B*T, d]
-            w = weight[i * d : (i + 1) * d]
-            if bias is None:
-                y = torch.matmul(x2, w.t(), out=out) if out is not None else torch.matmul(x2, w.t())
-            else:
-                bi = bias[i * d : (i + 1) * d]
-                y = torch.addmm(bi, x2, w.t(), out=out) if out is not None else torch.addmm(bi, x2, w.t())
-            if cfg.clip_qkv:
-                y.clamp_(min=-cfg.clip_qkv, max=cfg.clip_qkv)
-            outs.append(y)
-        shape = (b, t, cfg.n_heads, cfg.head_dim)
-        return outs[0].view(shape), k_out, v_out  # q: [B*T, d_model] -> [B, T, H, D]
-
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         b, t, _, _ = attn.shape
         return self.out_proj(attn.reshape(b, t, self.config.d_model))  # [B, T, H, D] -> [B, T, d_model]
@@ -131,14 +105,9 @@ class Block(nn.Module):
         """x [B, T, d_model] at positions [start, start + T) of cache rows `rows`."""
         k_cache, v_cache = kv  # each [B_cache, L_max, H, D]
         end = start + x.shape[1]
-        h = self.norm_1(x)
-        direct = self.attn.project_into(h, k_cache[rows, start:end], v_cache[rows, start:end])
-        if direct is not None:
-            q = direct[0]
-        else:
-            q, k, v = self.attn.project(h)
-            k_cache[rows, start:end] = k
-            v_cache[rows, start:end] = v
+        q, k, v = self.attn.project(self.norm_1(x))
+        k_cache[rows, start:end] = k
+        v_cache[rows, start:end] = v
         a = backend.prefill(q, k_cache[rows, :end], v_cache[rows, :end], slopes, scale=self.attn.config.scale)
         x = x + self.attn.output(a)
         return x + self.ffn(self.norm_2(x))
