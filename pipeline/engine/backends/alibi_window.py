@@ -88,23 +88,28 @@ def plan_groups(
     call_cost = CALL_COST_ELEMENTS if call_cost is None else call_cost
     n = len(windows)
     capped: list[int | None] = [None if w >= tk - 1 else w for w in windows]
+    work: dict[int | None, int] = {}  # the plan runs between two kernels with the GPU idle: keep it cheap
 
-    def group_window(start: int, stop: int) -> int | None:
-        span = capped[start:stop]
-        return None if any(w is None for w in span) else max(w for w in span if w is not None)
+    def head_work(window: int | None) -> int:
+        if window not in work:
+            work[window] = causal_work(window, tq, tk)
+        return work[window]
 
     best = [0.0] + [math.inf] * n  # best[i]: cost of heads [0, i)
-    cut_at = [0] * (n + 1)
+    choice: list[tuple[int, int | None]] = [(0, None)] * (n + 1)  # (start, window) of the last group
     for stop in range(1, n + 1):
-        for start in range(stop):
-            cost = best[start] + call_cost + (stop - start) * causal_work(group_window(start, stop), tq, tk)
+        window: int | None = -1  # running max of capped[start:stop]; None (unbounded) absorbs
+        for start in range(stop - 1, -1, -1):
+            w = capped[start]
+            window = None if window is None or w is None else max(window, w)
+            cost = best[start] + call_cost + (stop - start) * head_work(window)
             if cost < best[stop]:
-                best[stop], cut_at[stop] = cost, start
+                best[stop], choice[stop] = cost, (start, window)
     groups: list[HeadGroup] = []
     stop = n
     while stop > 0:
-        start = cut_at[stop]
-        groups.append(HeadGroup(start, stop, group_window(start, stop)))
+        start, window = choice[stop]
+        groups.append(HeadGroup(start, stop, window))
         stop = start
     return groups[::-1]
 

@@ -232,8 +232,8 @@ def prefill(
         return call(q, k, v, slopes, groups[0])
     out = torch.empty_like(q)
     for group in groups:
-        hs = slice(group.start, group.stop)
-        out[:, :, hs] = call(q[:, :, hs], k[:, :, hs], v[:, :, hs], slopes[hs], group)
+        hs = slice(group.start, group.stop)  # each group writes its heads of `out` in place (strided)
+        call(q[:, :, hs], k[:, :, hs], v[:, :, hs], slopes[hs], group, out=out[:, :, hs])
     return out
 
 
@@ -244,6 +244,7 @@ def _call(
     v: torch.Tensor,
     slopes: torch.Tensor,
     group: HeadGroup,
+    out: torch.Tensor | None = None,
     *,
     variant: str,
     step: float | None,
@@ -273,6 +274,7 @@ def _call(
         window_size_left=group.window,
         score_mod=mod,
         aux_tensors=aux_tensors,
+        out=out,
         **options,
     )[0]
 
