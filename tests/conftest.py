@@ -5,6 +5,7 @@ Area-specific fixtures live in tests/fixtures_*.py modules, loaded below as plug
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+
+# Triton kernels (pipeline/engine/fused.py, backends/splitk.py) run through Triton's CPU interpreter
+# where there is no GPU. Triton reads this when it is first imported, which some test may do early.
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus"

@@ -58,15 +58,18 @@ def test_write_kv_fallback_writes_one_slot_per_row():
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_triton_add_layer_norm_matches_f_layer_norm(dtype, with_bias):
     d = 96  # not a power of two: the masked tail counts in neither mean nor variance
-    x, delta = torch.randn(3, 1, d).to(dtype), torch.randn(3, 1, d).to(dtype)
-    weight, bias = torch.randn(d).to(dtype), torch.randn(d).to(dtype) if with_bias else None
+    g = torch.Generator().manual_seed(0)
+    x, delta = torch.randn(3, 1, d, generator=g).to(dtype), torch.randn(3, 1, d, generator=g).to(dtype)
+    weight = torch.randn(d, generator=g).to(dtype)
+    bias = torch.randn(d, generator=g).to(dtype) if with_bias else None
     residual, out = fused.add_layer_norm(x, delta, weight, bias, 1e-5)
     if dtype == torch.float32:
         assert torch.equal(residual, x + delta)
     else:  # round-to-nearest-even on the GPU like the unfused add; the interpreter truncates (1 ulp)
         torch.testing.assert_close(residual, x + delta, rtol=2**-7, atol=0)
     ref = F.layer_norm((x + delta).float(), (d,), weight.float(), None if bias is None else bias.float(), 1e-5)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    # bf16: the interpreter's truncated residual may move an output by an ulp or two (2^-7 relative)
+    tol = 1e-5 if dtype == torch.float32 else 2**-6
     torch.testing.assert_close(out.float(), ref.to(dtype).float(), rtol=tol, atol=tol)
     same, out_alone = fused.add_layer_norm(x, None, weight, bias, 1e-5)
     assert same.data_ptr() == x.data_ptr()
