@@ -144,3 +144,18 @@ def test_decode_scale_is_applied():
     out = sdpa.decode(q, k, v, slopes, torch.tensor([2]), scale=0.5)
     w = 1 / (1 + math.exp(-1.0))  # softmax([0.5 * 2, 0])
     assert out[0, 0, 0].tolist() == pytest.approx([w, 1 - w], rel=1e-5)
+
+
+def test_sdpa_decode_bias_is_reused_for_an_inference_lengths_tensor():
+    """Mpt.decode runs under inference_mode: its per-step `lengths` has no version counter, and the
+    bias must still be built once per step (object identity), not once per layer."""
+    slopes = alibi_slopes(4, 8)
+    with torch.inference_mode():
+        positions = torch.tensor([4, 8])
+        lengths = positions + 1
+        first = sdpa.decode_bias(slopes, lengths, 16, torch.float32)
+        assert sdpa.decode_bias(slopes, lengths, 16, torch.float32) is first
+        next_lengths = lengths + 1  # the next step's fresh tensor
+        following = sdpa.decode_bias(slopes, next_lengths, 16, torch.float32)
+    assert following is not first
+    assert torch.equal(following, sdpa.alibi_bias_row(slopes, next_lengths, 16, torch.float32))
