@@ -50,6 +50,7 @@ FA4_CONFIGS: dict[str, dict[str, Any]] = {
     "fa4_exp2_128x160_windows": {"variant": "exp2", "tile_mn": (128, 160), "windows": True},
     "fa4_fused_128x160_windows": {"variant": "fused", "tile_mn": (128, 160), "windows": True},
     "fa4_fused_windows": {"variant": "fused", "windows": True},
+    "fa4_fused_128x176_windows": {"variant": "fused", "tile_mn": (128, 176), "windows": True},
 }
 
 
