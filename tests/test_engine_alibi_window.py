@@ -144,8 +144,8 @@ def test_fa4_windowed_groups_equal_dense_attention(monkeypatch, variant):
     fake = FakeFlashAttn(step)
     monkeypatch.setattr(fa4, "_flash_attn_module", lambda: fake)
     monkeypatch.setattr(fa4, "score_mod", lambda name, step=None, head_offset=0: (name, step, head_offset))
-    monkeypatch.setattr(fa4.fa4_fused, "install", lambda: True)
     monkeypatch.setattr(fa4.fa4_fused, "score_mod", lambda step, start, scale: ("fused", step, start))
+    monkeypatch.setattr(fa4, "_fused_ok", lambda *args: True)  # its own check: the next test
     monkeypatch.setattr(fa4, "WINDOW_MIN_KEYS", 64)
     monkeypatch.setattr(alibi_window, "CALL_COST_ELEMENTS", 1000.0)
     q, k, v = (torch.randn(1, t, h, d, dtype=torch.float64) * 0.5 for _ in range(3))
@@ -167,3 +167,30 @@ def test_fa4_windows_off_is_one_dense_call(monkeypatch):
     fa4.prefill(q, q, q, slopes, scale=0.3, windows=False)
     fa4.prefill(q, q, q, slopes, scale=0.3)  # below WINDOW_MIN_KEYS: not worth a host sync
     assert [c["window"] for c in fake.calls] == [None, None]
+
+
+class WrongFlashAttn(FakeFlashAttn):
+    """A patched kernel that computes something else: its "fused" calls return zeros."""
+
+    def _flash_attn_fwd(self, q, k, v, **kwargs):
+        if kwargs["score_mod"][0] != "fused":
+            return super()._flash_attn_fwd(q, k, v, **kwargs)
+        self.calls.append({"heads": q.shape[2], "window": kwargs["window_size_left"], "variant": "fused"})
+        return (torch.zeros_like(q),)
+
+
+@pytest.mark.parametrize(("kernel", "expected"), [(FakeFlashAttn, "fused"), (WrongFlashAttn, "exp2")])
+def test_fused_variant_is_checked_once_against_float64_before_use(monkeypatch, kernel, expected):
+    slopes = alibi_slopes(4, 8.0)
+    fake = kernel(fa4.geometric_step(slopes))
+    monkeypatch.setattr(fa4, "_flash_attn_module", lambda: fake)
+    monkeypatch.setattr(fa4, "score_mod", lambda name, step=None, head_offset=0: (name, step, head_offset))
+    monkeypatch.setattr(fa4.fa4_fused, "install", lambda: True)
+    monkeypatch.setattr(fa4.fa4_fused, "score_mod", lambda step, start, scale: ("fused", step, start))
+    monkeypatch.setattr(fa4, "_FUSED_CHECKED", {})
+    q = torch.randn(1, 64, 4, 16)
+    for _ in range(2):
+        fa4.prefill(q, q, q, slopes, scale=0.25, variant="fused", windows=False, tile_mn=None)
+    variants = [c["variant"] for c in fake.calls]
+    # one check call, then the two real ones: fused when the check passed, exp2 after it failed
+    assert variants == ["fused", expected, expected]

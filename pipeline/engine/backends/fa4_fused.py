@@ -25,17 +25,27 @@ on the H200, bench/NOTES.md run 6), so each head group's first head index compil
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 ALIBI_MARK = "__longdoc_alibi_fused__"
+# flash-attn-4 releases whose sm90 internals this patch was written against and measured with
+TESTED_VERSIONS = ("4.0.0b36",)
 
 
 @functools.cache
 def install() -> bool:
     """Patch flash-attn-4 (once per process). False if its internals are not what this expects."""
+    try:
+        version = importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    if version not in TESTED_VERSIONS:
+        log.warning("fused ALiBi patch not installed: flash-attn-4 %s is not one of %s", version, TESTED_VERSIONS)
+        return False
     try:
         from flash_attn.cute import utils as fa_utils
 
