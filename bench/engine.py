@@ -209,6 +209,7 @@ PREFILL_FA4_SETS: dict[str, dict[str, Any]] = {
     "windows": {"windows": True},
     "fused": {"variant": "fused", "windows": False},
     "fused_windows": {"variant": "fused", "windows": True},
+    "exp2_dense": {"variant": "exp2", "windows": False, "tile_mn": (128, 160)},  # the default before run 7
     "fused176": {"variant": "fused", "windows": False, "tile_mn": (128, 176)},
     "fused176_windows": {"variant": "fused", "windows": True, "tile_mn": (128, 176)},
 }
