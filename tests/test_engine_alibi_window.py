@@ -194,3 +194,20 @@ def test_fused_variant_is_checked_once_against_float64_before_use(monkeypatch, k
     variants = [c["variant"] for c in fake.calls]
     # one check call, then the two real ones: fused when the check passed, exp2 after it failed
     assert variants == ["fused", expected, expected]
+
+
+@pytest.mark.parametrize("d", [128, 48])
+def test_triton_head_norm_max_matches_torch_on_a_strided_view(monkeypatch, d):
+    """The CUDA path (a Triton pass over q's strided view), run through Triton's interpreter."""
+    pytest.importorskip("triton")
+    from pipeline.engine.backends import head_norms
+
+    g = torch.Generator().manual_seed(0)
+    b, t, h = 2, 150, 3  # t not a multiple of the kernel's block
+    qkv = torch.randn(b, t, 3 * h * d, generator=g).to(torch.bfloat16)
+    q = qkv[..., : h * d].reshape(b, t, h, d)  # [B, T, 3*H*D] -> strided [B, T, H, D]
+    q[1, 77, 2] *= 9  # one outlier row: the max must find it
+    want = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).amax(dim=(0, 1))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # take the Triton path
+    got = head_norms.head_norm_max(q)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

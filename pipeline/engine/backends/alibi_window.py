@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.engine.backends.head_norms import head_norm_max
+
 # exp2(x) < 2^-150 rounds to 0.0 in float32 (smallest subnormal 2^-149, round to nearest), ex2.approx
 # included; one nat of slack covers float32 rounding of scores up to |slope * d| ~ 5e4.
 UNDERFLOW_NATS = 150 * math.log(2.0) + 1.0
@@ -50,9 +52,7 @@ def head_windows(q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor, *, scal
 
     q [B, Tq, H, D], k [B, Tk, H, D]; slopes [H] > 0. One host sync (the result is a Python list).
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # never narrower than the input
-    q_max = torch.linalg.vector_norm(q, dim=-1, dtype=acc).amax(dim=(0, 1))  # [H]
-    k_max = torch.linalg.vector_norm(k, dim=-1, dtype=acc).amax(dim=(0, 1))  # [H]
+    q_max, k_max = head_norm_max(q), head_norm_max(k)  # [H] each
     reach = 2.0 * scale * q_max.double() * k_max.double() + UNDERFLOW_NATS  # nats  [H]
     windows = torch.ceil(reach / slopes.to(reach.device, torch.float64))  # [H]
     # non-finite norms (inf/NaN activations) must never shrink a window: treat as unbounded
