@@ -95,3 +95,21 @@ def test_reference_differs_from_bias_max_8(tiny_ckpt_sw):
     a = model16.prefill(x, model16.new_cache(1, len(prompt)), logits_from=0)
     b = model8.prefill(x, model8.new_cache(1, len(prompt)), logits_from=0)
     assert (a - b).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_copy_wide_is_an_exact_copy_of_strided_views(dtype):
+    from pipeline.engine.model import copy_wide
+
+    qkv = torch.randn(2, 5, 3 * 4 * 8).to(dtype)
+    k = qkv[..., 32:64].reshape(2, 5, 4, 8)  # [B, T, 3*H*D] -> strided [B, T, H, D], as in prefill
+    cache = torch.zeros(3, 9, 4, 8, dtype=dtype)
+    copy_wide(cache[1:3, 2:7], k)
+    assert torch.equal(cache[1:3, 2:7], k) and cache[0].abs().sum() == 0 and cache[:, :2].abs().sum() == 0
+    shifted = qkv[..., 33:65].reshape(2, 5, 4, 8)  # offset by one element: not word-aligned
+    copy_wide(cache[1:3, 2:7], shifted)
+    assert torch.equal(cache[1:3, 2:7], shifted)
+    odd = torch.randn(2, 3, 3).to(dtype)  # 3 elements per row: not whole words, plain copy
+    target = torch.zeros(2, 3, 3, dtype=dtype)
+    copy_wide(target, odd)
+    assert torch.equal(target, odd)

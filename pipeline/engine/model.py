@@ -13,6 +13,27 @@ from pipeline.engine.cache import KVCache
 from pipeline.engine.config import MptConfig, alibi_slopes
 
 
+def copy_wide(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) moved as 8-byte words where both layouts allow it. k / v are strided views of the
+    fused QKV output; PyTorch's strided copy is bound by element count, and at 2-byte elements it
+    moved K and V into the cache at ~1.5 TB/s on the H200 (170 us per 16K-token tensor)."""
+    def as_words(t: torch.Tensor) -> torch.Tensor | None:
+        width = 8 // t.element_size()
+        ok = (
+            t.stride(-1) == 1
+            and t.shape[-1] % width == 0
+            and t.storage_offset() % width == 0
+            and all(st % width == 0 for st in t.stride()[:-1])
+        )
+        return t.view(torch.int64) if ok and 8 % t.element_size() == 0 else None  # [..., D] -> [..., D / width]
+
+    dst_words, src_words = as_words(dst), as_words(src)
+    if dst_words is None or src_words is None or dst.dtype != src.dtype:
+        dst.copy_(src)
+    else:
+        dst_words.copy_(src_words)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias. MPT's low-precision LayerNorm runs in the activations' dtype;
     the plain one runs in float32 and casts back."""
@@ -106,8 +127,8 @@ class Block(nn.Module):
         k_cache, v_cache = kv  # each [B_cache, L_max, H, D]
         end = start + x.shape[1]
         q, k, v = self.attn.project(self.norm_1(x))
-        k_cache[rows, start:end] = k
-        v_cache[rows, start:end] = v
+        copy_wide(k_cache[rows, start:end], k)
+        copy_wide(v_cache[rows, start:end], v)
         a = backend.prefill(q, k_cache[rows, :end], v_cache[rows, :end], slopes, scale=self.attn.config.scale)
         x = x + self.attn.output(a)
         return x + self.ffn(self.norm_2(x))
