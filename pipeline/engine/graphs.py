@@ -2,7 +2,8 @@
 
 Batch-1 decode of a 7B model is ~700 small kernels per token; launching them one by one from Python
 costs more than the weights take to read. Replaying them from one CUDA graph removes the launch cost
-(H200, MPT-7B shape: 5.68 ms/token at 4K context, 13.03 ms at 65K; bench/NOTES.md run 4), where
+(H200, MPT-7B shape: 4.82 ms/token at 4K context, 12.05 ms at 65K with the fused kernels and the
+device-side token loop, eager 13.8 ms at 4K; bench/NOTES.md run 9), where
 `torch.compile(mode="reduce-overhead")` of the same step copies the whole KV cache several times per
 step (36.9 / 425 ms, functionalized `k_cache[rows, positions] = k` on per-layer views of the cache).
 

@@ -7,8 +7,9 @@ program each, so ~4 programs per SM read K/V at once; each program keeps an onli
 chunk and writes (max, sum, weighted V) partials; a second kernel merges the partials per head.
 Keys at j >= lengths[b] are never read (SDPA reads all L and masks), and ALiBi is one FMA per score.
 
-Not in DECODE_ORDER: bench/engine.py's decode stage measures it against SDPA + bias row first
-(`--split-k-decode`), then it can become the default.
+Not in DECODE_ORDER: measured on the H200 (bench/NOTES.md runs 7-9) it is slower than SDPA + bias
+row at both lengths (decode step 5.25 vs 4.82 ms at 4K, 19.9 vs 12.05 ms at 65K), so it stays a
+bench row (`--split-k-decode`) until it is tuned.
 """
 
 from __future__ import annotations
