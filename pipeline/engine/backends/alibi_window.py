@@ -8,8 +8,8 @@ back has a weight of at most
 
 by Cauchy-Schwarz. Once the exponent is below -150 * ln 2, the float32 exp2 a flash kernel computes
 is below 2^-150 and rounds to 0.0, so the key adds exactly nothing to the row sum or the output:
-skipping it changes no bit (flash kernels visit the diagonal block first, so the running maximum is
-already >= score(i, i) when far blocks are reached). Steep-slope heads therefore only need the last
+skipping it changes no bit of that kernel's result (flash kernels visit the diagonal block first, so
+the running maximum is already >= score(i, i) when far blocks are reached; checked on the H200). Steep-slope heads therefore only need the last
 few hundred keys; StoryWriter's 32 heads (alibi_bias_max 16) at 65,536 tokens need about 60% of the
 causal work.
 
