@@ -133,3 +133,50 @@ def test_shared_prefix_fork_equals_full_prompts_run_alone(tiny_model, tiny_gener
     alone = [tiny_generator.generate_ids([prefix + s], GREEDY)[0] for s in suffixes]
     assert [c.tokens for c in shared] == [c.tokens for c in alone]
     assert [c.prompt_tokens for c in shared] == [len(prefix) + len(s) for s in suffixes]
+
+
+def test_incremental_stop_detection_equals_searching_the_whole_decoded_text(tiny_generator):
+    """The incremental detokenizer finds the same first stop string, at the same place, as decoding
+    every token each step, over random token streams (multi-byte characters split across byte-level
+    BPE tokens included)."""
+    import random
+
+    from pipeline.engine.generate import _Stream
+
+    tok = tiny_generator.tokenizer
+    rng = random.Random(0)
+    vocab = tok.vocab_size
+    stops_pool = [" the", "e", "ab", "\n\n", "é", "ing ", "xyz"]
+    checked = 0
+    for _ in range(60):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        ids = [i for i in ids if i != tok.eos_token_id] or [0]
+        stops = tuple(rng.sample(stops_pool, 2))
+        params = SamplingParams(max_new_tokens=len(ids), stop=stops, stop_at_eos=False)
+        stream = _Stream(tok, params)
+        for i in ids:
+            stream.push(i)
+        # the old rule: after each token, search the decode of everything so far
+        want_reason, want_text, want_len = "length", None, len(ids)
+        for n in range(1, len(ids) + 1):
+            text = tok.decode(ids[:n])
+            hits = [j for s in stops if (j := text.find(s)) >= 0]
+            if hits:
+                want_reason, want_text, want_len = "stop", text[: min(hits)], n
+                break
+        assert stream.finish_reason == want_reason, (ids, stops)
+        if want_reason == "stop":
+            assert stream.text == want_text and len(stream.tokens) == want_len
+            checked += 1
+    assert checked >= 10  # the comparison really exercised stops
+
+
+def test_multibyte_character_split_across_tokens_is_not_matched_early(tiny_generator):
+    from pipeline.engine.generate import _Stream
+
+    tok = tiny_generator.tokenizer
+    ids = tok.encode("naïve café ünïcode")
+    stream = _Stream(tok, SamplingParams(max_new_tokens=len(ids), stop=("é",), stop_at_eos=False))
+    for i in ids:
+        stream.push(i)
+    assert stream.finish_reason == "stop" and stream.text == "naïve caf"
