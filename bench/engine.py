@@ -43,7 +43,8 @@ from bench import hf_reference
 from pipeline.engine import fused
 from pipeline.engine.backends import fa4, sdpa, select_backend, splitk
 from pipeline.engine.config import MptConfig, alibi_slopes
-from pipeline.engine.generate import Generator, prefill_chunked, run_token_loop
+from pipeline.engine.generate import Generator, prefill_chunked
+from pipeline.engine.graphs import run_token_loop
 from pipeline.engine.model import Mpt
 from pipeline.engine.sampling import SamplingParams, select_next
 

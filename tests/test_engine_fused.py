@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.engine import fused
-from pipeline.engine.generate import run_token_loop
+from pipeline.engine.graphs import run_token_loop
 from pipeline.engine.model import LayerNorm
 
 pytestmark = pytest.mark.usefixtures("engine_single_thread")

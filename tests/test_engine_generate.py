@@ -141,7 +141,7 @@ def test_incremental_stop_detection_equals_searching_the_whole_decoded_text(tiny
     BPE tokens included)."""
     import random
 
-    from pipeline.engine.generate import _Stream
+    from pipeline.engine.stream import TokenStream
 
     tok = tiny_generator.tokenizer
     rng = random.Random(0)
@@ -153,7 +153,7 @@ def test_incremental_stop_detection_equals_searching_the_whole_decoded_text(tiny
         ids = [i for i in ids if i != tok.eos_token_id] or [0]
         stops = tuple(rng.sample(stops_pool, 2))
         params = SamplingParams(max_new_tokens=len(ids), stop=stops, stop_at_eos=False)
-        stream = _Stream(tok, params)
+        stream = TokenStream(tok, params)
         for i in ids:
             stream.push(i)
         # the old rule: after each token, search the decode of everything so far
@@ -172,11 +172,11 @@ def test_incremental_stop_detection_equals_searching_the_whole_decoded_text(tiny
 
 
 def test_multibyte_character_split_across_tokens_is_not_matched_early(tiny_generator):
-    from pipeline.engine.generate import _Stream
+    from pipeline.engine.stream import TokenStream
 
     tok = tiny_generator.tokenizer
     ids = tok.encode("naïve café ünïcode")
-    stream = _Stream(tok, SamplingParams(max_new_tokens=len(ids), stop=("é",), stop_at_eos=False))
+    stream = TokenStream(tok, SamplingParams(max_new_tokens=len(ids), stop=("é",), stop_at_eos=False))
     for i in ids:
         stream.push(i)
     assert stream.finish_reason == "stop" and stream.text == "naïve caf"

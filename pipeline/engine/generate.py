@@ -5,30 +5,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from pipeline.engine.cache import KVCache
-from pipeline.engine.graphs import CudaGraphStep, Pick, StaticDecodeStep
+from pipeline.engine.graphs import CudaGraphStep, Pick, StaticDecodeStep, run_token_loop
 from pipeline.engine.model import Mpt
 from pipeline.engine.sampling import SamplingParams, select_next
+from pipeline.engine.stream import Completion, TokenStream
 from pipeline.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 2048
 CACHE_LEN_MULTIPLE = 1024
-
-
-@dataclass
-class Completion:
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "eos" | "stop" | "length"
-    prompt_tokens: int
 
 
 @torch.inference_mode()
@@ -206,7 +198,7 @@ class Generator:
         def pick(step_logits: torch.Tensor) -> torch.Tensor:
             return select_next(step_logits, params, gens)
 
-        streams = [_Stream(self.tokenizer, params) for _ in lengths]
+        streams = [TokenStream(self.tokenizer, params) for _ in lengths]
 
         def consume(tokens: list[int]) -> bool:
             for stream, tok in zip(streams, tokens, strict=True):
@@ -218,104 +210,3 @@ class Generator:
         step.start(pick(logits), positions)
         run_token_loop(step, params.max_new_tokens, consume)
         return [s.completion(n) for s, n in zip(streams, lengths, strict=True)]
-
-
-def run_token_loop(step: StaticDecodeStep, max_new_tokens: int, consume: Callable[[list[int]], bool]) -> int:
-    """Drive a started step for up to `max_new_tokens` tokens (the first is already in its buffer);
-    consume(tokens of one step, one int per row) returns True when every row has finished.
-    Returns the number of tokens consumed per row.
-
-    The host stays one step behind the GPU: step i's tokens are copied to pinned memory, step i + 1
-    is enqueued, and only then does the host wait for step i's copy and check it. So the GPU never
-    idles on the host's stop checks; when they end the loop, the step already enqueued is wasted
-    and its tokens never reach `consume` (a finished row drops what follows anyway)."""
-    reader = _HostTokens(step.tokens)
-    for i in range(max_new_tokens):
-        reader.put(step.tokens)
-        if i < max_new_tokens - 1:
-            step.advance()  # reads the tokens just queued for the host, then overwrites them
-        if consume(reader.get()):
-            return i + 1
-    return max_new_tokens
-
-
-class _HostTokens:
-    """Token ids [B] from the device to the host without stalling the stream: a pinned buffer filled
-    by an async copy, read once its event has passed (CUDA). Elsewhere the read is immediate."""
-
-    def __init__(self, like: torch.Tensor) -> None:
-        self.cuda = like.is_cuda
-        self.pending: list[int] | None = None
-        if self.cuda:
-            self.host = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-            self.copied = torch.cuda.Event()
-
-    def put(self, tokens: torch.Tensor) -> None:
-        if self.cuda:
-            self.host.copy_(tokens, non_blocking=True)
-            self.copied.record()
-        else:
-            self.pending = tokens.tolist()
-
-    def get(self) -> list[int]:
-        if self.cuda:
-            self.copied.synchronize()
-            return self.host.tolist()
-        assert self.pending is not None
-        return self.pending
-
-
-class _Stream:
-    """One sequence's generated tokens, with end-of-text and stop-string detection.
-
-    Stop strings are searched in text decoded incrementally (as vLLM detokenizes): each step decodes
-    only the tokens since the last emitted piece, plus the piece before it, and keeps the difference,
-    so leading-space and byte-merging effects at the window's start cancel out; a piece that ends in
-    U+FFFD (a UTF-8 sequence split across byte-level BPE tokens) waits for the next token. Each step
-    then searches only the new text and the len(longest stop) - 1 characters before it. Linear in
-    max_new_tokens (re-decoding everything each step was quadratic)."""
-
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
-        self.tokenizer, self.params = tokenizer, params
-        self.tokens: list[int] = []
-        self.text = ""  # decoded so far (stop strings only); cut at the first stop string when found
-        self.finish_reason = ""
-        self._prefix_offset = 0  # tokens[prefix_offset:read_offset] decode to the last emitted piece
-        self._read_offset = 0
-        self._overlap = max((len(stop) for stop in params.stop), default=1) - 1
-
-    def push(self, token: int) -> None:
-        if self.finish_reason:
-            return
-        if self.params.stop_at_eos and token == self.tokenizer.eos_token_id:
-            self.finish_reason = "eos"
-            return
-        self.tokens.append(token)
-        if self.params.stop:
-            self._find_stop(self._new_text())
-        if not self.finish_reason and len(self.tokens) >= self.params.max_new_tokens:
-            self.finish_reason = "length"
-
-    def _new_text(self) -> str:
-        decode = self.tokenizer.decode
-        before = decode(self.tokens[self._prefix_offset : self._read_offset])
-        now = decode(self.tokens[self._prefix_offset :])
-        if len(now) <= len(before) or now.endswith("\ufffd"):
-            return ""  # nothing complete yet
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.tokens)
-        return now[len(before) :]
-
-    def _find_stop(self, new: str) -> None:
-        if not new:
-            return
-        start = max(0, len(self.text) - self._overlap)  # a stop string may straddle the old text
-        self.text += new
-        hits = [i for stop in self.params.stop if (i := self.text.find(stop, start)) >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.finish_reason = "stop"
-
-    def completion(self, prompt_tokens: int) -> Completion:
-        text = self.text if self.finish_reason == "stop" else self.tokenizer.decode(self.tokens)
-        return Completion(text=text, tokens=self.tokens, finish_reason=self.finish_reason or "length",
-                          prompt_tokens=prompt_tokens)

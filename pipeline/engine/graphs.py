@@ -167,3 +167,48 @@ class CudaGraphStep(StaticDecodeStep):
             self.cache.batch, self.cache.max_len,
             "in graph" if self.capture_pick and self._advancing else "outside", self.capture_s,
         )
+
+
+def run_token_loop(step: StaticDecodeStep, max_new_tokens: int, consume: Callable[[list[int]], bool]) -> int:
+    """Drive a started step for up to `max_new_tokens` tokens (the first is already in its buffer);
+    consume(tokens of one step, one int per row) returns True when every row has finished.
+    Returns the number of tokens consumed per row.
+
+    The host stays one step behind the GPU: step i's tokens are copied to pinned memory, step i + 1
+    is enqueued, and only then does the host wait for step i's copy and check it. So the GPU never
+    idles on the host's stop checks; when they end the loop, the step already enqueued is wasted
+    and its tokens never reach `consume` (a finished row drops what follows anyway)."""
+    reader = _HostTokens(step.tokens)
+    for i in range(max_new_tokens):
+        reader.put(step.tokens)
+        if i < max_new_tokens - 1:
+            step.advance()  # reads the tokens just queued for the host, then overwrites them
+        if consume(reader.get()):
+            return i + 1
+    return max_new_tokens
+
+
+class _HostTokens:
+    """Token ids [B] from the device to the host without stalling the stream: a pinned buffer filled
+    by an async copy, read once its event has passed (CUDA). Elsewhere the read is immediate."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.cuda = like.is_cuda
+        self.pending: list[int] | None = None
+        if self.cuda:
+            self.host = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            self.copied = torch.cuda.Event()
+
+    def put(self, tokens: torch.Tensor) -> None:
+        if self.cuda:
+            self.host.copy_(tokens, non_blocking=True)
+            self.copied.record()
+        else:
+            self.pending = tokens.tolist()
+
+    def get(self) -> list[int]:
+        if self.cuda:
+            self.copied.synchronize()
+            return self.host.tolist()
+        assert self.pending is not None
+        return self.pending
