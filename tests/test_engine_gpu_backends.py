@@ -15,7 +15,15 @@ import pytest
 import torch
 
 from pipeline.engine.attention import dense_reference
-from pipeline.engine.backends import BackendUnavailable, blockwise, fa4, flex, sdpa, select_backend
+from pipeline.engine.backends import (
+    BackendUnavailable,
+    blockwise,
+    fa4,
+    fa4_score_mods,
+    flex,
+    sdpa,
+    select_backend,
+)
 from pipeline.engine.config import alibi_slopes
 
 CPU = torch.device("cpu")
@@ -60,7 +68,7 @@ def test_fa4_falls_back_for_non_geometric_slopes():
 def test_fa4_magic_int_to_float_is_exact_over_the_context_range():
     # The "fast" score_mod turns the key distance into float32 as bits(2^23 + d) - 2^23.
     d = torch.cat([torch.arange(0, 70_000), torch.tensor([2**22, 2**23 - 1])]).to(torch.int32)
-    as_float = (d + fa4._MAGIC_I2F).view(torch.float32) - fa4._TWO_23
+    as_float = (d + fa4_score_mods._MAGIC_I2F).view(torch.float32) - fa4_score_mods._TWO_23
     assert torch.equal(as_float, d.to(torch.float32))
 
 
