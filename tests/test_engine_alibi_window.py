@@ -15,7 +15,13 @@ import torch
 
 from pipeline.engine.attention import dense_reference
 from pipeline.engine.backends import alibi_window, fa4
-from pipeline.engine.backends.alibi_window import HeadGroup, causal_work, head_windows, plan_groups
+from pipeline.engine.backends.alibi_window import (
+    HeadGroup,
+    always_full_from,
+    causal_work,
+    head_windows,
+    plan_groups,
+)
 from pipeline.engine.config import alibi_slopes
 
 
@@ -211,3 +217,37 @@ def test_triton_head_norm_max_matches_torch_on_a_strided_view(monkeypatch, d):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # take the Triton path
     got = head_norms.head_norm_max(q)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_heads_that_always_see_every_key_need_no_plan():
+    slopes = [2.0 ** -(h + 1) for h in range(8)]  # 0.5 ... 1/256
+    # reach with zero norms is UNDERFLOW_NATS / slope (~105 / slope): all of 600 keys from slope ~0.17 down
+    assert always_full_from(slopes, 600) == 2
+    assert always_full_from(slopes, 10**9) == 8  # nothing is certain for very long keys
+    assert always_full_from(slopes, 100) == 0  # everything sees all 100 keys
+
+
+def test_fa4_launches_the_unplanned_heads_before_reading_norms(monkeypatch):
+    torch.manual_seed(2)
+    h, d, t = 8, 16, 640
+    slopes = alibi_slopes(h, 16.0)
+    fake = FakeFlashAttn(fa4.geometric_step(slopes))
+    monkeypatch.setattr(fa4, "_flash_attn_module", lambda: fake)
+    monkeypatch.setattr(fa4, "score_mod", lambda name, step=None, head_offset=0: (name, step, head_offset))
+    monkeypatch.setattr(fa4, "WINDOW_MIN_KEYS", 64)
+    monkeypatch.setattr(alibi_window, "CALL_COST_ELEMENTS", 1000.0)
+    norm_calls: list[int] = []
+    real_windows = fa4.head_windows
+
+    def spy(q, k, s, *, scale):
+        norm_calls.append(len(fake.calls))  # how many kernels were already launched
+        return real_windows(q, k, s, scale=scale)
+
+    monkeypatch.setattr(fa4, "head_windows", spy)
+    q, k, v = (torch.randn(1, t, h, d, dtype=torch.float64) * 0.5 for _ in range(3))
+    out = fa4.prefill(q, k, v, slopes, scale=d**-0.5, variant="exp2")
+    sure = always_full_from(slopes.tolist(), t)
+    assert 0 < sure < h
+    assert fake.calls[0] == {"heads": h - sure, "window": None, "variant": "exp2"}
+    assert norm_calls == [1]  # the norms (and the host sync) came after that launch
+    torch.testing.assert_close(out, dense_reference(q, k, v, slopes, scale=d**-0.5), rtol=1e-10, atol=1e-10)

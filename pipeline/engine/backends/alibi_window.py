@@ -60,6 +60,15 @@ def head_windows(q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor, *, scal
     return [int(w) for w in windows.clamp(max=2.0**62).tolist()]
 
 
+def always_full_from(slopes: list[float], tk: int) -> int:
+    """First head of the longest run of trailing heads whose window covers all `tk` keys for any
+    activations (zero norms give the shortest reach, UNDERFLOW_NATS / slope): they need no plan."""
+    start = len(slopes)
+    while start > 0 and UNDERFLOW_NATS / slopes[start - 1] >= tk - 1:
+        start -= 1
+    return start
+
+
 def causal_work(window: int | None, tq: int, tk: int) -> int:
     """Score elements one head computes: queries at positions [tk - tq, tk), each seeing keys
     [max(0, p - window), p]."""

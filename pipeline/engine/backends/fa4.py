@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from pipeline.engine.backends import fa4_fused
-from pipeline.engine.backends.alibi_window import HeadGroup, head_windows, plan_groups
+from pipeline.engine.backends.alibi_window import HeadGroup, always_full_from, head_windows, plan_groups
 from pipeline.engine.backends.fa4_score_mods import score_mod
 
 log = logging.getLogger(__name__)
@@ -90,18 +90,19 @@ def geometric_step(slopes: torch.Tensor) -> float | None:
     return step
 
 
-_STEP_MEMO: dict[int, tuple[weakref.ref, int, float | None]] = {}
+_SLOPE_MEMO: dict[int, tuple[weakref.ref, int, float | None, list[float]]] = {}
 
 
-def _cached_step(slopes: torch.Tensor) -> float | None:
-    """geometric_step once per slopes tensor (the model passes the same buffer for every layer).
-    Keyed by the live object and its version counter: a new tensor at a recycled address misses."""
-    hit = _STEP_MEMO.get(id(slopes))
+def _slope_info(slopes: torch.Tensor) -> tuple[float | None, list[float]]:
+    """(geometric_step, slopes on the host), once per slopes tensor (the model passes the same buffer
+    for every layer, and reading it each call would sync with the device). Keyed by the live object
+    and its version counter: a new tensor at a recycled address misses."""
+    hit = _SLOPE_MEMO.get(id(slopes))
     if hit is not None and hit[0]() is slopes and hit[1] == slopes._version:
-        return hit[2]
-    step = geometric_step(slopes)
-    _STEP_MEMO[id(slopes)] = (weakref.ref(slopes), slopes._version, step)
-    return step
+        return hit[2], hit[3]
+    step, host = geometric_step(slopes), [float(x) for x in slopes.detach().cpu().tolist()]
+    _SLOPE_MEMO[id(slopes)] = (weakref.ref(slopes), slopes._version, step, host)
+    return step, host
 
 
 # Measured best on the H200 (bench/NOTES.md); bench/engine.py may override them for a run.
@@ -140,7 +141,9 @@ def prefill(
         raise TypeError(f"unknown fa4 options {sorted(unknown)}")
     options = {**DEFAULTS, **overrides}
     variant, windows = options.pop("variant"), options.pop("windows")
-    step = None if variant == "aux" else _cached_step(slopes)
+    step, host_slopes = _slope_info(slopes)
+    if variant == "aux":
+        step = None
     if step is None:
         variant = "aux"
     kernel_options = {name: value for name, value in options.items() if value is not None}
@@ -150,16 +153,26 @@ def prefill(
         variant = "exp2"
     call = functools.partial(_call, interface, variant=variant, step=step, scale=scale, options=kernel_options)
 
-    heads = q.shape[2]
-    groups = [HeadGroup(0, heads, None)]
-    if windows and k.shape[1] >= WINDOW_MIN_KEYS and variant in GROUPABLE:
-        groups = plan_groups(head_windows(q, k, slopes, scale=scale), q.shape[1], k.shape[1])
-    if len(groups) == 1:
-        return call(q, k, v, slopes, groups[0])
+    heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
+    if not (windows and tk >= WINDOW_MIN_KEYS and variant in GROUPABLE):
+        return call(q, k, v, slopes, HeadGroup(0, heads, None))
+    # Heads that see every key whatever the activations need no plan: they run first, so the GPU
+    # works through the host sync that the other heads' plan needs (it reads their q/k norms).
+    planned = always_full_from(host_slopes, tk)
+    if planned == 0:
+        return call(q, k, v, slopes, HeadGroup(0, heads, None))
     out = torch.empty_like(q)
-    for group in groups:
+
+    def run(group: HeadGroup) -> None:
         hs = slice(group.start, group.stop)  # each group writes its heads of `out` in place (strided)
         call(q[:, :, hs], k[:, :, hs], v[:, :, hs], slopes[hs], group, out=out[:, :, hs])
+
+    if planned < heads:
+        run(HeadGroup(planned, heads, None))
+    first = slice(0, planned)
+    windows_of = head_windows(q[:, :, first], k[:, :, first], slopes[first], scale=scale)
+    for group in plan_groups(windows_of, tq, tk):
+        run(group)
     return out
 
 
