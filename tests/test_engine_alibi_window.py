@@ -225,6 +225,7 @@ def test_heads_that_always_see_every_key_need_no_plan():
     assert always_full_from(slopes, 600) == 2
     assert always_full_from(slopes, 10**9) == 8  # nothing is certain for very long keys
     assert always_full_from(slopes, 100) == 0  # everything sees all 100 keys
+    assert always_full_from([0.5, 0.0], 10**9) == 1  # a zero slope (no ALiBi) never decays
 
 
 def test_fa4_launches_the_unplanned_heads_before_reading_norms(monkeypatch):

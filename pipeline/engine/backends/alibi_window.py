@@ -64,7 +64,7 @@ def always_full_from(slopes: list[float], tk: int) -> int:
     """First head of the longest run of trailing heads whose window covers all `tk` keys for any
     activations (zero norms give the shortest reach, UNDERFLOW_NATS / slope): they need no plan."""
     start = len(slopes)
-    while start > 0 and UNDERFLOW_NATS / slopes[start - 1] >= tk - 1:
+    while start > 0 and (slopes[start - 1] <= 0 or UNDERFLOW_NATS / slopes[start - 1] >= tk - 1):
         start -= 1
     return start
 
