@@ -181,13 +181,7 @@ def check_windows(slopes: torch.Tensor, scale: float, variants: tuple[str, ...] 
     from "the local kernel rounds differently", and compares both to float64."""
     import functools
 
-    from pipeline.engine.backends.alibi_window import (
-        HeadGroup,
-        always_full_from,
-        head_windows,
-        plan_groups,
-        work_fraction,
-    )
+    from pipeline.engine.backends.alibi_window import HeadGroup, window_groups, work_fraction
 
     results: dict[str, Any] = {}
     if not fa4.is_available(torch.device("cuda")):
@@ -197,12 +191,7 @@ def check_windows(slopes: torch.Tensor, scale: float, variants: tuple[str, ...] 
         q = torch.randn(1, tq, H, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, tk, H, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, tk, H, D, device="cuda", dtype=torch.bfloat16)
-        # the grouping fa4.prefill uses: heads that see every key whatever the norms, then the plan
-        sure = always_full_from(slopes.tolist(), tk)
-        groups = [HeadGroup(sure, H, None)] if sure < H else []
-        if sure:
-            first = slice(0, sure)
-            groups += plan_groups(head_windows(q[:, :, first], k[:, :, first], slopes[first], scale=scale), tq, tk)
+        groups = list(window_groups(q, k, slopes, slopes.tolist(), scale=scale))  # as fa4.prefill groups
         entry: dict[str, Any] = {
             "groups": [(g.start, g.stop, g.window) for g in groups],
             "work_fraction": round(work_fraction(groups, tq, tk), 3),

@@ -238,13 +238,13 @@ def test_fa4_launches_the_unplanned_heads_before_reading_norms(monkeypatch):
     monkeypatch.setattr(fa4, "WINDOW_MIN_KEYS", 64)
     monkeypatch.setattr(alibi_window, "CALL_COST_ELEMENTS", 1000.0)
     norm_calls: list[int] = []
-    real_windows = fa4.head_windows
+    real_windows = alibi_window.head_windows
 
     def spy(q, k, s, *, scale):
         norm_calls.append(len(fake.calls))  # how many kernels were already launched
         return real_windows(q, k, s, scale=scale)
 
-    monkeypatch.setattr(fa4, "head_windows", spy)
+    monkeypatch.setattr(alibi_window, "head_windows", spy)
     q, k, v = (torch.randn(1, t, h, d, dtype=torch.float64) * 0.5 for _ in range(3))
     out = fa4.prefill(q, k, v, slopes, scale=d**-0.5, variant="exp2")
     sure = always_full_from(slopes.tolist(), t)

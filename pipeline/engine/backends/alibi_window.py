@@ -24,6 +24,7 @@ cost).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,22 @@ def plan_groups(
         groups.append(HeadGroup(start, stop, window))
         stop = start
     return groups[::-1]
+
+
+def window_groups(
+    q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor, host_slopes: list[float], *, scale: float
+) -> Iterator[HeadGroup]:
+    """The head groups of one windowed call, in launch order. Trailing heads that see every key
+    whatever the activations come first, as one plain causal group, before this generator reads the
+    other heads' norms (a host sync): a caller that launches each group as it is yielded keeps the GPU
+    busy through that sync. q [B, Tq, H, D], k [B, Tk, H, D]; host_slopes = slopes as a list."""
+    heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
+    planned = always_full_from(host_slopes, tk)
+    if planned < heads:
+        yield HeadGroup(planned, heads, None)
+    if planned:
+        first = slice(0, planned)
+        yield from plan_groups(head_windows(q[:, :, first], k[:, :, first], slopes[first], scale=scale), tq, tk)
 
 
 def work_fraction(groups: list[HeadGroup], tq: int, tk: int) -> float:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from pipeline.engine.backends import fa4_fused
-from pipeline.engine.backends.alibi_window import HeadGroup, always_full_from, head_windows, plan_groups
+from pipeline.engine.backends.alibi_window import HeadGroup, always_full_from, window_groups
 from pipeline.engine.backends.fa4_score_mods import score_mod
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def _slope_info(slopes: torch.Tensor) -> tuple[float | None, list[float]]:
     hit = _SLOPE_MEMO.get(id(slopes))
     if hit is not None and hit[0]() is slopes and hit[1] == slopes._version:
         return hit[2], hit[3]
-    step, host = geometric_step(slopes), [float(x) for x in slopes.detach().cpu().tolist()]
+    on_host = slopes.detach().cpu()  # the one device read
+    step, host = geometric_step(on_host), [float(x) for x in on_host.tolist()]
     _SLOPE_MEMO[id(slopes)] = (weakref.ref(slopes), slopes._version, step, host)
     return step, host
 
@@ -153,26 +154,15 @@ def prefill(
         variant = "exp2"
     call = functools.partial(_call, interface, variant=variant, step=step, scale=scale, options=kernel_options)
 
-    heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
-    if not (windows and tk >= WINDOW_MIN_KEYS and variant in GROUPABLE):
-        return call(q, k, v, slopes, HeadGroup(0, heads, None))
-    # Heads that see every key whatever the activations need no plan: they run first, so the GPU
-    # works through the host sync that the other heads' plan needs (it reads their q/k norms).
-    planned = always_full_from(host_slopes, tk)
-    if planned == 0:
+    heads, tk = q.shape[2], k.shape[1]
+    if not (windows and tk >= WINDOW_MIN_KEYS and variant in GROUPABLE) or always_full_from(host_slopes, tk) == 0:
         return call(q, k, v, slopes, HeadGroup(0, heads, None))
     out = torch.empty_like(q)
-
-    def run(group: HeadGroup) -> None:
-        hs = slice(group.start, group.stop)  # each group writes its heads of `out` in place (strided)
+    # each group is launched as soon as it is known (the unplanned heads before the plan's host sync)
+    # and writes its heads of `out` in place (strided)
+    for group in window_groups(q, k, slopes, host_slopes, scale=scale):
+        hs = slice(group.start, group.stop)
         call(q[:, :, hs], k[:, :, hs], v[:, :, hs], slopes[hs], group, out=out[:, :, hs])
-
-    if planned < heads:
-        run(HeadGroup(planned, heads, None))
-    first = slice(0, planned)
-    windows_of = head_windows(q[:, :, first], k[:, :, first], slopes[first], scale=scale)
-    for group in plan_groups(windows_of, tq, tk):
-        run(group)
     return out
 
 
