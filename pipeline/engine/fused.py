@@ -100,7 +100,7 @@ def add_layer_norm(
     `layer_norm(residual)` over the last dim; returns (residual, normalized), both in x's dtype.
 
     Statistics and affine in float32, output rounded once: F.layer_norm's math for both MPT norms (the
-    low-precision one on bf16 CUDA tensors also accumulates in float32). Caller checks `fusable`."""
+    low-precision one on bf16 CUDA tensors also accumulates in float32). Caller checks `fusable_norm`."""
     add_norm_kernel = _triton()[0]
     n_cols = x.shape[-1]
     x = x.contiguous()

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from pipeline.engine.fused import triton_next_power_of_2
+
 BLOCK_T = 64
 
 
@@ -53,6 +55,6 @@ def head_norm_max(x: torch.Tensor) -> torch.Tensor:
     grid = (-(-t // BLOCK_T), h, b)
     kernel[grid](
         x, out, t, x.stride(0), x.stride(1), x.stride(2),
-        D=d, D_PAD=1 << (d - 1).bit_length(), BLOCK=BLOCK_T,
+        D=d, D_PAD=triton_next_power_of_2(d), BLOCK=BLOCK_T,
     )
     return out.sqrt_()
