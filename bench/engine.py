@@ -389,7 +389,14 @@ def compiled_step(b: Bench, gen: Generator, cache: Any, ctx: int) -> tuple[Calla
     """A Generator with decode_mode="compile": torch.compile(mode="reduce-overhead"), the old default."""
     torch._dynamo.mark_static_address(cache.k)
     torch._dynamo.mark_static_address(cache.v)
-    step = gen.decode_step(cache)
+    return _greedy_steps(b, gen.decode_step(cache), ctx)
+
+
+def _greedy_steps(
+    b: Bench, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ctx: int
+) -> tuple[Callable[[], None], float]:
+    """One greedy decode step per call of the returned function, through step(token [1], position [1])
+    -> logits, from position `ctx` on; plus the seconds its first three steps took (compile + capture)."""
     state = {"token": torch.zeros(1, dtype=torch.long, device=b.device), "i": 0}
     base = torch.full((1,), ctx, dtype=torch.long, device=b.device)
 
@@ -433,19 +440,7 @@ def compiled_index_copy_step(b: Bench, model: Mpt, cache: Any, ctx: int) -> tupl
     if step_fn is None:
         step_fn = torch.compile(decode_index_copy, mode="reduce-overhead", fullgraph=True)
         b.private["index_copy_step"] = step_fn
-    state = {"token": torch.zeros(1, dtype=torch.long, device=b.device), "i": 0}
-    base = torch.full((1,), ctx, dtype=torch.long, device=b.device)
-
-    def step() -> None:
-        with torch.inference_mode():
-            state["token"] = step_fn(model, state["token"], cache, base + state["i"]).argmax(-1)
-        state["i"] += 1
-
-    start = time.perf_counter()
-    for _ in range(3):  # compile + graph capture
-        step()
-    b.sync()
-    return step, time.perf_counter() - start
+    return _greedy_steps(b, lambda token, position: step_fn(model, token, cache, position), ctx)
 
 
 def top_kernels(b: Bench, step: Callable[[], None]) -> str:
