@@ -203,9 +203,13 @@ def hf_timings(b: Bench, model: Mpt) -> dict:
     return out
 
 
-# fa4 option sets the prefill stage can run side by side (--prefill-fa4); applied over fa4.DEFAULTS
+# fa4 option sets the prefill stage can run side by side (--prefill-fa4); applied over fa4.DEFAULTS,
+# except "kernels", applied over fused.KERNELS (the prefill's Triton LayerNorm / GELU, residual GEMMs)
+UNFUSED_PREFILL = {"add_norm": False, "gelu": False, "residual_gemm": False}
 PREFILL_FA4_SETS: dict[str, dict[str, Any]] = {
     "default": {},
+    "unfused_ops": {"kernels": UNFUSED_PREFILL},  # run 9's default: torch LayerNorm / GELU / adds
+    "no_residual_gemm": {"kernels": {"residual_gemm": False}},
     "dense": {"windows": False},
     "windows": {"windows": True},
     "fused": {"variant": "fused", "windows": False},
@@ -229,7 +233,7 @@ def ours_prefill(
     cache = None
     uses_fa4 = model.backend is not None and model.backend.prefill_name == "fa4"
     sets = (fa4_sets or ["default"]) if uses_fa4 else ["default"]
-    saved = dict(fa4.DEFAULTS)
+    saved, saved_kernels = dict(fa4.DEFAULTS), dataclasses.replace(fused.KERNELS)
     for t in lengths:
         ids = b.tokens(t, model.config.vocab_size)
         cache = None  # free the previous length's cache before allocating this one
@@ -237,8 +241,11 @@ def ours_prefill(
         for chunk, set_name in [(c, s) for c in chunks for s in sets]:
             if chunk > t:
                 continue
+            options = dict(PREFILL_FA4_SETS[set_name])
+            for field, value in {**dataclasses.asdict(saved_kernels), **options.pop("kernels", {})}.items():
+                setattr(fused.KERNELS, field, value)
             fa4.DEFAULTS.clear()
-            fa4.DEFAULTS.update({**saved, **PREFILL_FA4_SETS[set_name]})
+            fa4.DEFAULTS.update({**saved, **options})
             suffix = "" if set_name == "default" else f"_{set_name}"
             if b.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -275,6 +282,8 @@ def ours_prefill(
             print("ours prefill", t, chunk, set_name, entry, flush=True)
     fa4.DEFAULTS.clear()
     fa4.DEFAULTS.update(saved)
+    for field, value in dataclasses.asdict(saved_kernels).items():
+        setattr(fused.KERNELS, field, value)
     if cache is not None:
         b.private["cache"] = (lengths[-1], cache)  # the longest prefilled cache feeds the 65K decode
     return out

@@ -78,6 +78,44 @@ def test_triton_add_layer_norm_matches_f_layer_norm(dtype, with_bias):
 
 
 @pytest.mark.usefixtures("interpreted_triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gelu_is_exact_erf_gelu(monkeypatch, dtype):
+    monkeypatch.setattr(fused, "_runs_triton", lambda t: True)  # CPU tensors through the interpreter
+    x = (torch.randn(3, 5000, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)  # > one block
+    want = F.gelu(x.float())
+    out = fused.gelu(x)
+    assert out.dtype == dtype and out.data_ptr() != x.data_ptr()
+    # float32: erf from libdevice vs ATen's; bf16: F.gelu's rounding, 1 ulp where the interpreter truncates
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
+    tanh_form = F.gelu(x.float(), approximate="tanh")
+    assert (want - tanh_form).abs().max() > 1e-4 if dtype == torch.float32 else True  # the test can tell
+    same = fused.gelu(x, inplace=True)
+    assert same.data_ptr() == x.data_ptr() and torch.equal(same, out)
+
+
+def test_gelu_fallback_is_f_gelu():
+    x = torch.randn(4, 33)
+    assert torch.equal(fused.gelu(x), F.gelu(x))
+
+
+@pytest.mark.parametrize("in_gemm", [True, False])
+def test_add_linear_adds_into_the_residual(monkeypatch, in_gemm):
+    from pipeline.engine import model as model_module
+
+    linear = torch.nn.Linear(24, 16, bias=False)
+    x, inp = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 3, 24, dtype=torch.float64)
+    linear = linear.double()
+    want = x + linear(inp)
+    if in_gemm:  # the CUDA path (one addmm_ into x), run here on CPU tensors
+        monkeypatch.setattr(model_module, "gemm_accumulates", lambda x, linear: True)
+    with torch.no_grad():
+        out = model_module.add_linear(x, inp, linear)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    assert (out.data_ptr() == x.data_ptr()) == in_gemm  # in place only when it ran as the GEMM
+
+
+@pytest.mark.usefixtures("interpreted_triton")
 def test_triton_write_kv_matches_index_put(monkeypatch):
     b, length, h, d = 3, 7, 4, 8
     qkv = torch.randn(b, 1, 3 * h * d).to(torch.bfloat16)

@@ -1,10 +1,12 @@
-"""Fused decode kernels (Triton on CUDA): residual add + LayerNorm, and the new token's K/V cache write.
+"""Fused kernels (Triton on CUDA): residual add + LayerNorm, the new token's K/V cache write, exact GELU.
 
 Batch-1 decode replays ~500 kernels per token from one CUDA graph; the small ones are paid in launch
 latency, not bytes. Unfused, each LayerNorm is one 7.6 us kernel with one block per 4096-vector (65 per
 step) and each residual add another kernel; each layer's cache write is two index_put kernels plus an
 arange (H200 profile, bench/NOTES.md). Here a block's residual add and the following norm are one
-kernel, and a layer's K and V writes are one.
+kernel, and a layer's K and V writes are one. In prefill, torch's LayerNorm and erf GELU kernels ran
+at ~55-60% of the H200's bandwidth on 16K-token activations (bench/NOTES.md run 9 profile); the Triton
+ones here are plain streaming kernels.
 
 Both have a torch fallback with exactly the unfused math (CPU, torch.compile, no Triton), so CPU results
 are bit-identical to the plain model. `KERNELS` switches each fusion off, for the bench's before/after
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ class FusedKernels:
 
     add_norm: bool = True
     kv_write: bool = True
+    gelu: bool = True
+    residual_gemm: bool = True  # prefill: `x + linear(h)` as one in-place GEMM with beta = 1 (model.py)
 
 
 KERNELS = FusedKernels()
@@ -82,7 +87,15 @@ def _triton() -> Any:
         tl.store(k_cache_ptr + dst, tl.load(k_ptr + src, mask=mask), mask=mask)
         tl.store(v_cache_ptr + dst, tl.load(v_ptr + src, mask=mask), mask=mask)
 
-    return add_layer_norm, write_kv
+    @triton.jit
+    def gelu(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # F.gelu(approximate="none"), in float32
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    return add_layer_norm, write_kv, gelu
 
 
 def _runs_triton(x: torch.Tensor) -> bool:
@@ -121,6 +134,20 @@ def add_layer_norm(
 def fusable_norm(x: torch.Tensor) -> bool:
     """Whether add_layer_norm runs its Triton kernel for x (else the caller runs the torch ops)."""
     return KERNELS.add_norm and _runs_triton(x)
+
+
+_GELU_BLOCK = 4096
+
+
+def gelu(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Exact (erf) GELU, F.gelu's math: float32 inside, rounded once to x's dtype. One Triton kernel on
+    CUDA; `inplace` overwrites x (prefill: the up projection's output is not needed afterwards)."""
+    if not (KERNELS.gelu and _runs_triton(x) and x.is_contiguous()):
+        return F.gelu(x)
+    out = x if inplace else torch.empty_like(x)
+    n = x.numel()
+    _triton()[2][(-(-n // _GELU_BLOCK),)](x, out, n, BLOCK=_GELU_BLOCK, num_warps=8)
+    return out
 
 
 _KV_BLOCK = 1024

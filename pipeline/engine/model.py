@@ -34,6 +34,29 @@ def copy_wide(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst_words.copy_(src_words)
 
 
+def add_linear(x: torch.Tensor, inp: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """x + linear(inp) for the residual stream x [..., N]. Where `gemm_accumulates` allows it, one GEMM
+    that accumulates into x in place (beta = 1: cuBLAS reads x in its epilogue), so the separate add
+    kernel's two reads and one write of a [T, d_model] tensor go; the sum is rounded once instead of
+    twice. x is then overwritten: callers pass a residual stream they own."""
+    if not gemm_accumulates(x, linear):
+        return x + linear(inp)
+    x.view(-1, x.shape[-1]).addmm_(inp.reshape(-1, inp.shape[-1]), linear.weight.t())  # [..., N] -> [M, N]
+    return x
+
+
+def gemm_accumulates(x: torch.Tensor, linear: nn.Linear) -> bool:
+    """Whether add_linear runs as one in-place GEMM: on CUDA (where the add is a memory-bound kernel of
+    its own), bias-free, contiguous, eager (Inductor fuses the add itself)."""
+    return (
+        fused.KERNELS.residual_gemm
+        and x.is_cuda
+        and linear.bias is None
+        and x.is_contiguous()
+        and not torch.compiler.is_compiling()
+    )
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias. MPT's low-precision LayerNorm runs in the activations' dtype;
     the plain one runs in float32 and casts back."""
@@ -91,9 +114,11 @@ class Attention(nn.Module):
         shape = (b, t, cfg.n_heads, cfg.head_dim)
         return q.reshape(shape), k.reshape(shape), v.reshape(shape)  # [B, T, d_model] -> [B, T, H, D]
 
-    def output(self, attn: torch.Tensor) -> torch.Tensor:
+    def output(self, attn: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """out_proj of attn [B, T, H, D]; with `residual`, residual + that (residual is overwritten)."""
         b, t, _, _ = attn.shape
-        return self.out_proj(attn.reshape(b, t, self.config.d_model))  # [B, T, H, D] -> [B, T, d_model]
+        flat = attn.reshape(b, t, self.config.d_model)  # [B, T, H, D] -> [B, T, d_model]
+        return self.out_proj(flat) if residual is None else add_linear(residual, flat, self.out_proj)
 
 
 class MLP(nn.Module):
@@ -102,8 +127,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=not config.no_bias)
         self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=not config.no_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """down(gelu(up(x))); with `residual`, residual + that (residual is overwritten)."""
+        hidden = fused.gelu(self.up_proj(x), inplace=True)
+        return self.down_proj(hidden) if residual is None else add_linear(residual, hidden, self.down_proj)
 
 
 class Block(nn.Module):
@@ -126,12 +153,14 @@ class Block(nn.Module):
         """x [B, T, d_model] at positions [start, start + T) of cache rows `rows`."""
         k_cache, v_cache = kv  # each [B_cache, L_max, H, D]
         end = start + x.shape[1]
-        q, k, v = self.attn.project(self.norm_1(x))
+        _, h = self.norm_1.add_forward(x, None)
+        q, k, v = self.attn.project(h)
         copy_wide(k_cache[rows, start:end], k)
         copy_wide(v_cache[rows, start:end], v)
         a = backend.prefill(q, k_cache[rows, :end], v_cache[rows, :end], slopes, scale=self.attn.config.scale)
-        x = x + self.attn.output(a)
-        return x + self.ffn(self.norm_2(x))
+        x = self.attn.output(a, residual=x)
+        _, h = self.norm_2.add_forward(x, None)
+        return self.ffn(h, residual=x)
 
     def decode(
         self,

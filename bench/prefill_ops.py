@@ -1,0 +1,122 @@
+"""The non-attention pieces of a 16K-token MPT-7B prefill layer, one at a time, on one GPU.
+
+Run 9's profile of the 16K prefill (0.450 s, goal 0.42) put 290 ms in GEMMs and ~33 ms in elementwise
+kernels: erf GELU 417 us, LayerNorm 110 us, residual add 90 us per call, each at 55-70% of the copy
+bandwidth. This times each GEMM shape alone (to see which of them falls short of the matmul ceiling),
+both cuBLAS front ends, the residual add folded into the GEMM (in-place addmm_, beta = 1), and the
+Triton GELU / LayerNorm of pipeline/engine/fused.py against torch's, each checked against float32.
+
+Usage (H200): PYTHONPATH=. python bench/prefill_ops.py --out $OUT [--tokens 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.engine import fused
+
+D_MODEL, FFN = 4096, 16384
+SHAPES = {"Wqkv": (3 * D_MODEL, D_MODEL), "out_proj": (D_MODEL, D_MODEL), "up_proj": (FFN, D_MODEL),
+          "down_proj": (D_MODEL, FFN)}  # name -> (N, K) of the nn.Linear weight
+MATMUL_TFLOPS, COPY_TBPS = 795.0, 4.27
+
+
+def time_ms(fn: Callable[[], object], reps: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+def gemm_row(n: int, k: int, m: int, residual: bool) -> dict:
+    """One weight shape [N, K] applied to m tokens, through each cuBLAS front end."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    resid = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * m * n * k
+    row: dict[str, object] = {"floor_ms": round(flops / MATMUL_TFLOPS / 1e9, 3)}
+    want = F.linear(x[:256].float(), w.float())
+    for lib in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        ms = time_ms(lambda: F.linear(x, w))
+        row[f"linear_{lib}"] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9),
+                                "rel_err": rel_err(F.linear(x, w)[:256], want)}
+        if residual:  # the residual add as a separate kernel, or inside the GEMM
+            work = resid.clone()
+            row[f"add_after_{lib}_ms"] = round(time_ms(lambda: resid + F.linear(x, w)), 3)
+            ms = time_ms(lambda work=work: work.addmm_(x, w.t()))  # accumulates: values drift, timing holds
+            check = resid.clone().addmm_(x, w.t())
+            row[f"addmm_inplace_{lib}"] = {"ms": round(ms, 3),
+                                           "rel_err": rel_err(check[:256], resid[:256].float() + want)}
+    torch.backends.cuda.preferred_blas_library("cublas")
+    return row
+
+
+def gemms(m: int) -> dict:
+    res: dict[str, dict] = {}
+    for name, (n, k) in SHAPES.items():
+        res[name] = gemm_row(n, k, m, residual=name in ("out_proj", "down_proj"))
+        print(name, json.dumps(res[name]), flush=True)
+    return res
+
+
+def elementwise(m: int) -> dict:
+    res: dict[str, dict] = {}
+    up = torch.randn(m, FFN, device="cuda", dtype=torch.bfloat16)
+    gb = up.numel() * 2 * 2 / 1e9  # read + write
+    want = F.gelu(up.float())
+    for name, fn in (("torch", lambda: F.gelu(up)), ("triton", lambda: fused.gelu(up))):
+        ms = time_ms(fn)
+        res[f"gelu_{name}"] = {"ms": round(ms, 3), "tbps": round(gb / ms, 2), "rel_err": rel_err(fn(), want)}
+    x = torch.randn(m, D_MODEL, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn_like(x)
+    weight = torch.randn(D_MODEL, device="cuda", dtype=torch.bfloat16)
+    gb = x.numel() * 2 * 2 / 1e9
+    want = F.layer_norm(x.float(), (D_MODEL,), weight.float())
+    for name, fn in (
+        ("torch", lambda: F.layer_norm(x, (D_MODEL,), weight)),
+        ("triton", lambda: fused.add_layer_norm(x, None, weight, None, 1e-5)[1]),
+    ):
+        ms = time_ms(fn)
+        res[f"layer_norm_{name}"] = {"ms": round(ms, 3), "tbps": round(gb / ms, 2), "rel_err": rel_err(fn(), want)}
+    res["add_torch"] = {"ms": round(time_ms(lambda: x + delta), 3)}
+    res["add_layer_norm_triton"] = {"ms": round(time_ms(lambda: fused.add_layer_norm(x, delta, weight, None, 1e-5)), 3)}
+    for key, row in res.items():
+        print(key, json.dumps(row), flush=True)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--tokens", type=int, default=16384)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    res = {"device": torch.cuda.get_device_name(), "tokens": args.tokens}
+    with torch.inference_mode():
+        res["gemm"] = gemms(args.tokens)
+        res["elementwise"] = elementwise(args.tokens)
+    with open(os.path.join(args.out, "prefill_ops.json"), "w") as fh:
+        json.dump(res, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
