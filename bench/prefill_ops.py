@@ -70,6 +70,72 @@ def gemm_row(n: int, k: int, m: int, residual: bool) -> dict:
     return row
 
 
+def split_variants(m: int) -> dict:
+    """Up/down/Wqkv shapes through cuBLAS as one GEMM or cut along M (rows of tokens: each piece writes a
+    contiguous slice of the output) so its heuristics pick another tile; in isolation Wqkv reached 794
+    TFLOP/s where up/down got ~690 (run 10)."""
+    res: dict[str, dict] = {}
+    for name, (n, k) in SHAPES.items():
+        res[name] = split_row(n, k, m)
+        print("split", name, json.dumps(res[name]), flush=True)
+    return res
+
+
+def split_row(n: int, k: int, m: int) -> dict:
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * m * n * k
+    row: dict[str, object] = {}
+    for parts in (1, 2, 4, 8):
+        step = m // parts
+
+        def run(step: int = step) -> None:
+            for i in range(0, m, step):
+                torch.mm(x[i : i + step], w.t(), out=y[i : i + step])
+
+        ms = time_ms(run)
+        row[f"msplit{parts}"] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9)}
+    wt = w.t().contiguous()  # [K, N]: the other operand layout (NN instead of TN)
+    ms = time_ms(lambda: torch.mm(x, wt, out=y))
+    row["weight_kn"] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9)}
+    return row
+
+
+def gelu_variants(m: int) -> dict:
+    """Exact GELU at 16K x 16384: torch, the Triton kernel at several block sizes, and a lookup table of
+    F.gelu over all 65,536 bf16 inputs (bit-identical to F.gelu by construction)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gelu_lut(x_ptr, out_ptr, table_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        bits = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+        tl.store(out_ptr + offs, tl.load(table_ptr + bits, mask=mask), mask=mask)
+
+    up = torch.randn(m, FFN, device="cuda", dtype=torch.bfloat16)
+    want = F.gelu(up)
+    every = torch.arange(65536, device="cuda", dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    table = F.gelu(every)
+    res: dict[str, object] = {"torch_ms": round(time_ms(lambda: F.gelu(up)), 3)}
+    saved = fused._GELU_BLOCK
+    for block in (1024, 2048, 8192):
+        fused._GELU_BLOCK = block
+        res[f"triton_block{block}_ms"] = round(time_ms(lambda: fused.gelu(up)), 3)
+    fused._GELU_BLOCK = saved
+    bits, out, n = up.view(torch.int16), torch.empty_like(up), up.numel()
+    for block in (1024, 4096):
+        def lut(block: int = block) -> None:
+            gelu_lut[(-(-n // block),)](bits, out.view(torch.int16), table.view(torch.int16), n, BLOCK=block)
+
+        res[f"lut_block{block}_ms"] = round(time_ms(lut), 3)
+        res[f"lut_block{block}_equal"] = bool(torch.equal(out, want))
+    print("gelu", json.dumps(res), flush=True)
+    return res
+
+
 def gemms(m: int) -> dict:
     res: dict[str, dict] = {}
     for name, (n, k) in SHAPES.items():
@@ -108,12 +174,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--parts", default="gemm,elementwise,split,gelu")
     args = parser.parse_args()
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "tokens": args.tokens}
+    parser_parts = set(args.parts.split(","))
     with torch.inference_mode():
-        res["gemm"] = gemms(args.tokens)
-        res["elementwise"] = elementwise(args.tokens)
+        if "gemm" in parser_parts:
+            res["gemm"] = gemms(args.tokens)
+        if "elementwise" in parser_parts:
+            res["elementwise"] = elementwise(args.tokens)
+        if "split" in parser_parts:
+            res["split"] = split_variants(args.tokens)
+        if "gelu" in parser_parts:
+            res["gelu"] = gelu_variants(args.tokens)
     with open(os.path.join(args.out, "prefill_ops.json"), "w") as fh:
         json.dump(res, fh, indent=1)
 
