@@ -78,24 +78,21 @@ def test_triton_add_layer_norm_matches_f_layer_norm(dtype, with_bias):
 
 
 @pytest.mark.usefixtures("interpreted_triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_gelu_is_exact_erf_gelu(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_gelu_lookup_is_f_gelu_bit_for_bit(monkeypatch, dtype):
     monkeypatch.setattr(fused, "_runs_triton", lambda t: True)  # CPU tensors through the interpreter
-    x = (torch.randn(3, 5000, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)  # > one block
-    want = F.gelu(x.float())
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)  # every value, NaN and inf too
+    x = torch.cat([every, (torch.randn(3000, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)])
     out = fused.gelu(x)
     assert out.dtype == dtype and out.data_ptr() != x.data_ptr()
-    # float32: erf from libdevice vs ATen's; bf16: F.gelu's rounding, 1 ulp where the interpreter truncates
-    tol = 1e-6 if dtype == torch.float32 else 2**-7
-    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
-    tanh_form = F.gelu(x.float(), approximate="tanh")
-    assert (want - tanh_form).abs().max() > 1e-4 if dtype == torch.float32 else True  # the test can tell
+    want = F.gelu(x)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))  # same bits, NaNs included
     same = fused.gelu(x, inplace=True)
-    assert same.data_ptr() == x.data_ptr() and torch.equal(same, out)
+    assert same.data_ptr() == x.data_ptr() and torch.equal(same.view(torch.int16), want.view(torch.int16))
 
 
 def test_gelu_fallback_is_f_gelu():
-    x = torch.randn(4, 33)
+    x = torch.randn(4, 33)  # float32 (no 16-bit table) and CPU: F.gelu itself
     assert torch.equal(fused.gelu(x), F.gelu(x))
 
 
@@ -183,31 +180,77 @@ def test_decode_step_through_the_triton_kernels_equals_the_unfused_step(tiny_mod
     torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-5, atol=1e-5)  # another order
 
 
-@pytest.mark.usefixtures("interpreted_triton")
-@pytest.mark.parametrize("programs", [1, 24])
-def test_split_k_decode_matches_blockwise(monkeypatch, programs):
-    from pipeline.engine.backends import blockwise, splitk
+@pytest.fixture
+def interpreted_splitk(interpreted_triton: None) -> Iterator[None]:
+    from pipeline.engine.backends import splitk
+
+    splitk._kernels.cache_clear()
+    splitk._counters.clear()
+    yield
+    splitk._kernels.cache_clear()
+    splitk._counters.clear()
+
+
+def _decode_reference(q, k_cache, v_cache, slopes, lengths, scale):
+    """Float64 dense attention of each row's query over its own first lengths[b] keys."""
+    from pipeline.engine.attention import dense_reference
+
+    rows = [
+        dense_reference(q[i : i + 1].double(), k_cache[i : i + 1, :n].double(), v_cache[i : i + 1, :n].double(),
+                        slopes, scale=scale)
+        for i, n in enumerate(lengths.tolist())
+    ]
+    return torch.cat(rows)  # [B, 1, H, D] float64
+
+
+@pytest.mark.usefixtures("interpreted_splitk")
+@pytest.mark.parametrize("merge", ["last", "kernel"])
+@pytest.mark.parametrize("bias_max", [8, 16])
+@pytest.mark.parametrize(("block_n", "keys", "slots"), [(16, 32, False), (32, 96, False), (16, 48, True)])
+def test_split_k_decode_matches_float64(merge, bias_max, block_n, keys, slots):
+    from pipeline.engine.backends import splitk
     from pipeline.engine.config import alibi_slopes
 
-    splitk._kernels.cache_clear()
-    monkeypatch.setattr(splitk, "MIN_KEYS_PER_SPLIT", 64)  # several splits at a test-sized length
-    monkeypatch.setattr(splitk, "_target_programs", lambda device: programs)
-    b, length, h, d = 3, 300, 4, 16
-    g = torch.Generator().manual_seed(0)
+    b, length, h, d = 3, 200, 4, 16  # 200: not a multiple of the tile or the split
+    g = torch.Generator().manual_seed(bias_max + keys)
     q = torch.randn(b, 1, h, d, generator=g)
     k_cache, v_cache = torch.randn(2, b, length, h, d, generator=g)
-    lengths = torch.tensor([1, 129, 300])  # one key only, a split boundary inside, the whole cache
-    slopes = alibi_slopes(h, 16)
-    out = splitk.decode(q, k_cache, v_cache, slopes, lengths, scale=0.3)
-    ref = blockwise.decode(q, k_cache, v_cache, slopes, lengths, scale=0.3)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    splitk._kernels.cache_clear()
+    lengths = torch.tensor([1, 77, 200])  # one key only, mid-split and mid-tile, the whole cache
+    slopes = alibi_slopes(h, bias_max)
+    cfg = splitk.SplitConfig(block_n=block_n, keys_per_split=keys, merge=merge, slots=slots)
+    ref = _decode_reference(q, k_cache, v_cache, slopes, lengths, 0.3)
+    for _ in range(2):  # the second call sees the counters the first one left (all reset to zero)
+        out = splitk.decode(q, k_cache, v_cache, slopes, lengths, scale=0.3, config=cfg)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert not splitk._counters or not splitk._counters[q.device].any()
 
 
-def test_split_plan_fills_the_chip_and_covers_every_key():
-    from pipeline.engine.backends.splitk import BLOCK_N, split_plan
+@pytest.mark.usefixtures("interpreted_splitk")
+def test_split_k_decode_bf16_single_row_short_of_the_cache():
+    from pipeline.engine.backends import splitk
+    from pipeline.engine.config import alibi_slopes
 
-    for bh, length in [(32, 4160), (32, 65600), (32, 100), (64, 4160)]:
-        splits, keys = split_plan(bh, length, 528)
-        assert keys % BLOCK_N == 0 and splits * keys >= length > (splits - 1) * keys
-    assert split_plan(32, 4160, 528)[0] == 17 and split_plan(32, 65600, 528)[0] == 17
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 1, 4, 32, generator=g).bfloat16()
+    k_cache, v_cache = torch.randn(2, 1, 150, 4, 32, generator=g).bfloat16()
+    lengths = torch.tensor([131])  # keys 131.. hold data that must not be read: make it poison
+    k_cache[:, 131:], v_cache[:, 131:] = float("nan"), float("nan")
+    slopes = alibi_slopes(4, 8)
+    out = splitk.decode(q, k_cache, v_cache, slopes, lengths, scale=32**-0.5,
+                        config=splitk.SplitConfig(block_n=16, keys_per_split=64, slots=True))
+    ref = _decode_reference(q, k_cache, v_cache, slopes, lengths, 32**-0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)  # bf16 output rounding
+
+
+def test_split_configs_cover_every_key():
+    from pipeline.engine.backends.splitk import CONFIGS, config_for, split_count
+
+    limits = [limit for limit, _ in CONFIGS]
+    assert limits == sorted(limits)
+    for _, cfg in CONFIGS:
+        assert cfg.keys_per_split % cfg.block_n == 0 and cfg.merge in ("last", "kernel")
+    for length in (1, 100, 4160, 8192, 8193, 65600, 1 << 20):
+        cfg = config_for(length)
+        splits = split_count(length, cfg)
+        assert splits * cfg.keys_per_split >= length > (splits - 1) * cfg.keys_per_split

@@ -5,8 +5,8 @@ latency, not bytes. Unfused, each LayerNorm is one 7.6 us kernel with one block 
 step) and each residual add another kernel; each layer's cache write is two index_put kernels plus an
 arange (H200 profile, bench/NOTES.md). Here a block's residual add and the following norm are one
 kernel, and a layer's K and V writes are one. In prefill, torch's LayerNorm and erf GELU kernels ran
-at ~55-60% of the H200's bandwidth on 16K-token activations (bench/NOTES.md run 9 profile); the Triton
-ones here are plain streaming kernels.
+at ~55-65% of the H200's bandwidth on 16K-token activations (bench/NOTES.md runs 9-10); the Triton
+LayerNorm and the table-lookup GELU here stream faster with the same results.
 
 Both have a torch fallback with exactly the unfused math (CPU, torch.compile, no Triton), so CPU results
 are bit-identical to the plain model. `KERNELS` switches each fusion off, for the bench's before/after
@@ -88,14 +88,13 @@ def _triton() -> Any:
         tl.store(v_cache_ptr + dst, tl.load(v_ptr + src, mask=mask), mask=mask)
 
     @triton.jit
-    def gelu(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def gelu_lookup(x_ptr, out_ptr, table_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # F.gelu(approximate="none"), in float32
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        bits = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF  # int16 -> table index
+        tl.store(out_ptr + offs, tl.load(table_ptr + bits, mask=mask), mask=mask)
 
-    return add_layer_norm, write_kv, gelu
+    return add_layer_norm, write_kv, gelu_lookup
 
 
 def _runs_triton(x: torch.Tensor) -> bool:
@@ -136,18 +135,30 @@ def fusable_norm(x: torch.Tensor) -> bool:
     return KERNELS.add_norm and _runs_triton(x)
 
 
-_GELU_BLOCK = 4096
+_GELU_BLOCK = 1024
 
 
 def gelu(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-    """Exact (erf) GELU, F.gelu's math: float32 inside, rounded once to x's dtype. One Triton kernel on
-    CUDA; `inplace` overwrites x (prefill: the up projection's output is not needed afterwards)."""
-    if not (KERNELS.gelu and _runs_triton(x) and x.is_contiguous()):
+    """F.gelu(x) (exact erf form). For 16-bit x on CUDA, one Triton kernel that looks each value up in
+    a table of F.gelu over all 65,536 values of the dtype: bit-identical to F.gelu by construction, and
+    a gather from a 128 KB cache-resident table streams faster than computing erf (H200, 16K x 16384:
+    273 us vs 353-417 for torch's kernel, bench/NOTES.md run 10). `inplace` overwrites x."""
+    if not (KERNELS.gelu and x.element_size() == 2 and _runs_triton(x) and x.is_contiguous()):
         return F.gelu(x)
     out = x if inplace else torch.empty_like(x)
     n = x.numel()
-    _triton()[2][(-(-n // _GELU_BLOCK),)](x, out, n, BLOCK=_GELU_BLOCK, num_warps=8)
+    table = _gelu_table(x.device, x.dtype)
+    grid = (-(-n // _GELU_BLOCK),)
+    _triton()[2][grid](x.view(torch.int16), out.view(torch.int16), table, n, BLOCK=_GELU_BLOCK, num_warps=4)
     return out
+
+
+@functools.cache
+def _gelu_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """F.gelu of every 16-bit pattern of `dtype`, indexed by the pattern (as int16 bits)."""
+    every = torch.arange(1 << 16, device=device, dtype=torch.int32).to(torch.int16).view(dtype)
+    with torch.inference_mode():
+        return F.gelu(every).view(torch.int16)
 
 
 _KV_BLOCK = 1024
