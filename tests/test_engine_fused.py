@@ -207,9 +207,11 @@ def _decode_reference(q, k_cache, v_cache, slopes, lengths, scale):
 @pytest.mark.parametrize("merge", ["last", "kernel"])
 @pytest.mark.parametrize("bias_max", [8, 16])
 @pytest.mark.parametrize(("block_n", "keys", "slots"), [(16, 32, False), (32, 96, False), (16, 48, True)])
-def test_split_k_decode_matches_float64(merge, bias_max, block_n, keys, slots):
+def test_split_k_decode_matches_float64(monkeypatch, merge, bias_max, block_n, keys, slots):
     from pipeline.engine.backends import splitk
     from pipeline.engine.config import alibi_slopes
+
+    monkeypatch.setattr(splitk, "MERGE_CHUNK", 4)  # 5-7 splits: the merge runs its multi-chunk loop
 
     b, length, h, d = 3, 200, 4, 16  # 200: not a multiple of the tile or the split
     g = torch.Generator().manual_seed(bias_max + keys)
