@@ -41,6 +41,7 @@ import torch
 from bench import attention as attn_bench
 from bench import hf_reference
 from pipeline.engine import fused
+from pipeline.engine import gemv as gemv_mod
 from pipeline.engine.backends import fa4, sdpa, select_backend, splitk
 from pipeline.engine.config import MptConfig, alibi_slopes
 from pipeline.engine.generate import Generator, prefill_chunked
@@ -357,10 +358,14 @@ def loop_step(b: Bench, gen: Generator, cache: Any, ctx: int, steps: int) -> tup
 
 
 @contextlib.contextmanager
-def decode_variant(model: Mpt, *, add_norm: bool, kv_write: bool, attention: str = "sdpa") -> Iterator[None]:
+def decode_variant(
+    model: Mpt, *, add_norm: bool, kv_write: bool, gemv: bool = True, attention: str = "sdpa"
+) -> Iterator[None]:
     """Run the decode step with the chosen fused kernels and decode attention, restored after."""
     saved_kernels, saved_backend = dataclasses.replace(fused.KERNELS), model.backend
+    saved_gemv = gemv_mod.KERNELS.enabled
     fused.KERNELS.add_norm, fused.KERNELS.kv_write = add_norm, kv_write
+    gemv_mod.KERNELS.enabled = gemv
     if attention == "splitk":
         assert saved_backend is not None
         model.backend = dataclasses.replace(saved_backend, decode=splitk.decode, decode_name="splitk")
@@ -368,6 +373,7 @@ def decode_variant(model: Mpt, *, add_norm: bool, kv_write: bool, attention: str
         yield
     finally:
         fused.KERNELS.add_norm, fused.KERNELS.kv_write = saved_kernels.add_norm, saved_kernels.kv_write
+        gemv_mod.KERNELS.enabled = saved_gemv
         model.backend = saved_backend
 
 
@@ -484,7 +490,9 @@ def ours_decode(
       graph_loop    + device-side token loop (pick in graph, positions on device, tokens read back one
                     step behind): item 1 alone
       graph_norm    + fused residual add + LayerNorm
-      generator     + one-kernel K/V cache write = the Generator's default now (the goal row)
+      no_gemv       + one-kernel K/V cache write (run 9's default)
+      generator     + each projection one fused GEMV kernel (LayerNorm / GELU / residual add inside:
+                    pipeline/engine/gemv.py) = the Generator's default now (the goal row)
       splitk        generator with the Triton split-K decode attention instead of SDPA + bias row
     plus `eager` (decode_mode="eager", old driver), `compiled` / `compiled_index_copy` (experiments),
     and attention alone per layer (SDPA + bias row vs split-K) for split-K contexts. At the first
@@ -517,14 +525,16 @@ def ours_decode(
             "floor_ms": round((weights + kv_bytes) / COPY_TBPS / 1e9, 3),
             "cache_len": cache.max_len,
         }
-        unfused = {"add_norm": False, "kv_write": False}
+        unfused = {"add_norm": False, "kv_write": False, "gemv": False}
         fused_all = {"add_norm": True, "kv_write": True}
         rows: list[tuple[str, dict, Callable[[], tuple[Callable[..., None], float]], bool]] = []
         if graph:
             rows += [
                 ("graph_before", unfused, lambda cache=cache, ctx=ctx: generator_step(b, gen, cache, ctx), False),
                 ("graph_loop", unfused, lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True),
-                ("graph_norm", {"add_norm": True, "kv_write": False},
+                ("graph_norm", {"add_norm": True, "kv_write": False, "gemv": False},
+                 lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True),
+                ("no_gemv", {**fused_all, "gemv": False},
                  lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True),
             ]
         rows.append(("generator", fused_all, lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True))
@@ -584,7 +594,7 @@ def time_row(
     b.sync()
     entry[f"{mode}_ms_per_token"] = round((time.perf_counter() - start) / steps * 1e3, 3)
     entry[f"{mode}_setup_s"] = round(setup_s, 1)
-    if profile and mode in ("graph_before", "generator", "splitk"):
+    if profile and mode in ("no_gemv", "generator", "splitk"):
         if whole_loop:
             table_text = top_kernels(b, lambda: step(PROFILE_STEPS))
         else:
@@ -600,7 +610,7 @@ def token_checks(gen: Generator, ids: list[int], *, splitk_too: bool) -> dict:
     differ; reported, not asserted)."""
     out: dict[str, Any] = {}
     checks: list[tuple[str, dict]] = [("vs_eager", {"add_norm": True, "kv_write": True})]
-    checks.append(("unfused_vs_default", {"add_norm": False, "kv_write": False}))
+    checks.append(("unfused_vs_default", {"add_norm": False, "kv_write": False, "gemv": False}))
     if splitk_too:
         checks.append(("splitk_vs_default", {"add_norm": True, "kv_write": True, "attention": "splitk"}))
     try:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.engine import fused
+from pipeline.engine import fused, gemv
 from pipeline.engine.attention import AttentionBackend
 from pipeline.engine.cache import KVCache
 from pipeline.engine.config import MptConfig, alibi_slopes
@@ -73,6 +73,10 @@ class LayerNorm(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).to(x.dtype)
 
+    def as_prologue(self) -> gemv.Norm:
+        """This norm as the input transform of a fused decode GEMV (pipeline/engine/gemv.py)."""
+        return gemv.Norm(self.weight, self.bias, self.eps, self.low_precision)
+
     def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual, norm(residual)) with residual = x + delta (x when delta is None): one fused kernel
         on CUDA (pipeline/engine/fused.py), else the same ops as `x + delta` then forward."""
@@ -103,9 +107,12 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, d_model] -> q, k, v each [B, T, H, D]."""
+        return self.heads(self.Wqkv(x))
+
+    def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's output [B, T, 3 * d_model] -> q, k, v each [B, T, H, D] (clip, qk_ln)."""
         cfg = self.config
-        b, t, _ = x.shape
-        qkv = self.Wqkv(x)  # [B, T, 3 * d_model]
+        b, t, _ = qkv.shape
         if cfg.clip_qkv:
             qkv = qkv.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv)
         q, k, v = qkv.split(cfg.d_model, dim=-1)  # each [B, T, d_model]
@@ -185,6 +192,30 @@ class Block(nn.Module):
         return x, self.ffn(h)
 
 
+    def decode_fused(
+        self,
+        x: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        lengths: torch.Tensor,
+        backend: AttentionBackend,
+        slopes: torch.Tensor,
+    ) -> torch.Tensor:
+        """Block.decode with each projection one fused GEMV kernel (pipeline/engine/gemv.py): the norms
+        run inside the GEMV that reads their output, GELU inside down_proj's, the residual adds in the
+        out_proj / down_proj epilogues. x [B, 1, d_model] is the whole residual stream; returns it."""
+        attn, ffn = self.attn, self.ffn
+        k_cache, v_cache = kv
+        qkv = gemv.gemv(x, attn.Wqkv.weight, bias=attn.Wqkv.bias, norm=self.norm_1.as_prologue())
+        q, k, v = attn.heads(qkv)
+        fused.write_kv(k_cache, v_cache, k[:, 0], v[:, 0], positions)
+        a = backend.decode(q, k_cache, v_cache, slopes, lengths, scale=attn.config.scale)
+        flat = a.reshape(x.shape)  # [B, 1, H, D] -> [B, 1, d_model]
+        x = gemv.gemv(flat, attn.out_proj.weight, bias=attn.out_proj.bias, residual=x)
+        hidden = gemv.gemv(x, ffn.up_proj.weight, bias=ffn.up_proj.bias, norm=self.norm_2.as_prologue())
+        return gemv.gemv(hidden, ffn.down_proj.weight, bias=ffn.down_proj.bias, gelu=True, residual=x)
+
+
 class Mpt(nn.Module):
     def __init__(self, config: MptConfig, backend: AttentionBackend | None = None) -> None:
         super().__init__()
@@ -253,14 +284,29 @@ class Mpt(nn.Module):
         backend = self._backend()
         x = self.wte(tokens)[:, None]  # [B] -> [B, 1, d_model]
         lengths = positions + 1  # keys per row incl. the new token, shared by every layer
+        if self._fused_gemv_decode(x):
+            for i, block in enumerate(self.blocks):
+                x = block.decode_fused(x, cache.layer(i), positions, lengths, backend, self.slopes)
+            logits = gemv.gemv(x[:, 0], self._head_weight(), norm=self.norm_f.as_prologue()).float()
+            return logits * self.config.logit_scale if self.config.logit_scale is not None else logits
         pending = None
         for i, block in enumerate(self.blocks):
             x, pending = block.decode(x, pending, cache.layer(i), positions, lengths, backend, self.slopes)
         _, h = self.norm_f.add_forward(x, pending)
         return self._head(h[:, 0])
 
+    def _fused_gemv_decode(self, x: torch.Tensor) -> bool:
+        """Whether this step runs every projection as a fused GEMV kernel (batch-1 decode on CUDA; the
+        kernels' own check, on the first block's shapes, which every block shares)."""
+        first = self.blocks[0]
+        return gemv.fusable_gemv(
+            x, first.attn.Wqkv.weight, bias=first.attn.Wqkv.bias, norm=first.norm_1.as_prologue()
+        )
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
     def _head(self, normed: torch.Tensor) -> torch.Tensor:
         """normed [..., d_model] (after norm_f) -> float32 logits [..., vocab], as `logits` computes them."""
-        weight = self.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        out = F.linear(normed, weight).float()
+        out = F.linear(normed, self._head_weight()).float()
         return out * self.config.logit_scale if self.config.logit_scale is not None else out
