@@ -359,16 +359,18 @@ def loop_step(b: Bench, gen: Generator, cache: Any, ctx: int, steps: int) -> tup
 
 @contextlib.contextmanager
 def decode_variant(
-    model: Mpt, *, add_norm: bool, kv_write: bool, gemv: bool = True, attention: str = "sdpa"
+    model: Mpt, *, add_norm: bool, kv_write: bool, gemv: bool = True, attention: str | None = None
 ) -> Iterator[None]:
-    """Run the decode step with the chosen fused kernels and decode attention, restored after."""
+    """Run the decode step with the chosen fused kernels and decode attention ("sdpa", "splitk"; None:
+    the selected backend's), restored after."""
     saved_kernels, saved_backend = dataclasses.replace(fused.KERNELS), model.backend
     saved_gemv = gemv_mod.KERNELS.enabled
     fused.KERNELS.add_norm, fused.KERNELS.kv_write = add_norm, kv_write
     gemv_mod.KERNELS.enabled = gemv
-    if attention == "splitk":
+    if attention is not None:
         assert saved_backend is not None
-        model.backend = dataclasses.replace(saved_backend, decode=splitk.decode, decode_name="splitk")
+        kernel = {"splitk": splitk.decode, "sdpa": sdpa.decode}[attention]
+        model.backend = dataclasses.replace(saved_backend, decode=kernel, decode_name=attention)
     try:
         yield
     finally:
@@ -490,10 +492,10 @@ def ours_decode(
       graph_loop    + device-side token loop (pick in graph, positions on device, tokens read back one
                     step behind): item 1 alone
       graph_norm    + fused residual add + LayerNorm
-      no_gemv       + one-kernel K/V cache write (run 9's default)
+      no_gemv       + one-kernel K/V cache write (run 9's default); these four attend with SDPA
       generator     + each projection one fused GEMV kernel (LayerNorm / GELU / residual add inside:
-                    pipeline/engine/gemv.py) = the Generator's default now (the goal row)
-      splitk        generator with the Triton split-K decode attention instead of SDPA + bias row
+                    pipeline/engine/gemv.py), split-K attention = the Generator's default (goal row)
+      sdpa          generator with SDPA + bias row attention instead of split-K
     plus `eager` (decode_mode="eager", old driver), `compiled` / `compiled_index_copy` (experiments),
     and attention alone per layer (SDPA + bias row vs split-K) for split-K contexts. At the first
     context: greedy tokens of the default vs eager, unfused and split-K, and a profile of the new
@@ -525,21 +527,21 @@ def ours_decode(
             "floor_ms": round((weights + kv_bytes) / COPY_TBPS / 1e9, 3),
             "cache_len": cache.max_len,
         }
-        unfused = {"add_norm": False, "kv_write": False, "gemv": False}
+        unfused = {"add_norm": False, "kv_write": False, "gemv": False, "attention": "sdpa"}
         fused_all = {"add_norm": True, "kv_write": True}
         rows: list[tuple[str, dict, Callable[[], tuple[Callable[..., None], float]], bool]] = []
         if graph:
             rows += [
                 ("graph_before", unfused, lambda cache=cache, ctx=ctx: generator_step(b, gen, cache, ctx), False),
                 ("graph_loop", unfused, lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True),
-                ("graph_norm", {"add_norm": True, "kv_write": False, "gemv": False},
+                ("graph_norm", {"add_norm": True, "kv_write": False, "gemv": False, "attention": "sdpa"},
                  lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True),
-                ("no_gemv", {**fused_all, "gemv": False},
+                ("no_gemv", {**fused_all, "gemv": False, "attention": "sdpa"},
                  lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True),
             ]
         rows.append(("generator", fused_all, lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True))
         if ctx in split_k_contexts:
-            rows.append(("splitk", {**fused_all, "attention": "splitk"},
+            rows.append(("sdpa", {**fused_all, "attention": "sdpa"},
                          lambda cache=cache, ctx=ctx: loop_step(b, gen, cache, ctx, steps), True))
         if ctx in eager_contexts and graph:
             rows.append(("eager", fused_all, lambda cache=cache, ctx=ctx: generator_step(b, eager_gen, cache, ctx),
@@ -594,7 +596,7 @@ def time_row(
     b.sync()
     entry[f"{mode}_ms_per_token"] = round((time.perf_counter() - start) / steps * 1e3, 3)
     entry[f"{mode}_setup_s"] = round(setup_s, 1)
-    if profile and mode in ("no_gemv", "generator", "splitk"):
+    if profile and mode in ("no_gemv", "generator", "sdpa"):
         if whole_loop:
             table_text = top_kernels(b, lambda: step(PROFILE_STEPS))
         else:
@@ -610,9 +612,9 @@ def token_checks(gen: Generator, ids: list[int], *, splitk_too: bool) -> dict:
     differ; reported, not asserted)."""
     out: dict[str, Any] = {}
     checks: list[tuple[str, dict]] = [("vs_eager", {"add_norm": True, "kv_write": True})]
-    checks.append(("unfused_vs_default", {"add_norm": False, "kv_write": False, "gemv": False}))
+    checks.append(("unfused_vs_default", {"add_norm": False, "kv_write": False, "gemv": False, "attention": "sdpa"}))
     if splitk_too:
-        checks.append(("splitk_vs_default", {"add_norm": True, "kv_write": True, "attention": "splitk"}))
+        checks.append(("sdpa_vs_default", {"add_norm": True, "kv_write": True, "attention": "sdpa"}))
     try:
         default = Generator(gen.model, _NoText())  # type: ignore[arg-type]
         (want,) = default.generate_ids([ids], GREEDY_STEPS)
@@ -691,7 +693,8 @@ def table(res: dict) -> str:
         for row, label in (("graph_before", "graph, before: unfused, host round trip"),
                            ("graph_loop", "graph + device token loop"),
                            ("graph_norm", "graph + loop + fused add+norm"),
-                           ("splitk", "default + split-K attention")):
+                           ("no_gemv", "+ one-kernel K/V write: run 9's default"),
+                           ("sdpa", "default with SDPA + bias row attention")):
             if isinstance(ours, dict) and f"{row}_ms_per_token" in ours:
                 rows.append(f"decode b1 @{ctx:>6} ({label}) | {ours[f'{row}_ms_per_token']:.2f} ms | | | "
                             f"{ours['floor_ms']:.2f} ms | {ours[f'{row}_ms_per_token'] / ours['floor_ms']:.2f} | -")

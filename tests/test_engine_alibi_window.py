@@ -237,18 +237,28 @@ def test_fa4_launches_the_unplanned_heads_before_reading_norms(monkeypatch):
     monkeypatch.setattr(fa4, "score_mod", lambda name, step=None, head_offset=0: (name, step, head_offset))
     monkeypatch.setattr(fa4, "WINDOW_MIN_KEYS", 64)
     monkeypatch.setattr(alibi_window, "CALL_COST_ELEMENTS", 1000.0)
-    norm_calls: list[int] = []
-    real_windows = alibi_window.head_windows
+    queued_at: list[int] = []  # kernels already launched when the norms were queued / read on the host
+    read_at: list[int] = []
+    real_async = alibi_window.head_windows_async
 
     def spy(q, k, s, *, scale):
-        norm_calls.append(len(fake.calls))  # how many kernels were already launched
-        return real_windows(q, k, s, scale=scale)
+        queued_at.append(len(fake.calls))
+        pending = real_async(q, k, s, scale=scale)
+        real_get = pending.get
 
-    monkeypatch.setattr(alibi_window, "head_windows", spy)
+        def get():
+            read_at.append(len(fake.calls))
+            return real_get()
+
+        pending.get = get
+        return pending
+
+    monkeypatch.setattr(alibi_window, "head_windows_async", spy)
     q, k, v = (torch.randn(1, t, h, d, dtype=torch.float64) * 0.5 for _ in range(3))
     out = fa4.prefill(q, k, v, slopes, scale=d**-0.5, variant="exp2")
     sure = always_full_from(slopes.tolist(), t)
     assert 0 < sure < h
     assert fake.calls[0] == {"heads": h - sure, "window": None, "variant": "exp2"}
-    assert norm_calls == [1]  # the norms (and the host sync) came after that launch
+    assert queued_at == [0]  # the norms are queued before that launch (the host waits for them alone)
+    assert read_at == [1]  # and read on the host after it
     torch.testing.assert_close(out, dense_reference(q, k, v, slopes, scale=d**-0.5), rtol=1e-10, atol=1e-10)

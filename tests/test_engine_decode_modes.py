@@ -25,6 +25,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     [
         (None, CPU, "blockwise", "eager"),
         (None, CUDA, "sdpa", "graph"),
+        (None, CUDA, "splitk", "graph"),
         (None, CUDA, None, "graph"),
         ("eager", CUDA, "sdpa", "eager"),
         ("compile", CUDA, "sdpa", "compile"),

@@ -19,14 +19,15 @@ from pipeline.engine.attention import AttentionBackend
 log = logging.getLogger(__name__)
 
 # Preference order per device type. fa4 (flash-attn-4 CuTe DSL, sm90), then flash-attn 2 (native
-# alibi_slopes, sm80+), beat FlexAttention for prefill;
-# SDPA with a per-sequence ALiBi bias row reads the cache at the bandwidth floor for decode.
+# alibi_slopes, sm80+), beat FlexAttention for prefill. For decode, the Triton split-K kernel (ALiBi
+# inline, no bias row) edged out SDPA with a per-sequence bias row inside the H200 decode step (4.38 vs
+# 4.44 ms/token at 4K, 11.70 vs 11.77 at 65K; bench/NOTES.md run 11); SDPA where Triton is absent.
 PREFILL_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("fa4", "fa2", "flex", "blockwise"),
     "cpu": ("blockwise",),
 }
 DECODE_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("sdpa", "fa2", "flex", "blockwise"),
+    "cuda": ("splitk", "sdpa", "fa2", "flex", "blockwise"),
     "cpu": ("blockwise",),
 }
 

@@ -53,12 +53,37 @@ def head_windows(q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor, *, scal
 
     q [B, Tq, H, D], k [B, Tk, H, D]; slopes [H] > 0. One host sync (the result is a Python list).
     """
+    return head_windows_async(q, k, slopes, scale=scale).get()
+
+
+class PendingWindows:
+    """head_windows' result on its way to the host: the device->host copy is queued without blocking,
+    and `get` waits for that copy only, not for work queued on the stream after it."""
+
+    def __init__(self, windows: torch.Tensor) -> None:
+        self._ready: torch.cuda.Event | None = None
+        if windows.is_cuda:
+            self._host = torch.empty(windows.shape, dtype=windows.dtype, pin_memory=True)
+            self._host.copy_(windows, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = windows
+
+    def get(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return [int(w) for w in self._host.tolist()]
+
+
+def head_windows_async(q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor, *, scale: float) -> PendingWindows:
+    """head_windows without the host sync: queues the norm reductions and the copy, returns at once."""
     q_max, k_max = head_norm_max(q), head_norm_max(k)  # [H] each
     reach = 2.0 * scale * q_max.double() * k_max.double() + UNDERFLOW_NATS  # nats  [H]
     windows = torch.ceil(reach / slopes.to(reach.device, torch.float64))  # [H]
     # non-finite norms (inf/NaN activations) must never shrink a window: treat as unbounded
     windows = torch.where(torch.isfinite(windows), windows, torch.full_like(windows, 2.0**62))
-    return [int(w) for w in windows.clamp(max=2.0**62).tolist()]
+    return PendingWindows(windows.clamp(max=2.0**62).to(torch.int64))
 
 
 def always_full_from(slopes: list[float], tk: int) -> int:
@@ -127,17 +152,20 @@ def plan_groups(
 def window_groups(
     q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor, host_slopes: list[float], *, scale: float
 ) -> Iterator[HeadGroup]:
-    """The head groups of one windowed call, in launch order. Trailing heads that see every key
-    whatever the activations come first, as one plain causal group, before this generator reads the
-    other heads' norms (a host sync): a caller that launches each group as it is yielded keeps the GPU
-    busy through that sync. q [B, Tq, H, D], k [B, Tk, H, D]; host_slopes = slopes as a list."""
+    """The head groups of one windowed call, in launch order. The other heads' norms are queued first;
+    then the trailing heads that see every key whatever the activations come, as one plain causal
+    group; only then does this generator wait for the norms on the host. A caller that launches each
+    group as it is yielded keeps the GPU busy with that group while the host waits and plans (the
+    wait covers the norms alone, not the group queued after them). q [B, Tq, H, D], k [B, Tk, H, D];
+    host_slopes = slopes as a list."""
     heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
     planned = always_full_from(host_slopes, tk)
+    first = slice(0, planned)
+    pending = head_windows_async(q[:, :, first], k[:, :, first], slopes[first], scale=scale) if planned else None
     if planned < heads:
         yield HeadGroup(planned, heads, None)
-    if planned:
-        first = slice(0, planned)
-        yield from plan_groups(head_windows(q[:, :, first], k[:, :, first], slopes[first], scale=scale), tq, tk)
+    if pending is not None:
+        yield from plan_groups(pending.get(), tq, tk)
 
 
 def work_fraction(groups: list[HeadGroup], tq: int, tk: int) -> float:

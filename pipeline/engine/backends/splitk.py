@@ -15,7 +15,7 @@ of the head finishes last (an atomic counter per head, reset by that program). T
 shared by every call on a device: calls must run in stream order, never concurrently.
 
 Settings come from CONFIGS by cache length (bench/decode_attention.py sweeps them); no autotuning at
-call time, so the first call of a shape is the only compile.
+call time, so the first call of a shape is the only compile. First in DECODE_ORDER on CUDA.
 """
 
 from __future__ import annotations
@@ -189,6 +189,7 @@ def _kernels() -> Any:
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
+_retired_counters: list[torch.Tensor] = []  # outgrown buffers, kept alive for graphs captured with them
 
 
 def _counter(device: torch.device, n: int) -> torch.Tensor:
@@ -196,6 +197,8 @@ def _counter(device: torch.device, n: int) -> torch.Tensor:
     Allocated once per device; under CUDA-graph capture the zero fill is captured and replays too."""
     buf = _counters.get(device)
     if buf is None or buf.numel() < n:
+        if buf is not None:  # a captured CUDA graph may still point at it: never free it
+            _retired_counters.append(buf)
         buf = _counters[device] = torch.zeros(max(n, 256), device=device, dtype=torch.int32)
     return buf
 
@@ -218,6 +221,10 @@ def decode(
 ) -> torch.Tensor:
     """q [B, 1, H, D], caches [B, L, H, D] (each row's H * D contiguous), lengths [B] -> [B, 1, H, D].
     `config` overrides the CONFIGS row for L (benchmarks)."""
+    if torch.compiler.is_compiling():  # decode_mode="compile": Inductor traces the SDPA path instead
+        from pipeline.engine.backends import sdpa
+
+        return sdpa.decode(q, k_cache, v_cache, slopes, lengths, scale=scale)
     partial_attention, merge_partials = _kernels()
     b, length, h, d = k_cache.shape
     if q.stride(-1) != 1 or q.stride(-2) != d or k_cache.stride(-1) != 1 or k_cache.stride(-2) != d:
