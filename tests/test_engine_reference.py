@@ -99,7 +99,7 @@ def test_reference_differs_from_bias_max_8(tiny_ckpt_sw):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_copy_wide_is_an_exact_copy_of_strided_views(dtype):
-    from pipeline.engine.model import copy_wide
+    from pipeline.engine.cache import copy_wide
 
     qkv = torch.randn(2, 5, 3 * 4 * 8).to(dtype)
     k = qkv[..., 32:64].reshape(2, 5, 4, 8)  # [B, T, 3*H*D] -> strided [B, T, H, D], as in prefill

@@ -9,29 +9,8 @@ from torch import nn
 
 from pipeline.engine import fused, gemv
 from pipeline.engine.attention import AttentionBackend
-from pipeline.engine.cache import KVCache
+from pipeline.engine.cache import KVCache, copy_wide
 from pipeline.engine.config import MptConfig, alibi_slopes
-
-
-def copy_wide(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src) moved as 8-byte words where both layouts allow it. k / v are strided views of the
-    fused QKV output; PyTorch's strided copy is bound by element count, and at 2-byte elements it
-    moved K and V into the cache at ~1.5 TB/s on the H200 (170 us per 16K-token tensor)."""
-    def as_words(t: torch.Tensor) -> torch.Tensor | None:
-        width = 8 // t.element_size()
-        ok = (
-            t.stride(-1) == 1
-            and t.shape[-1] % width == 0
-            and t.storage_offset() % width == 0
-            and all(st % width == 0 for st in t.stride()[:-1])
-        )
-        return t.view(torch.int64) if ok and 8 % t.element_size() == 0 else None  # [..., D] -> [..., D / width]
-
-    dst_words, src_words = as_words(dst), as_words(src)
-    if dst_words is None or src_words is None or dst.dtype != src.dtype:
-        dst.copy_(src)
-    else:
-        dst_words.copy_(src_words)
 
 
 def add_linear(x: torch.Tensor, inp: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
