@@ -4,7 +4,7 @@ Run 9's profile of the 16K prefill (0.450 s, goal 0.42) put 290 ms in GEMMs and 
 kernels: erf GELU 417 us, LayerNorm 110 us, residual add 90 us per call, each at 55-70% of the copy
 bandwidth. This times each GEMM shape alone (to see which of them falls short of the matmul ceiling),
 both cuBLAS front ends, the residual add folded into the GEMM (in-place addmm_, beta = 1), and the
-Triton GELU / LayerNorm of pipeline/engine/fused.py against torch's, each checked against float32.
+GELU / LayerNorm kernels of pipeline/engine/fused.py against torch's, each checked against float32.
 
 Usage (H200): PYTHONPATH=. python bench/prefill_ops.py --out $OUT [--tokens 16384]
 """
@@ -103,35 +103,20 @@ def split_row(n: int, k: int, m: int) -> dict:
 
 
 def gelu_variants(m: int) -> dict:
-    """Exact GELU at 16K x 16384: torch, the Triton kernel at several block sizes, and a lookup table of
-    F.gelu over all 65,536 bf16 inputs (bit-identical to F.gelu by construction)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gelu_lut(x_ptr, out_ptr, table_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        bits = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
-        tl.store(out_ptr + offs, tl.load(table_ptr + bits, mask=mask), mask=mask)
-
+    """Exact GELU at 16K x 16384: torch's erf kernel against fused.gelu (a lookup in a table of F.gelu
+    over all 65,536 bf16 values, bit-identical by construction) at several block sizes. Run 10 timed
+    an erf Triton kernel here too (403-466 us, slower than torch's); the lookup replaced it."""
     up = torch.randn(m, FFN, device="cuda", dtype=torch.bfloat16)
     want = F.gelu(up)
-    every = torch.arange(65536, device="cuda", dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    table = F.gelu(every)
     res: dict[str, object] = {"torch_ms": round(time_ms(lambda: F.gelu(up)), 3)}
     saved = fused._GELU_BLOCK
-    for block in (1024, 2048, 8192):
-        fused._GELU_BLOCK = block
-        res[f"triton_block{block}_ms"] = round(time_ms(lambda: fused.gelu(up)), 3)
-    fused._GELU_BLOCK = saved
-    bits, out, n = up.view(torch.int16), torch.empty_like(up), up.numel()
-    for block in (1024, 4096):
-        def lut(block: int = block) -> None:
-            gelu_lut[(-(-n // block),)](bits, out.view(torch.int16), table.view(torch.int16), n, BLOCK=block)
-
-        res[f"lut_block{block}_ms"] = round(time_ms(lut), 3)
-        res[f"lut_block{block}_equal"] = bool(torch.equal(out, want))
+    try:
+        for block in (1024, 2048, 4096):
+            fused._GELU_BLOCK = block
+            res[f"lookup_block{block}_ms"] = round(time_ms(lambda: fused.gelu(up)), 3)
+            res[f"lookup_block{block}_equal"] = bool(torch.equal(fused.gelu(up), want))
+    finally:
+        fused._GELU_BLOCK = saved
     print("gelu", json.dumps(res), flush=True)
     return res
 
