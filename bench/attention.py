@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench.cuda_timing import time_ms
 from pipeline.engine.attention import dense_reference
 from pipeline.engine.backends import blockwise, fa4, flex, sdpa
 from pipeline.engine.config import alibi_slopes
@@ -79,22 +80,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("nan")
     return ((out - ref).norm() / ref.norm()).item()
-
-
-def time_ms(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
-    """Median of `reps` event-timed runs after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def causal_attention_flops(t: int) -> float:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.cuda_timing import graph_time_us
 from pipeline.engine.backends import sdpa, splitk
 from pipeline.engine.backends.splitk import SplitConfig
 from pipeline.engine.config import alibi_slopes
@@ -55,30 +56,8 @@ SWEEP: dict[int, list[SplitConfig]] = {
 
 
 def graph_us_per_layer(layer_fn: Callable[[int], torch.Tensor], before_capture: Callable[[], None]) -> float:
-    """Median replay time of one CUDA graph of LAYERS calls, per call (microseconds)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (JIT, allocator) off the capture
-        for i in range(2):
-            layer_fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    before_capture()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(LAYERS):
-            layer_fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / LAYERS)
-    del graph
-    return sorted(times)[len(times) // 2]
+    """One CUDA graph of LAYERS calls, one per layer's cache: median microseconds per call."""
+    return graph_time_us([lambda i=i: layer_fn(i) for i in range(LAYERS)], REPLAYS, before_capture)
 
 
 def max_rel(a: torch.Tensor, ref: torch.Tensor) -> float:

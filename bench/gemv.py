@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.cuda_timing import graph_time_us
+
 SHAPES = {"Wqkv": (12288, 4096), "out_proj": (4096, 4096), "up_proj": (16384, 4096), "down_proj": (4096, 16384)}
 COPY_TBPS = 4.27
 REPEATS = 32
@@ -27,30 +29,6 @@ VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mv": lambda x, w: torch.mv(w, x[0])[None],  # gemv on the row-major weight
     "matmul_wx": lambda x, w: torch.matmul(w, x.t()).t(),  # [N, K] @ [K, 1] -> [N, 1] -> [1, N]
 }
-
-
-def graph_time_us(fn: Callable[[], torch.Tensor]) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPEATS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / REPEATS)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -67,7 +45,7 @@ def main() -> None:
         for variant, fn in VARIANTS.items():
             try:
                 err = ((fn(x, w).float() - ref).norm() / ref.norm()).item()
-                row[variant] = {"us": round(graph_time_us(lambda fn=fn, x=x, w=w: fn(x, w)), 2), "rel_err": err}
+                row[variant] = {"us": round(graph_time_us([lambda fn=fn, x=x, w=w: fn(x, w)] * REPEATS, 20), 2), "rel_err": err}
             except Exception as exc:  # a variant that cannot run or capture is reported, not fatal
                 row[variant] = repr(exc)[:200]
         res[name] = row

@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+from bench.cuda_timing import graph_time_us
 from pipeline.engine import fused
 from pipeline.engine.gemv import KERNELS, MAX_ROWS, GemvConfig, Norm, gemv, gemv_reference
 
@@ -73,33 +73,6 @@ def sweep(n: int, k: int) -> list[GemvConfig]:
             out.append(GemvConfig(bn, bk, warps, 1))
     out += [GemvConfig(bn, bk, 4, 1, prefetch=True) for bn, bk in [(4, 2048), (8, 1024), (16, 256)]]
     return list(dict.fromkeys(out))[:24]
-
-
-def graph_us(calls: list[Callable[[], torch.Tensor]]) -> float:
-    """Median us per call of `calls` captured back to back in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in calls[:2]:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(REPLAYS)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(REPLAYS)]
-    for start, end in zip(starts, ends, strict=True):
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) * 1000 / len(calls) for s, e in zip(starts, ends, strict=True))
-    del graph
-    return times[len(times) // 2]
 
 
 class Case:
@@ -173,7 +146,7 @@ def run_shape(shape: Shape) -> dict:
     bf16, f32 = case.references()
     floor = floor_us(shape)
     row: dict = {"n": shape.n, "k": shape.k, "floor_us": round(floor, 2), "fused": []}
-    us = graph_us([lambda w=w: case.unfused(w) for w in case.weights])
+    us = graph_time_us([lambda w=w: case.unfused(w) for w in case.weights], REPLAYS)
     unfused_err = (case.unfused(case.weights[0]).float() - case.unfused_reference()).abs().max().item()
     row["unfused"] = {"us": round(us, 2), "max_err": unfused_err}
     print(f"{shape.name:20s} {'unfused (cuBLAS + LN/GELU)':34s} {us:8.2f} {100 * floor / us:6.1f}%"
@@ -183,7 +156,7 @@ def run_shape(shape: Shape) -> dict:
         try:
             errs = check(case.fused(case.weights[0], cfg), bf16, f32)
             compile_s = time.perf_counter() - start
-            us = graph_us([lambda w=w, cfg=cfg: case.fused(w, cfg) for w in case.weights])
+            us = graph_time_us([lambda w=w, cfg=cfg: case.fused(w, cfg) for w in case.weights], REPLAYS)
         except Exception as exc:  # a config that cannot compile / run is reported, not fatal
             row["fused"].append({"config": asdict(cfg), "error": repr(exc)[:300]})
             print(f"{shape.name:20s} {_label(cfg):34s} failed: {repr(exc)[:100]}", flush=True)
@@ -201,8 +174,8 @@ def run_rows(shape: Shape, config: GemvConfig, rows: int) -> dict:
     case = Case(shape, rows)
     bf16, f32 = case.references()
     errs = check(case.fused(case.weights[0], config), bf16, f32)
-    fused_us = graph_us([lambda w=w: case.fused(w, config) for w in case.weights])
-    unfused_us = graph_us([lambda w=w: case.unfused(w) for w in case.weights])
+    fused_us = graph_time_us([lambda w=w: case.fused(w, config) for w in case.weights], REPLAYS)
+    unfused_us = graph_time_us([lambda w=w: case.unfused(w) for w in case.weights], REPLAYS)
     return {"rows": rows, "fused_us": round(fused_us, 2), "unfused_us": round(unfused_us, 2), **errs}
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bench import cuda_timing
 from pipeline.engine import fused
 
 D_MODEL, FFN = 4096, 16384
@@ -27,19 +28,8 @@ SHAPES = {"Wqkv": (3 * D_MODEL, D_MODEL), "out_proj": (D_MODEL, D_MODEL), "up_pr
 MATMUL_TFLOPS, COPY_TBPS = 795.0, 4.27
 
 
-def time_ms(fn: Callable[[], object], reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def time_ms(fn: Callable[[], object]) -> float:
+    return cuda_timing.time_ms(fn, reps=10, warmup=3)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
