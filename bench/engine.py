@@ -41,7 +41,6 @@ import torch
 from bench import attention as attn_bench
 from bench import hf_reference
 from pipeline.engine import fused
-from pipeline.engine import gemv as gemv_mod
 from pipeline.engine.backends import fa4, sdpa, select_backend, splitk
 from pipeline.engine.config import MptConfig, alibi_slopes
 from pipeline.engine.generate import Generator, prefill_chunked
@@ -236,7 +235,7 @@ def ours_prefill(
     cache = None
     uses_fa4 = model.backend is not None and model.backend.prefill_name == "fa4"
     sets = (fa4_sets or ["default"]) if uses_fa4 else ["default"]
-    saved, saved_kernels = dict(fa4.DEFAULTS), dataclasses.replace(fused.KERNELS)
+    saved = dict(fa4.DEFAULTS)
     for t in lengths:
         ids = b.tokens(t, model.config.vocab_size)
         cache = None  # free the previous length's cache before allocating this one
@@ -245,8 +244,7 @@ def ours_prefill(
             if chunk > t:
                 continue
             options = dict(PREFILL_FA4_SETS[set_name])
-            for field, value in {**dataclasses.asdict(saved_kernels), **options.pop("kernels", {})}.items():
-                setattr(fused.KERNELS, field, value)
+            kernels = options.pop("kernels", {})
             fa4.DEFAULTS.clear()
             fa4.DEFAULTS.update({**saved, **options})
             suffix = "" if set_name == "default" else f"_{set_name}"
@@ -259,10 +257,11 @@ def ours_prefill(
                 return prefill_chunked(model, ids, cache, chunk_size=chunk)
 
             try:
-                sec = time_median(b, run, reps)
-                if t == profile_len and set_name == sets[0] and f"profile_{t}" not in out:
-                    out[f"profile_{t}"] = top_kernels(b, run)
-                    print(out[f"profile_{t}"], flush=True)
+                with fused_kernels(**kernels):
+                    sec = time_median(b, run, reps)
+                    if t == profile_len and set_name == sets[0] and f"profile_{t}" not in out:
+                        out[f"profile_{t}"] = top_kernels(b, run)
+                        print(out[f"profile_{t}"], flush=True)
             except Exception as exc:  # OOM or a kernel failing to compile: record, go on
                 traceback.print_exc()
                 out[f"{t}_chunk{chunk}{suffix}"] = repr(exc)[:300]
@@ -285,8 +284,6 @@ def ours_prefill(
             print("ours prefill", t, chunk, set_name, entry, flush=True)
     fa4.DEFAULTS.clear()
     fa4.DEFAULTS.update(saved)
-    for field, value in dataclasses.asdict(saved_kernels).items():
-        setattr(fused.KERNELS, field, value)
     if cache is not None:
         b.private["cache"] = (lengths[-1], cache)  # the longest prefilled cache feeds the 65K decode
     return out
@@ -363,20 +360,29 @@ def decode_variant(
 ) -> Iterator[None]:
     """Run the decode step with the chosen fused kernels and decode attention ("sdpa", "splitk"; None:
     the selected backend's), restored after."""
-    saved_kernels, saved_backend = dataclasses.replace(fused.KERNELS), model.backend
-    saved_gemv = gemv_mod.KERNELS.enabled
-    fused.KERNELS.add_norm, fused.KERNELS.kv_write = add_norm, kv_write
-    gemv_mod.KERNELS.enabled = gemv
+    saved_backend = model.backend
     if attention is not None:
         assert saved_backend is not None
         kernel = {"splitk": splitk.decode, "sdpa": sdpa.decode}[attention]
         model.backend = dataclasses.replace(saved_backend, decode=kernel, decode_name=attention)
     try:
+        with fused_kernels(add_norm=add_norm, kv_write=kv_write, gemv=gemv):
+            yield
+    finally:
+        model.backend = saved_backend
+
+
+@contextlib.contextmanager
+def fused_kernels(**overrides: Any) -> Iterator[None]:
+    """fused.KERNELS with `overrides` applied (in place: modules read it at each call), restored after."""
+    saved = dataclasses.asdict(fused.KERNELS)
+    for field, value in overrides.items():
+        setattr(fused.KERNELS, field, value)
+    try:
         yield
     finally:
-        fused.KERNELS.add_norm, fused.KERNELS.kv_write = saved_kernels.add_norm, saved_kernels.kv_write
-        gemv_mod.KERNELS.enabled = saved_gemv
-        model.backend = saved_backend
+        for field, value in saved.items():
+            setattr(fused.KERNELS, field, value)
 
 
 def attention_per_layer(b: Bench, model: Mpt, cache: Any, ctx: int) -> dict:

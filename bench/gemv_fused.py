@@ -11,7 +11,7 @@ reads 32 layers' weights; one repeated weight would sit in the 50 MB L2), replay
 the table gives the median us per call and the share of the 4.27 TB/s copy rate its weight bytes
 would need. Errors: max |out - float32 reference| (same math in float32), and for fused rows how
 many outputs differ from the unfused bf16 ops at all. A second table checks M = 2 and 8 rows with
-each shape's best config (gemv.KERNELS.max_rows = 1 keeps them on the fallback by default). Ends with the CONFIGS entries for pipeline/engine/gemv.py.
+each shape's best config (fused.KERNELS.gemv_max_rows = 1 keeps them on the fallback by default). Ends with the CONFIGS entries for pipeline/engine/gemv.py.
 
 Usage (H200): PYTHONPATH=. python3 bench/gemv_fused.py --out $OUT
 """
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from bench.cuda_timing import graph_time_us
 from pipeline.engine import fused
-from pipeline.engine.gemv import KERNELS, MAX_ROWS, GemvConfig, Norm, gemv, gemv_reference
+from pipeline.engine.gemv import MAX_ROWS, GemvConfig, Norm, gemv, gemv_reference
 
 COPY_TBPS = 4.27
 LAYERS = 32  # distinct weights per graph
@@ -206,7 +206,7 @@ def main() -> None:
         print(f"\nper layer: unfused {unfused:.1f} us, fused {best:.1f} us -> x{LAYERS} layers "
               f"{LAYERS * (unfused - best) / 1000:.3f} ms/token less")
     batch_rows = [int(r) for r in args.rows.split(",") if r]
-    KERNELS.max_rows = MAX_ROWS  # gemv() sends batch rows to the fallback by default
+    fused.KERNELS.gemv_max_rows = MAX_ROWS  # gemv() sends batch rows to the fallback by default
     if batch_rows:
         print(f"\n{'shape':20s} {'rows':>4s} {'fused us':>9s} {'unfused us':>10s} {'max_err':>9s} {'differs':>8s}")
     for name, row in results.items():

@@ -29,7 +29,7 @@ def interpreted(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     pytest.importorskip("triton")
     gemv_mod._triton.cache_clear()
     monkeypatch.setattr(gemv_mod, "_runs_triton", lambda t: True)
-    monkeypatch.setattr(gemv_mod.KERNELS, "max_rows", gemv_mod.MAX_ROWS)  # the kernel's whole range
+    monkeypatch.setattr(gemv_mod.KERNELS, "gemv_max_rows", gemv_mod.MAX_ROWS)  # the kernel's whole range
     yield
     gemv_mod._triton.cache_clear()
 
@@ -156,10 +156,10 @@ def test_fusable_gemv_refuses_what_the_kernel_cannot_do(monkeypatch):
     assert not fusable_gemv(x, w, norm=Norm(ops["norm_w"][:100], None, 1e-5))
     assert not fusable_gemv(x, w, residual=ops["residual"].float())  # would promote: out's dtype changes
     assert not fusable_gemv(x, w, residual=ops["residual"][..., :50])
-    monkeypatch.setattr(gemv_mod.KERNELS, "max_rows", 1)  # the default: batch rows go to cuBLAS
+    monkeypatch.setattr(gemv_mod.KERNELS, "gemv_max_rows", 1)  # the default: batch rows go to cuBLAS
     assert not fusable_gemv(torch.randn(2, K).to(torch.bfloat16), w)
     assert fusable_gemv(x, w)
-    monkeypatch.setattr(gemv_mod.KERNELS, "enabled", False)
+    monkeypatch.setattr(gemv_mod.KERNELS, "gemv", False)
     assert not fusable_gemv(x, w)
 
 
@@ -191,7 +191,7 @@ def test_decode_through_fused_gemvs_matches_the_unfused_step(tiny_ckpt_sw):
     for fused_path in (True, False):
         cache = model.new_cache(1, 16)
         model.prefill(tokens, cache)
-        gemv_mod.KERNELS.enabled = fused_path
+        gemv_mod.KERNELS.gemv = fused_path
         try:
             steps, token = [], torch.tensor([11])
             for i in range(2):
@@ -199,7 +199,7 @@ def test_decode_through_fused_gemvs_matches_the_unfused_step(tiny_ckpt_sw):
                 steps.append(out)
                 token = out.argmax(-1)
         finally:
-            gemv_mod.KERNELS.enabled = True
+            gemv_mod.KERNELS.gemv = True
         logits[fused_path] = torch.stack(steps)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
     assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1))

@@ -28,12 +28,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FusedKernels:
-    """Which fused kernels the decode step uses where Triton runs (read at each call / capture)."""
+    """Which fused kernels the model uses where Triton runs (read at each call / capture)."""
 
     add_norm: bool = True
     kv_write: bool = True
     gelu: bool = True
     residual_gemm: bool = True  # prefill: `x + linear(h)` as one in-place GEMM with beta = 1 (model.py)
+    gemv: bool = True  # decode: each projection one fused GEMV kernel (gemv.py)
+    # rows the GEMV kernel is used for: it handles up to gemv.MAX_ROWS, but on the H200 beyond one row
+    # it lost to cuBLAS + the separate kernels (each program recomputes LN / GELU for every row)
+    gemv_max_rows: int = 1
 
 
 KERNELS = FusedKernels()

@@ -14,7 +14,7 @@ Rounding is the unfused model's: LayerNorm statistics and affine in float32, the
 to x's dtype (F.layer_norm, then F.linear reads it); GELU in float32, rounded (F.gelu on bf16); the
 product accumulated in float32 plus the bias, rounded (the linear's output); the residual added in
 float32 and rounded once more (`x + linear(...)`). `gemv` falls back to exactly those torch ops where
-the kernel cannot run (CPU, torch.compile, no Triton, more rows than KERNELS.max_rows), so callers can
+the kernel cannot run (CPU, torch.compile, no Triton, more rows than KERNELS.gemv_max_rows), so callers can
 always call it.
 
 Launch configs come from CONFIGS (filled from bench/gemv_fused.py's H200 sweep), never from
@@ -32,25 +32,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.engine.fused import KERNELS, triton_next_power_of_2
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # rows of x one program keeps in registers; more and a GEMM does better anyway
 STATS_ELEMENTS = 4096  # x elements per LayerNorm-statistics load (all rows): one load for MPT-7B at M = 1
 _STATS_MIN = 256  # columns per statistics load, at least
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's ROUND codes
-
-
-@dataclass
-class GemvKernels:
-    """Whether `gemv` runs its Triton kernel where it can (read at each call / capture)."""
-
-    enabled: bool = True
-    # rows the kernel is used for: it handles up to MAX_ROWS, but on the H200 beyond one row it lost
-    # to cuBLAS + the separate kernels (each program recomputes LN / GELU for every row; bench rows)
-    max_rows: int = 1
-
-
-KERNELS = GemvKernels()
 
 
 @dataclass(frozen=True)
@@ -88,12 +77,8 @@ CONFIGS: dict[tuple[int, int], GemvConfig] = {
 def default_config(n: int, k: int) -> GemvConfig:
     """The sweep's most common winner: 8 features x 1024 columns (2 KB contiguous per row) per step,
     4 features for narrower outputs (more programs to fill 132 SMs)."""
-    return GemvConfig(block_n=8 if n >= 8 * 1024 else 4, block_k=min(1024, _next_power_of_2(k)),
+    return GemvConfig(block_n=8 if n >= 8 * 1024 else 4, block_k=min(1024, triton_next_power_of_2(k)),
                       num_warps=4, num_stages=1)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.cache
@@ -257,11 +242,11 @@ def fusable_gemv(
     residual: torch.Tensor | None = None,
 ) -> bool:
     """Whether `gemv(x, weight, ...)` with these operands runs the Triton kernel (else it runs the
-    torch fallback): CUDA with Triton outside torch.compile, 1..KERNELS.max_rows rows, weight row-major
+    torch fallback): CUDA with Triton outside torch.compile, 1..KERNELS.gemv_max_rows rows, weight row-major
     contiguous [N, K] (nn.Linear's layout; copying it per call would cost more than the GEMV) in x's
     dtype (bf16 / fp16 / fp32), x [..., K] with its last dim contiguous, and bias [N], norm params [K],
     residual [..., N] on x's device, the residual in x's dtype (else `residual + out` would promote)."""
-    if not (KERNELS.enabled and _runs_triton(x)) or weight.dim() != 2 or x.dim() == 0:
+    if not (KERNELS.gemv and _runs_triton(x)) or weight.dim() != 2 or x.dim() == 0:
         return False
     n, k = weight.shape
     rows = x.numel() // k if k else 0
@@ -270,7 +255,7 @@ def fusable_gemv(
         and weight.is_contiguous()
         and x.dtype == weight.dtype in _ROUNDING
         and x.device == weight.device
-        and 1 <= rows <= min(KERNELS.max_rows, MAX_ROWS)
+        and 1 <= rows <= min(KERNELS.gemv_max_rows, MAX_ROWS)
         and x.stride(-1) == 1
     )
     params = [(bias, n)] + ([] if norm is None else [(norm.weight, k), (norm.bias, k)])
@@ -306,10 +291,10 @@ def gemv(
     if residual is not None:
         res2 = residual.reshape(m, n).contiguous()  # [..., N] -> [M, N]
     cfg = config or CONFIGS.get((n, k)) or default_config(n, k)
-    block_m = _next_power_of_2(m)
+    block_m = triton_next_power_of_2(m)
     # rows share the partial-sum registers: fewer columns per step as rows grow
     block_n, block_k = cfg.block_n, cfg.block_k if block_m == 1 else max(32, cfg.block_k // block_m)
-    stats_block = min(_next_power_of_2(k), max(_STATS_MIN, STATS_ELEMENTS // block_m))
+    stats_block = min(triton_next_power_of_2(k), max(_STATS_MIN, STATS_ELEMENTS // block_m))
     nw = nb = bias_c = None
     if norm is not None:
         nw = norm.weight.contiguous()
