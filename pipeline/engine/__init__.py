@@ -1,30 +1,41 @@
-"""MPT runtime in plain PyTorch: config, model, attention backends, KV cache, load, generate, score."""
+"""MPT runtime in plain PyTorch: config, model, attention backends, KV cache, load, generate, score,
+and the serving engine (pipeline/engine/serving.py) over its torch-free core (pipeline/engine/core/).
 
-from pipeline.engine.attention import AttentionBackend, select_backend
-from pipeline.engine.cache import KVCache
-from pipeline.engine.config import MptConfig, alibi_slopes
-from pipeline.engine.generate import Completion, Generator, prefill_chunked
-from pipeline.engine.load import CheckpointError, load, load_model
-from pipeline.engine.model import Mpt
-from pipeline.engine.sampling import SamplingParams
-from pipeline.engine.score import score, score_texts
-from pipeline.engine.tokenizer import Tokenizer
+Names are resolved lazily (PEP 562), so importing the torch-free core (`pipeline.engine.core`) does
+not import torch.
+"""
 
-__all__ = [
-    "AttentionBackend",
-    "CheckpointError",
-    "Completion",
-    "Generator",
-    "KVCache",
-    "Mpt",
-    "MptConfig",
-    "SamplingParams",
-    "Tokenizer",
-    "alibi_slopes",
-    "load",
-    "load_model",
-    "prefill_chunked",
-    "score",
-    "score_texts",
-    "select_backend",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AttentionBackend": "pipeline.engine.attention",
+    "select_backend": "pipeline.engine.attention",
+    "KVCache": "pipeline.engine.cache",
+    "MptConfig": "pipeline.engine.config",
+    "alibi_slopes": "pipeline.engine.config",
+    "Completion": "pipeline.engine.generate",
+    "Generator": "pipeline.engine.generate",
+    "prefill_chunked": "pipeline.engine.generate",
+    "CheckpointError": "pipeline.engine.load",
+    "load": "pipeline.engine.load",
+    "load_model": "pipeline.engine.load",
+    "Mpt": "pipeline.engine.model",
+    "SamplingParams": "pipeline.engine.core.requests",
+    "score": "pipeline.engine.score",
+    "score_texts": "pipeline.engine.score",
+    "Tokenizer": "pipeline.engine.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from pipeline.engine.core.requests import SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    greedy: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_at_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0.0
+__all__ = ["SamplingParams", "select_next", "top_p_filter"]
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
