@@ -3,14 +3,36 @@ final norm, tied LM head. Parameter names match HF checkpoints minus the "transf
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.engine import fused, gemv
 from pipeline.engine.attention import AttentionBackend
-from pipeline.engine.cache import KVCache, copy_wide
+from pipeline.engine.cache import KVCache
 from pipeline.engine.config import MptConfig, alibi_slopes
+from pipeline.engine.metadata import DecodeMeta, PrefillMeta
+
+
+class LayerCache(Protocol):
+    """One layer of a KV cache (cache.DenseLayer, paged_cache.PagedLayer): the only code that knows
+    where K/V live."""
+
+    def write_prefill(self, k: torch.Tensor, v: torch.Tensor, meta: PrefillMeta) -> None: ...
+    def prefill_kv(self, meta: PrefillMeta) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def write_decode(self, k: torch.Tensor, v: torch.Tensor, meta: DecodeMeta) -> None: ...
+    def decode_attention(self, q: torch.Tensor, meta: DecodeMeta, backend: AttentionBackend,
+                         slopes: torch.Tensor, scale: float) -> torch.Tensor: ...
+
+
+class Cache(Protocol):
+    """A whole KV cache as the model sees it (cache.KVCache, paged_cache.PagedKVCache)."""
+
+    def layer(self, index: int) -> LayerCache: ...
+    def check_prefill(self, meta: PrefillMeta) -> None: ...
+    def decode_meta(self, positions: torch.Tensor) -> DecodeMeta: ...
 
 
 def add_linear(x: torch.Tensor, inp: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -128,22 +150,14 @@ class Block(nn.Module):
         self.ffn = MLP(config)
 
     def prefill(
-        self,
-        x: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor],
-        rows: slice,
-        start: int,
-        backend: AttentionBackend,
-        slopes: torch.Tensor,
+        self, x: torch.Tensor, kv: LayerCache, meta: PrefillMeta, backend: AttentionBackend, slopes: torch.Tensor
     ) -> torch.Tensor:
-        """x [B, T, d_model] at positions [start, start + T) of cache rows `rows`."""
-        k_cache, v_cache = kv  # each [B_cache, L_max, H, D]
-        end = start + x.shape[1]
+        """x [B, T, d_model] at positions [meta.start, meta.end) of the sequences `meta` names."""
         _, h = self.norm_1.add_forward(x, None)
         q, k, v = self.attn.project(h)
-        copy_wide(k_cache[rows, start:end], k)
-        copy_wide(v_cache[rows, start:end], v)
-        a = backend.prefill(q, k_cache[rows, :end], v_cache[rows, :end], slopes, scale=self.attn.config.scale)
+        kv.write_prefill(k, v, meta)
+        keys, values = kv.prefill_kv(meta)  # [B, end, H, D] each
+        a = backend.prefill(q, keys, values, slopes, scale=self.attn.config.scale)
         x = self.attn.output(a, residual=x)
         _, h = self.norm_2.add_forward(x, None)
         return self.ffn(h, residual=x)
@@ -152,21 +166,19 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         pending: torch.Tensor | None,
-        kv: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,
-        lengths: torch.Tensor,
+        kv: LayerCache,
+        meta: DecodeMeta,
         backend: AttentionBackend,
         slopes: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, 1, d_model] is the residual stream without `pending` (the previous block's MLP output,
         None for the first block), so that add and norm_1 run as one kernel. The new token of row b
-        sits at positions[b]; lengths = positions + 1. Returns (residual stream, this block's MLP
-        output): the caller adds the latter (fused into the next norm)."""
-        k_cache, v_cache = kv  # each [B, L_max, H, D]
+        sits at meta.positions[b]. Returns (residual stream, this block's MLP output): the caller adds
+        the latter (fused into the next norm)."""
         x, h = self.norm_1.add_forward(x, pending)
         q, k, v = self.attn.project(h)
-        fused.write_kv(k_cache, v_cache, k[:, 0], v[:, 0], positions)  # [B, H, D] to one slot per row
-        a = backend.decode(q, k_cache, v_cache, slopes, lengths, scale=self.attn.config.scale)
+        kv.write_decode(k[:, 0], v[:, 0], meta)  # [B, H, D]: one slot per row
+        a = kv.decode_attention(q, meta, backend, slopes, self.attn.config.scale)
         x, h = self.norm_2.add_forward(x, self.attn.output(a))
         return x, self.ffn(h)
 
@@ -174,9 +186,8 @@ class Block(nn.Module):
     def decode_fused(
         self,
         x: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,
-        lengths: torch.Tensor,
+        kv: LayerCache,
+        meta: DecodeMeta,
         backend: AttentionBackend,
         slopes: torch.Tensor,
     ) -> torch.Tensor:
@@ -184,11 +195,10 @@ class Block(nn.Module):
         run inside the GEMV that reads their output, GELU inside down_proj's, the residual adds in the
         out_proj / down_proj epilogues. x [B, 1, d_model] is the whole residual stream; returns it."""
         attn, ffn = self.attn, self.ffn
-        k_cache, v_cache = kv
         qkv = gemv.gemv(x, attn.Wqkv.weight, bias=attn.Wqkv.bias, norm=self.norm_1.as_prologue())
         q, k, v = attn.heads(qkv)
-        fused.write_kv(k_cache, v_cache, k[:, 0], v[:, 0], positions)
-        a = backend.decode(q, k_cache, v_cache, slopes, lengths, scale=attn.config.scale)
+        kv.write_decode(k[:, 0], v[:, 0], meta)
+        a = kv.decode_attention(q, meta, backend, slopes, attn.config.scale)
         flat = a.reshape(x.shape)  # [B, 1, H, D] -> [B, 1, d_model]
         x = gemv.gemv(flat, attn.out_proj.weight, bias=attn.out_proj.bias, residual=x)
         hidden = gemv.gemv(x, ffn.up_proj.weight, bias=ffn.up_proj.bias, norm=self.norm_2.as_prologue())
@@ -235,42 +245,46 @@ class Mpt(nn.Module):
     def prefill(
         self,
         tokens: torch.Tensor,
-        cache: KVCache,
+        cache: Cache,
         *,
         start: int = 0,
         rows: slice | None = None,
         logits_from: int | None = -1,
+        meta: PrefillMeta | None = None,
     ) -> torch.Tensor | None:
         """Run tokens [B, T] at positions [start, start + T) of cache rows `rows` (default: the first B),
-        writing their K/V. Returns float32 logits [B, n, vocab] for the chunk positions
-        `[logits_from:]` only (default -1: the last position, n = 1), or None when logits_from is None
-        (a middle chunk of a long prompt needs no logits)."""
+        or where `meta` says (a paged cache's block table), writing their K/V. Returns float32 logits
+        [B, n, vocab] for the chunk positions `[logits_from:]` only (default -1: the last position,
+        n = 1), or None when logits_from is None (a middle chunk of a long prompt needs no logits)."""
         b, t = tokens.shape
-        rows = rows if rows is not None else slice(0, b)
-        if start + t > cache.max_len:
-            raise ValueError(f"positions up to {start + t} exceed the cache length {cache.max_len}")
+        if meta is None:
+            meta = PrefillMeta(start=start, num_tokens=t, rows=rows if rows is not None else slice(0, b))
+        cache.check_prefill(meta)
         backend = self._backend()
         x = self.wte(tokens)  # [B, T, d_model]
         for i, block in enumerate(self.blocks):
-            x = block.prefill(x, cache.layer(i), rows, start, backend, self.slopes)
+            x = block.prefill(x, cache.layer(i), meta, backend, self.slopes)
         if logits_from is None:
             return None
         return self.logits(x[:, logits_from:])
 
-    def decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, cache: Cache, positions: torch.Tensor, meta: DecodeMeta | None = None
+    ) -> torch.Tensor:
         """One step for every cache row: tokens [B] at positions [B] -> float32 logits [B, vocab].
+        `meta` (paged caches) carries the block tables; dense caches derive it from `positions`.
         Shapes are static and nothing syncs with the host, so the step can be compiled / graph-captured."""
         backend = self._backend()
+        meta = meta if meta is not None else cache.decode_meta(positions)
         x = self.wte(tokens)[:, None]  # [B] -> [B, 1, d_model]
-        lengths = positions + 1  # keys per row incl. the new token, shared by every layer
         if self._fused_gemv_decode(x):
             for i, block in enumerate(self.blocks):
-                x = block.decode_fused(x, cache.layer(i), positions, lengths, backend, self.slopes)
+                x = block.decode_fused(x, cache.layer(i), meta, backend, self.slopes)
             logits = gemv.gemv(x[:, 0], self._head_weight(), norm=self.norm_f.as_prologue()).float()
             return logits * self.config.logit_scale if self.config.logit_scale is not None else logits
         pending = None
         for i, block in enumerate(self.blocks):
-            x, pending = block.decode(x, pending, cache.layer(i), positions, lengths, backend, self.slopes)
+            x, pending = block.decode(x, pending, cache.layer(i), meta, backend, self.slopes)
         _, h = self.norm_f.add_forward(x, pending)
         return self._head(h[:, 0])
 
