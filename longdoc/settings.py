@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     device: str = "cuda"
     embedding_model: str = "all-MiniLM-L6-v2"
 
+    # --- the MPT serving engine (pipeline/engine/serving.py) -----------------------------------
+    kv_block_size: int = Field(default=256, description="Tokens per KV block (prefix caching is per full block).")
+    kv_cache_gb: float | None = Field(
+        default=None, description="Cap on the KV block pool in GiB; unset = the GPU memory left after the weights "
+                                  "and kv_reserve_gb (off CUDA: room for 4 full-length sequences).")
+    kv_reserve_gb: float = Field(default=8.0, description="CUDA memory kept out of the pool (prefill activations).")
+    engine_max_seqs: int = Field(default=64, description="Sequences decoding together at most.")
+    engine_step_tokens: int = Field(default=16384, description="Tokens per engine step (prefill chunks + decodes).")
+    engine_prefill_chunk: int = Field(default=16384, description="Prompt tokens of one sequence per step at most.")
+    gpu_documents_in_flight: int = Field(
+        default=4, ge=1, description="Documents a gpu worker runs at once (their tasks share one engine batch).")
+
     # --- jobs and queue --------------------------------------------------------------------
     job_lease_s: int = Field(default=900, description="A running job whose lease expires is re-queued by the reaper.")
     max_attempts: int = 3

@@ -1,4 +1,5 @@
-"""Task bodies shared by the Celery tasks (workers.tasks) and the embedded thread pool.
+"""The parse body and what every body shares (the job body is workers/document_jobs.py); used by the
+Celery tasks (workers.tasks) and the embedded thread pools.
 
 Each body takes ids, claims its row with a conditional UPDATE, holds a lease kept alive by a heartbeat
 thread while it works, and writes its outcome fenced by the attempt number it claimed, so running a
@@ -10,8 +11,6 @@ handing the claim back); anything else is a bug and fails the row with `internal
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 import redis.exceptions
 import sqlalchemy.exc
 from kombu.exceptions import OperationalError as BrokerOperationalError
-from sqlalchemy import select
 
 from longdoc.settings import Settings
 from pipeline.parse.supervisor import ParserUnavailable
@@ -28,9 +26,9 @@ from pipeline.types import DocumentText, ParsedDocument, PipelineError
 from storage import jobs as q
 from storage.blobs import BlobStore
 from storage.db import session_scope
-from storage.models import Document, DocumentStatus, Job, JobStatus
+from storage.models import Document, DocumentStatus
 from workers import dispatch
-from workers.lease import Lease, worker_id
+from workers.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError, redis.exceptions.ConnectionError, BrokerOperationalError, ParserUnavailable)
 MAX_TRANSIENT_RETRIES = 5
 INTERNAL_ERROR = "internal_error"
-PROGRESS_WRITE_INTERVAL_S = 1.0
 
 
 def backoff_s(retries: int) -> int:
@@ -153,114 +150,6 @@ def _release_jobs(settings: Settings, document_id: uuid.UUID) -> None:
         job_ids = q.queued_job_ids(s, document_id)
     for job_id in job_ids:
         dispatch.enqueue_job(settings, job_id)
-
-
-# --- jobs -------------------------------------------------------------------------------------------
-
-_engines: dict[tuple[str, str, str, str], Any] = {}
-_engine_lock = threading.Lock()
-
-
-def task_engine(settings: Settings) -> Any:
-    """The process-wide engine, loaded on first use (once per worker process)."""
-    from pipeline.tasks import load_engine
-
-    key = (settings.engine, settings.model, settings.device, settings.embedding_model)
-    with _engine_lock:
-        if key not in _engines:
-            t0 = time.monotonic()
-            _engines[key] = load_engine(settings.engine, model=settings.model, device=settings.device,
-                                        embedding_model=settings.embedding_model)
-            log.info("engine %s loaded in %.1f s", settings.engine, time.monotonic() - t0)
-        return _engines[key]
-
-
-def run_job(settings: Settings, job_id: uuid.UUID | str) -> str:
-    """queued -> running -> succeeded|failed, writing the Result exactly once. Returns the status."""
-    job_id = _uuid(job_id)
-    url = settings.effective_database_url
-    with session_scope(url) as s:
-        row = s.execute(select(Job.status, Job.task, Job.params, Job.document_id, Document.status,
-                               Document.error_code, Document.error_message)
-                        .join(Document, Document.id == Job.document_id).where(Job.id == job_id)).first()
-        if row is None:
-            return "missing"
-        job_status, task, params, document_id, doc_status, doc_code, doc_message = row
-        if job_status != JobStatus.queued:
-            return str(job_status)  # terminal, or running under another claim
-        if doc_status == DocumentStatus.failed:
-            q.fail_job(s, job_id, None, doc_code or "parse_error", f"document failed to parse: {doc_message}")
-            return str(JobStatus.failed)
-        if doc_status != DocumentStatus.parsed:
-            return "waiting"  # the parse task releases it
-        attempt = q.claim_job(s, job_id, worker_id(), settings.job_lease_s)
-        if attempt is None:
-            return "not_claimed"
-        if q.has_result(s, job_id):
-            q.complete_job(s, job_id, attempt, None)
-            return str(JobStatus.succeeded)
-    log.info("job %s (%s on %s) attempt %d", job_id, task, document_id, attempt)
-
-    what = f"job {job_id}"
-    with Lease(lambda: _with_session(url, q.heartbeat_job, job_id, attempt, settings.job_lease_s),
-               settings.job_lease_s, what) as lease:
-        try:
-            with session_scope(url) as s:
-                doc_text = q.load_document_text(s, document_id)
-            progress = _progress_writer(url, job_id, attempt, settings.job_lease_s, lease)
-            progress(0.0, "loading engine")
-            engine = task_engine(settings)
-            from pipeline.tasks import run_task
-
-            payload = run_task(engine, str(task), dict(params or {}), doc_text, progress)
-        except JobAborted:
-            log.info("%s: aborted (canceled or taken over)", what)
-            return "aborted"
-        except PipelineError as exc:
-            return _finish_failed_job(url, job_id, attempt, exc.code, exc.message)
-        except TRANSIENT_ERRORS:
-            _give_back(url, q.requeue_job, job_id, attempt)
-            raise
-        except Exception as exc:
-            log.exception("%s: unexpected error", what)
-            return _finish_failed_job(url, job_id, attempt, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-    try:
-        with session_scope(url) as s:
-            done = q.complete_job(s, job_id, attempt, payload)
-    except TRANSIENT_ERRORS:
-        _give_back(url, q.requeue_job, job_id, attempt)
-        raise
-    if not done:
-        log.info("%s: claim lost before completion (canceled?); result dropped", what)
-        return "aborted"
-    log.info("%s: succeeded", what)
-    return str(JobStatus.succeeded)
-
-
-def _progress_writer(url: str, job_id: uuid.UUID, attempt: int, lease_s: float,
-                     lease: Lease) -> Callable[[float, str], None]:
-    """The run_task progress callback: records progress at most once a second and stops a lost job."""
-    last_write = 0.0
-
-    def progress(fraction: float, stage: str) -> None:
-        nonlocal last_write
-        if lease.lost.is_set():
-            raise JobAborted(str(job_id))
-        now = time.monotonic()
-        if now - last_write < PROGRESS_WRITE_INTERVAL_S and fraction < 1.0:
-            return
-        last_write = now
-        if not _with_session(url, q.heartbeat_job, job_id, attempt, lease_s, fraction, stage):
-            lease.lost.set()
-            raise JobAborted(str(job_id))
-
-    return progress
-
-
-def _finish_failed_job(url: str, job_id: uuid.UUID, attempt: int, code: str, message: str) -> str:
-    log.info("job %s failed: %s: %s", job_id, code, message)
-    with session_scope(url) as s:
-        return str(JobStatus.failed) if q.fail_job(s, job_id, attempt, code, message) else "aborted"
 
 
 # --- helpers ----------------------------------------------------------------------------------------

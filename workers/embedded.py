@@ -1,8 +1,9 @@
 """Embedded mode: the same task bodies as the Celery workers, run by in-process thread pools.
 
 Two pools mirror the two queues: `parse` with settings.embedded_workers threads (the heavy parse
-work already runs in a child process per document) and `gpu` with one thread, because the engine is
-loaded once per process and runs one job at a time, as a solo gpu worker does.
+work already runs in a child process per document) and `gpu` with settings.gpu_documents_in_flight
+threads, as a gpu worker has: each runs one document's jobs (workers/document_jobs.py) against the
+process's one engine, so a short document never waits behind a long one.
 A reaper thread (workers.reaper) recovers work left by a crashed process sharing the same DB.
 """
 
@@ -22,7 +23,7 @@ class EmbeddedRunner:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._parse_pool = ThreadPoolExecutor(max(1, settings.embedded_workers), thread_name_prefix="longdoc-parse")
-        self._gpu_pool = ThreadPoolExecutor(1, thread_name_prefix="longdoc-gpu")
+        self._gpu_pool = ThreadPoolExecutor(settings.gpu_documents_in_flight, thread_name_prefix="longdoc-gpu")
         self._lock = threading.Lock()
         self._pending = {"parse": 0, "gpu": 0}
         self._reaper_stop: threading.Event | None = None
@@ -35,9 +36,9 @@ class EmbeddedRunner:
                             password=password)
 
     def submit_job(self, job_id: UUID) -> Future:
-        from workers import bodies
+        from workers import document_jobs
 
-        return self._submit(self._gpu_pool, "gpu", bodies.run_job, self.settings, job_id)
+        return self._submit(self._gpu_pool, "gpu", document_jobs.run_job, self.settings, job_id)
 
     def pending(self) -> dict[str, int]:
         with self._lock:

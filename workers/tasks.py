@@ -12,7 +12,7 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 
 from longdoc.settings import get_settings
-from workers import bodies, reaper
+from workers import bodies, document_jobs, reaper
 from workers.bodies import MAX_TRANSIENT_RETRIES, backoff_s
 from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_QUEUE, REAP_TASK
 
@@ -41,7 +41,7 @@ def register_tasks(app: Celery) -> None:
               max_retries=MAX_TRANSIENT_RETRIES)
     def run_job(self: Task, job_id: str) -> str:
         try:
-            return bodies.run_job(get_settings(), job_id)
+            return document_jobs.run_job(get_settings(), job_id)
         except bodies.TRANSIENT_ERRORS as exc:
             log.warning("job %s: transient error, retry %d: %s", job_id, self.request.retries + 1, exc)
             raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc

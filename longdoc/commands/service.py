@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("-c", "--concurrency", type=int, default=None,
                         help="parallel tasks (parse only; default: CPU count). gpu always runs one at a time")
     worker.add_argument("--pool", choices=("threads", "prefork", "solo"), default=None,
-                        help="override the pool (default: solo when the gpu queue is served, else threads)")
+                        help="override the pool (default: threads; gpu queue: gpu_documents_in_flight threads)")
     worker.add_argument("--beat", action="store_true",
                         help="also run the reaper schedule (celery beat) in this worker; run exactly one per deployment")
     worker.set_defaults(func=cmd_worker)
@@ -77,8 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         runner = get_runner(settings)
         runner.start_reaper()
-        log.info("embedded mode: tasks run in-process (%d parse threads, 1 gpu thread)",
-                 settings.embedded_workers)
+        log.info("embedded mode: tasks run in-process (%d parse threads, %d gpu threads)",
+                 settings.embedded_workers, settings.gpu_documents_in_flight)
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=level.lower())
     finally:
@@ -119,8 +119,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     from workers.dispatch import REAP_QUEUE
 
-    pool = args.pool or ("solo" if "gpu" in args.queues else "threads")
-    concurrency = 1 if pool == "solo" else (args.concurrency or os.cpu_count() or 1)
+    # gpu: a threads pool of gpu_documents_in_flight threads, each running one document's jobs against
+    # the one engine of the process (its requests join the engine's continuous batch)
+    pool = args.pool or "threads"
+    default_concurrency = settings.gpu_documents_in_flight if "gpu" in args.queues else (os.cpu_count() or 1)
+    concurrency = 1 if pool == "solo" else (args.concurrency or default_concurrency)
     name = "-".join(args.queues)
     # The beat worker also consumes the reaper's own queue, so ticks never wait behind a backlog.
     queues = [*args.queues, REAP_QUEUE] if args.beat else list(args.queues)
@@ -143,7 +146,7 @@ def _preload_engine(settings: Settings) -> None:
     (a job arriving earlier waits on the same load). A load error is logged; each job then fails with it."""
     import threading
 
-    from workers.bodies import task_engine
+    from workers.document_jobs import task_engine
 
     def load() -> None:
         try:

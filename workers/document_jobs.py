@@ -1,0 +1,180 @@
+"""The gpu body: all queued jobs of one document, run together.
+
+A job message names one job; the body claims that job and every other queued job of the same
+document, each with its own conditional UPDATE (its own attempt = fencing token, lease, heartbeat
+and progress), loads the document text once and runs the tasks concurrently, so their engine
+requests arrive together: the serving engine prefills the document once and decodes the tasks in
+one batch. The siblings' own messages then find nothing to claim and are no-ops. Each job ends on
+its own: a task that fails fails its job with {code, message} and leaves the others running.
+Several documents are in flight per process (the gpu pool has settings.gpu_documents_in_flight
+threads), feeding the one engine's continuous batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from longdoc.settings import Settings
+from pipeline.types import DocumentText, PipelineError
+from storage import jobs as q
+from storage.db import session_scope
+from storage.models import Document, DocumentStatus, Job, JobStatus
+from workers.bodies import INTERNAL_ERROR, TRANSIENT_ERRORS, JobAborted, _give_back, _uuid, _with_session
+from workers.lease import Lease, worker_id
+
+log = logging.getLogger(__name__)
+
+PROGRESS_WRITE_INTERVAL_S = 1.0
+
+_engines: dict[tuple[str, str, str, str], Any] = {}
+_engine_lock = threading.Lock()
+
+
+def task_engine(settings: Settings) -> Any:
+    """The process-wide engine, loaded on first use (once per worker process)."""
+    from pipeline.tasks import load_engine
+
+    key = (settings.engine, settings.model, settings.device, settings.embedding_model)
+    with _engine_lock:
+        if key not in _engines:
+            t0 = time.monotonic()
+            _engines[key] = load_engine(settings.engine, model=settings.model, device=settings.device,
+                                        embedding_model=settings.embedding_model)
+            log.info("engine %s loaded in %.1f s", settings.engine, time.monotonic() - t0)
+        return _engines[key]
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: uuid.UUID
+    task: str
+    params: dict[str, Any]
+    attempt: int
+
+
+def run_job(settings: Settings, job_id: uuid.UUID | str) -> str:
+    """Run `job_id` and its document's other queued jobs. Returns the status of `job_id` itself."""
+    job_id = _uuid(job_id)
+    url = settings.effective_database_url
+    with session_scope(url) as s:
+        row = s.execute(select(Job.status, Job.document_id, Document.status, Document.error_code,
+                               Document.error_message)
+                        .join(Document, Document.id == Job.document_id).where(Job.id == job_id)).first()
+        if row is None:
+            return "missing"
+        job_status, document_id, doc_status, doc_code, doc_message = row
+        if job_status != JobStatus.queued:
+            return str(job_status)  # terminal, or running under another claim (a sibling's body, say)
+        if doc_status == DocumentStatus.failed:
+            q.fail_job(s, job_id, None, doc_code or "parse_error", f"document failed to parse: {doc_message}")
+            return str(JobStatus.failed)
+        if doc_status != DocumentStatus.parsed:
+            return "waiting"  # the parse task releases it
+    claims = _claim_document_jobs(settings, document_id, first=job_id)
+    if not claims:
+        return "not_claimed"
+    log.info("document %s: running %d job(s): %s", document_id, len(claims),
+             ", ".join(f"{c.task} {c.job_id} #{c.attempt}" for c in claims))
+    try:
+        with session_scope(url) as s:
+            doc_text = q.load_document_text(s, document_id)
+    except TRANSIENT_ERRORS:
+        for c in claims:
+            _give_back(url, q.requeue_job, c.job_id, c.attempt)
+        raise
+    with ThreadPoolExecutor(len(claims), thread_name_prefix="longdoc-task") as pool:
+        futures = {c.job_id: pool.submit(_run_claimed, settings, c, doc_text) for c in claims}
+    outcomes = {jid: f.result() for jid, f in futures.items()}  # TRANSIENT_ERRORS re-raise here: retried
+    return outcomes.get(job_id, "not_claimed")
+
+
+def _claim_document_jobs(settings: Settings, document_id: uuid.UUID, *, first: uuid.UUID) -> list[Claim]:
+    """Claim `first` and every other queued job of the document (each claim is its own UPDATE). A job
+    whose result is already stored (a crash after the result commit) is completed without running."""
+    claims: list[Claim] = []
+    with session_scope(settings.effective_database_url) as s:
+        ids = q.queued_job_ids(s, document_id)
+        ordered = [first, *[i for i in ids if i != first]] if first in ids else ids
+        for jid in ordered:
+            attempt = q.claim_job(s, jid, worker_id(), settings.job_lease_s)
+            if attempt is None:
+                continue
+            if q.has_result(s, jid):
+                q.complete_job(s, jid, attempt, None)
+                continue
+            task, params = s.execute(select(Job.task, Job.params).where(Job.id == jid)).one()
+            claims.append(Claim(jid, str(task), dict(params or {}), attempt))
+    return claims
+
+
+def _run_claimed(settings: Settings, claim: Claim, doc_text: DocumentText) -> str:
+    """One claimed job: lease + heartbeat, the task, the fenced final write."""
+    url = settings.effective_database_url
+    job_id, attempt = claim.job_id, claim.attempt
+    what = f"job {job_id}"
+    with Lease(lambda: _with_session(url, q.heartbeat_job, job_id, attempt, settings.job_lease_s),
+               settings.job_lease_s, what) as lease:
+        try:
+            progress = _progress_writer(url, job_id, attempt, settings.job_lease_s, lease)
+            progress(0.0, "loading engine")
+            engine = task_engine(settings)
+            from pipeline.tasks import run_task
+
+            payload = run_task(engine, claim.task, claim.params, doc_text, progress)
+        except JobAborted:
+            log.info("%s: aborted (canceled or taken over)", what)
+            return "aborted"
+        except PipelineError as exc:
+            return _finish_failed_job(url, job_id, attempt, exc.code, exc.message)
+        except TRANSIENT_ERRORS:
+            _give_back(url, q.requeue_job, job_id, attempt)
+            raise
+        except Exception as exc:
+            log.exception("%s: unexpected error", what)
+            return _finish_failed_job(url, job_id, attempt, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+    try:
+        with session_scope(url) as s:
+            done = q.complete_job(s, job_id, attempt, payload)
+    except TRANSIENT_ERRORS:
+        _give_back(url, q.requeue_job, job_id, attempt)
+        raise
+    if not done:
+        log.info("%s: claim lost before completion (canceled?); result dropped", what)
+        return "aborted"
+    log.info("%s: succeeded", what)
+    return str(JobStatus.succeeded)
+
+
+def _progress_writer(url: str, job_id: uuid.UUID, attempt: int, lease_s: float,
+                     lease: Lease) -> Callable[[float, str], None]:
+    """The run_task progress callback: records progress at most once a second and stops a lost job."""
+    last_write = 0.0
+
+    def progress(fraction: float, stage: str) -> None:
+        nonlocal last_write
+        if lease.lost.is_set():
+            raise JobAborted(str(job_id))
+        now = time.monotonic()
+        if now - last_write < PROGRESS_WRITE_INTERVAL_S and fraction < 1.0:
+            return
+        last_write = now
+        if not _with_session(url, q.heartbeat_job, job_id, attempt, lease_s, fraction, stage):
+            lease.lost.set()
+            raise JobAborted(str(job_id))
+
+    return progress
+
+
+def _finish_failed_job(url: str, job_id: uuid.UUID, attempt: int, code: str, message: str) -> str:
+    log.info("job %s failed: %s: %s", job_id, code, message)
+    with session_scope(url) as s:
+        return str(JobStatus.failed) if q.fail_job(s, job_id, attempt, code, message) else "aborted"
