@@ -7,7 +7,7 @@ Stages (JSON rewritten after each, so a crash keeps what ran):
              weights at T=2048, alibi_bias_max=8 (HF's only value)
   hf         HF prefill 16K (it OOMs at 32K) and decode 4K with use_cache=True
   prefill    ours at 16,384 and 65,536 tokens (StoryWriter slopes, bias max 16), chunk sizes, peak memory
-  decode     ours, batch 1 at 4K and 65K context: the Generator's default step (eager step replayed from
+  decode     ours, batch 1 at 4K and 65K context: the DenseGenerator's default step (eager step replayed from
              one CUDA graph), its tokens vs eager decode, and (--eager-decode, --compiled-decode) its
              eager and torch.compile steps
   layers     one attention layer at 16K / 65K: fa4 variants and tile options, flex, SDPA without ALiBi
@@ -43,7 +43,7 @@ from bench import hf_reference
 from pipeline.engine import fused
 from pipeline.engine.backends import fa4, sdpa, select_backend, splitk
 from pipeline.engine.config import MptConfig, alibi_slopes
-from pipeline.engine.generate import Generator, prefill_chunked
+from pipeline.engine.generate import DenseGenerator, prefill_chunked
 from pipeline.engine.graphs import run_token_loop
 from pipeline.engine.model import Mpt
 from pipeline.engine.sampling import SamplingParams, select_next
@@ -307,8 +307,8 @@ class _NoText:
         return ""
 
 
-def generator_step(b: Bench, gen: Generator, cache: Any, ctx: int) -> tuple[Callable[[], None], float]:
-    """`gen.decode_step(cache)` driven the way Generator._decode_loop drove it before the device-side
+def generator_step(b: Bench, gen: DenseGenerator, cache: Any, ctx: int) -> tuple[Callable[[], None], float]:
+    """`gen.decode_step(cache)` driven the way DenseGenerator._decode_loop drove it before the device-side
     loop: step, greedy pick, tokens to the host every step (its stop checks read them), positions + 1,
     tokens / positions copied back in. Setup = the first call (in "graph" mode: warm-up + CUDA-graph
     capture)."""
@@ -335,8 +335,8 @@ def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
     return select_next(logits, GREEDY_STEPS)
 
 
-def loop_step(b: Bench, gen: Generator, cache: Any, ctx: int, steps: int) -> tuple[Callable[[], None], float]:
-    """The Generator's token loop as `_decode_loop` runs it now: greedy pick inside the CUDA graph,
+def loop_step(b: Bench, gen: DenseGenerator, cache: Any, ctx: int, steps: int) -> tuple[Callable[[], None], float]:
+    """The DenseGenerator's token loop as `_decode_loop` runs it now: greedy pick inside the CUDA graph,
     positions bumped on the device, tokens read back one step behind (run_token_loop). One run =
     `steps` decode steps (steps + 1 tokens, the first from the "prefill"); one capture for all runs."""
     step = gen.decode_step(cache, pick=greedy_pick, capture_pick=True)
@@ -410,8 +410,8 @@ def attention_per_layer(b: Bench, model: Mpt, cache: Any, ctx: int) -> dict:
     return out
 
 
-def compiled_step(b: Bench, gen: Generator, cache: Any, ctx: int) -> tuple[Callable[[], None], float]:
-    """A Generator with decode_mode="compile": torch.compile(mode="reduce-overhead"), the old default."""
+def compiled_step(b: Bench, gen: DenseGenerator, cache: Any, ctx: int) -> tuple[Callable[[], None], float]:
+    """A DenseGenerator with decode_mode="compile": torch.compile(mode="reduce-overhead"), the old default."""
     torch._dynamo.mark_static_address(cache.k)
     torch._dynamo.mark_static_address(cache.v)
     return _greedy_steps(b, gen.decode_step(cache), ctx)
@@ -492,7 +492,7 @@ def ours_decode(
     eager_contexts: list[int] = (),  # type: ignore[assignment]
     split_k_contexts: list[int] = (),  # type: ignore[assignment]
 ) -> dict:
-    """ms/token at batch 1, into a cache of exactly ctx + 64 positions as the Generator sizes it, rows
+    """ms/token at batch 1, into a cache of exactly ctx + 64 positions as the DenseGenerator sizes it, rows
     side by side (each its own capture; a failing row prints its traceback and the rest go on):
       graph_before  the step as it was: unfused kernels, host round trip every step (generator_step)
       graph_loop    + device-side token loop (pick in graph, positions on device, tokens read back one
@@ -500,16 +500,16 @@ def ours_decode(
       graph_norm    + fused residual add + LayerNorm
       no_gemv       + one-kernel K/V cache write (run 9's default); these four attend with SDPA
       generator     + each projection one fused GEMV kernel (LayerNorm / GELU / residual add inside:
-                    pipeline/engine/gemv.py), split-K attention = the Generator's default (goal row)
+                    pipeline/engine/gemv.py), split-K attention = the DenseGenerator's default (goal row)
       sdpa          generator with SDPA + bias row attention instead of split-K
     plus `eager` (decode_mode="eager", old driver), `compiled` / `compiled_index_copy` (experiments),
     and attention alone per layer (SDPA + bias row vs split-K) for split-K contexts. At the first
     context: greedy tokens of the default vs eager, unfused and split-K, and a profile of the new
     step. Contexts above 8K skip the prefill (random K/V: decode time does not depend on values).
     Floor: weights + K/V of `ctx` tokens read once at 4.27 TB/s."""
-    gen = Generator(model, _NoText())  # type: ignore[arg-type]
-    compiled_gen = Generator(model, _NoText(), decode_mode="compile") if compiled_contexts else None  # type: ignore[arg-type]
-    eager_gen = Generator(model, _NoText(), decode_mode="eager")  # type: ignore[arg-type]
+    gen = DenseGenerator(model, _NoText())  # type: ignore[arg-type]
+    compiled_gen = DenseGenerator(model, _NoText(), decode_mode="compile") if compiled_contexts else None  # type: ignore[arg-type]
+    eager_gen = DenseGenerator(model, _NoText(), decode_mode="eager")  # type: ignore[arg-type]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     prefilled = b.private.pop("cache", None)
     out: dict[str, Any] = {"default_mode": gen.decode_mode}
@@ -612,7 +612,7 @@ def time_row(
         print(table_text, flush=True)
 
 
-def token_checks(gen: Generator, ids: list[int], *, splitk_too: bool) -> dict:
+def token_checks(gen: DenseGenerator, ids: list[int], *, splitk_too: bool) -> dict:
     """Greedy tokens (16 steps) of the default decode vs eager (must be equal: same kernels, replayed),
     and of the unfused kernels / split-K attention vs the default (bf16 rounding may legitimately
     differ; reported, not asserted)."""
@@ -622,7 +622,7 @@ def token_checks(gen: Generator, ids: list[int], *, splitk_too: bool) -> dict:
     if splitk_too:
         checks.append(("sdpa_vs_default", {"add_norm": True, "kv_write": True, "attention": "sdpa"}))
     try:
-        default = Generator(gen.model, _NoText())  # type: ignore[arg-type]
+        default = DenseGenerator(gen.model, _NoText())  # type: ignore[arg-type]
         (want,) = default.generate_ids([ids], GREEDY_STEPS)
         out["mode"] = default.decode_mode
     except Exception as exc:
@@ -632,7 +632,7 @@ def token_checks(gen: Generator, ids: list[int], *, splitk_too: bool) -> dict:
         try:
             with decode_variant(gen.model, **variant):
                 mode = "eager" if name == "vs_eager" else None
-                (got,) = Generator(gen.model, _NoText(), decode_mode=mode).generate_ids([ids], GREEDY_STEPS)  # type: ignore[arg-type]
+                (got,) = DenseGenerator(gen.model, _NoText(), decode_mode=mode).generate_ids([ids], GREEDY_STEPS)  # type: ignore[arg-type]
             out[f"tokens_{name}"] = got.tokens == want.tokens
             if got.tokens != want.tokens:
                 out[f"first_difference_{name}"] = next(
@@ -692,7 +692,7 @@ def table(res: dict) -> str:
         if isinstance(ours, dict) and "ms_per_token" in ours:
             ratio = f"{theirs / ours['ms_per_token']:.1f}x" if isinstance(theirs, float) else "-"
             rows.append(
-                f"decode b1 @{ctx:>6} (Generator, {dec.get('default_mode')}) | {ours['ms_per_token']:.2f} ms | "
+                f"decode b1 @{ctx:>6} (DenseGenerator, {dec.get('default_mode')}) | {ours['ms_per_token']:.2f} ms | "
                 f"{theirs} | {ratio} | {ours['floor_ms']:.2f} ms | {ours['ms_per_token'] / ours['floor_ms']:.2f} | "
                 f"goal <= {goal} ms"
             )
@@ -705,9 +705,9 @@ def table(res: dict) -> str:
                 rows.append(f"decode b1 @{ctx:>6} ({label}) | {ours[f'{row}_ms_per_token']:.2f} ms | | | "
                             f"{ours['floor_ms']:.2f} ms | {ours[f'{row}_ms_per_token'] / ours['floor_ms']:.2f} | -")
         if isinstance(ours, dict) and "eager_ms_per_token" in ours:
-            rows.append(f"decode b1 @{ctx:>6} (Generator, eager) | {ours['eager_ms_per_token']:.2f} ms | | | | | -")
+            rows.append(f"decode b1 @{ctx:>6} (DenseGenerator, eager) | {ours['eager_ms_per_token']:.2f} ms | | | | | -")
         if isinstance(ours, dict) and "compiled_ms_per_token" in ours:
-            rows.append(f"decode b1 @{ctx:>6} (Generator, compile: old default) | "
+            rows.append(f"decode b1 @{ctx:>6} (DenseGenerator, compile: old default) | "
                         f"{ours['compiled_ms_per_token']:.2f} ms | | | | | -")
     head = "what | ours | HF | HF/ours | floor | ours/floor | goal"
     return "\n".join([head, *rows])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.engine import Generator, Mpt, Tokenizer, load
+from pipeline.engine import DenseGenerator, Mpt, Tokenizer, load
 from pipeline.engine.init_checkpoint import init_checkpoint
 
 ENGINE_PROMPTS = [
@@ -48,9 +48,9 @@ def tiny_model(tiny_ckpt: Path) -> tuple[Mpt, Tokenizer]:
 
 
 @pytest.fixture(scope="session")
-def tiny_generator(tiny_model: tuple[Mpt, Tokenizer]) -> Generator:
+def tiny_generator(tiny_model: tuple[Mpt, Tokenizer]) -> DenseGenerator:
     model, tokenizer = tiny_model
-    return Generator(model, tokenizer, chunk_size=2048, decode_mode="eager")
+    return DenseGenerator(model, tokenizer, chunk_size=2048, decode_mode="eager")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from pipeline.engine import Generator, SamplingParams, prefill_chunked
+from pipeline.engine import DenseGenerator, SamplingParams, prefill_chunked
 from pipeline.engine import generate as generate_module
 from pipeline.engine.generate import resolve_decode_mode
 from pipeline.engine.graphs import CudaGraphStep, StaticDecodeStep
@@ -58,17 +58,17 @@ def test_a_graph_that_cannot_run_is_refused(requested, device, backend, message)
 
 def test_generator_on_cpu_defaults_to_eager_and_refuses_graph(tiny_model):
     model, tok = tiny_model
-    assert Generator(model, tok).decode_mode == "eager"
+    assert DenseGenerator(model, tok).decode_mode == "eager"
     with pytest.raises(ValueError, match="needs a CUDA model"):
-        Generator(model, tok, decode_mode="graph")
+        DenseGenerator(model, tok, decode_mode="graph")
     with pytest.raises(ValueError, match="CUDA graphs need a model on a CUDA device"):
         CudaGraphStep(model, model.new_cache(1, 8))
 
 
 def test_cache_is_sized_exactly_except_for_the_compiled_step(tiny_model):
     model, tok = tiny_model
-    assert Generator(model, tok).new_cache(2, 4100).max_len == 4100
-    assert Generator(model, tok, decode_mode="compile").new_cache(1, 4100).max_len == 5120
+    assert DenseGenerator(model, tok).new_cache(2, 4100).max_len == 4100
+    assert DenseGenerator(model, tok, decode_mode="compile").new_cache(1, 4100).max_len == 5120
 
 
 def _prefilled(model, prompts, extra):
@@ -108,7 +108,7 @@ def test_static_step_equals_eager_decode_and_reuses_its_output_buffer(tiny_model
     ],
 )
 def test_generator_graph_path_gives_the_eager_tokens(tiny_model, monkeypatch, params):
-    """The Generator's "graph" branch end to end, with the capture swapped for an eager run on the
+    """The DenseGenerator's "graph" branch end to end, with the capture swapped for an eager run on the
     same static buffers (the only part that needs CUDA)."""
     model, tok = tiny_model
     made: list[StaticDecodeStep] = []
@@ -118,8 +118,8 @@ def test_generator_graph_path_gives_the_eager_tokens(tiny_model, monkeypatch, pa
         return made[-1]
 
     monkeypatch.setattr(generate_module, "CudaGraphStep", static_step)
-    eager = Generator(model, tok, decode_mode="eager")
-    graph = Generator(model, tok, decode_mode="eager")
+    eager = DenseGenerator(model, tok, decode_mode="eager")
+    graph = DenseGenerator(model, tok, decode_mode="eager")
     graph.decode_mode = "graph"  # what resolve_decode_mode picks on CUDA
     prompts = [tok.encode(p) for p in ENGINE_PROMPTS]
     expected = eager.generate_ids(prompts, params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.engine import Generator, SamplingParams, prefill_chunked, score, score_texts
+from pipeline.engine import DenseGenerator, SamplingParams, prefill_chunked, score, score_texts
 from pipeline.engine.sampling import top_p_filter
 from tests.fixtures_engine import ENGINE_PROMPTS
 
@@ -33,9 +33,9 @@ def test_chunked_prefill_equals_one_pass(tiny_model, chunk):
 def test_chunked_and_batched_generation_equal_single_requests(tiny_model, chunk):
     model, tok = tiny_model
     prompts = [*ENGINE_PROMPTS, " ".join(ENGINE_PROMPTS) * 2]
-    alone = Generator(model, tok, chunk_size=100_000, decode_mode="eager")
+    alone = DenseGenerator(model, tok, chunk_size=100_000, decode_mode="eager")
     expected = [alone.generate([p], GREEDY)[0].tokens for p in prompts]
-    batched = Generator(model, tok, chunk_size=chunk, decode_mode="eager").generate(prompts, GREEDY)
+    batched = DenseGenerator(model, tok, chunk_size=chunk, decode_mode="eager").generate(prompts, GREEDY)
     assert [c.tokens for c in batched] == expected
 
 
@@ -87,10 +87,10 @@ def test_stop_string_truncates_text(tiny_generator):
 
 def test_end_of_text_token_ends_a_sequence(tiny_model):
     model, tok = tiny_model
-    (full,) = Generator(model, tok, decode_mode="eager").generate(ENGINE_PROMPTS[:1], GREEDY)
+    (full,) = DenseGenerator(model, tok, decode_mode="eager").generate(ENGINE_PROMPTS[:1], GREEDY)
     eos = full.tokens[5]
     first = full.tokens.index(eos)
-    gen = Generator(model, type(tok)(tok.inner, eos_token_id=eos), decode_mode="eager")
+    gen = DenseGenerator(model, type(tok)(tok.inner, eos_token_id=eos), decode_mode="eager")
     (ended,) = gen.generate(ENGINE_PROMPTS[:1], SamplingParams(max_new_tokens=16, greedy=True))
     assert ended.finish_reason == "eos" and ended.tokens == full.tokens[:first]
 
@@ -119,7 +119,7 @@ def test_score_equals_log_softmax_sum_of_a_full_forward(tiny_model, hf_tiny):
 
 
 def test_generator_load_and_score_wrappers(tiny_ckpt, tiny_model):
-    gen = Generator.load(tiny_ckpt, device="cpu", chunk_size=16)
+    gen = DenseGenerator.load(tiny_ckpt, device="cpu", chunk_size=16)
     assert gen.model.dtype == torch.float32 and gen.decode_mode == "eager"
     prefix, conts = tiny_model[1].encode(ENGINE_PROMPTS[0]), [[5, 6], [7]]
     assert gen.score(prefix, conts) == pytest.approx(score(tiny_model[0], prefix, conts), abs=1e-5)

@@ -51,7 +51,7 @@ def test_sharded_bin_checkpoint_with_index_loads(tmp_path, tiny_ckpt, hf_tiny, t
 
 
 def test_weights_land_on_target_dtype_and_nothing_stays_on_meta(tiny_ckpt, tiny_model):
-    from pipeline.engine import Generator, SamplingParams
+    from pipeline.engine import DenseGenerator, SamplingParams
 
     model, tok = load(tiny_ckpt, dtype=torch.bfloat16)
     tensors = list(model.parameters()) + list(model.buffers())
@@ -60,7 +60,7 @@ def test_weights_land_on_target_dtype_and_nothing_stays_on_meta(tiny_ckpt, tiny_
     assert model.slopes.dtype == torch.float32
     ids = tok.encode(ENGINE_PROMPTS[2])
     torch.testing.assert_close(_logits(model, ids), _logits(tiny_model[0], ids), rtol=0.05, atol=0.25)
-    (out,) = Generator(model, tok, decode_mode="eager").generate_ids([ids], SamplingParams(max_new_tokens=4, greedy=True,
+    (out,) = DenseGenerator(model, tok, decode_mode="eager").generate_ids([ids], SamplingParams(max_new_tokens=4, greedy=True,
                                                                                   stop_at_eos=False))
     assert len(out.tokens) == 4
 
@@ -128,14 +128,14 @@ def test_cli_init_then_generate(tmp_path, capsys):
 def test_max_seq_len_raised_at_load_runs_past_the_checkpoint_limit(tiny_ckpt, tiny_model):
     """ALiBi has no learned positions: a 2,600-token prompt runs on a max_seq_len 2,048 checkpoint once
     raised at load; chunking (several key blocks of the blockwise kernel) changes nothing."""
-    from pipeline.engine import Generator, SamplingParams, prefill_chunked
+    from pipeline.engine import DenseGenerator, SamplingParams, prefill_chunked
 
     model, tok = load(tiny_ckpt, dtype=torch.float32, max_seq_len=4096)
     ids = torch.randint(3, 1000, (2600,), generator=torch.Generator().manual_seed(0)).tolist()
     one = prefill_chunked(model, ids, model.new_cache(1, len(ids)), chunk_size=len(ids))
     chunked = prefill_chunked(model, ids, model.new_cache(1, len(ids)), chunk_size=700)
     torch.testing.assert_close(chunked, one, rtol=1e-4, atol=1e-4)
-    (out,) = Generator(model, tok, decode_mode="eager").generate_ids([ids], SamplingParams(max_new_tokens=3, greedy=True))
+    (out,) = DenseGenerator(model, tok, decode_mode="eager").generate_ids([ids], SamplingParams(max_new_tokens=3, greedy=True))
     assert out.prompt_tokens == 2600 and out.finish_reason in ("length", "eos")
     with pytest.raises(ValueError, match="max_seq_len"):
-        Generator(tiny_model[0], tok, decode_mode="eager").generate_ids([ids], SamplingParams(max_new_tokens=3))
+        DenseGenerator(tiny_model[0], tok, decode_mode="eager").generate_ids([ids], SamplingParams(max_new_tokens=3))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pipeline.engine import Generator, SamplingParams, load
+from pipeline.engine import DenseGenerator, SamplingParams, load
 from pipeline.engine.init_checkpoint import init_checkpoint
 
 pytestmark = pytest.mark.usefixtures("engine_single_thread")
@@ -74,7 +74,7 @@ def test_logits_and_greedy_tokens_match_float64_reference(ckpt_fixture, request)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4)
 
     n_new = 20
-    (completion,) = Generator(model, tok, decode_mode="eager").generate_ids(
+    (completion,) = DenseGenerator(model, tok, decode_mode="eager").generate_ids(
         [prompt], SamplingParams(max_new_tokens=n_new, greedy=True, stop_at_eos=False))
     ids = list(prompt)
     for _ in range(n_new):  # slow greedy: full recompute each step

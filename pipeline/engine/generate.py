@@ -75,8 +75,10 @@ def resolve_decode_mode(requested: str | None, device: torch.device, decode_back
     return requested  # type: ignore[return-value]
 
 
-class Generator:
-    """Holds a model + tokenizer and how its decode step runs (`decode_mode`, see resolve_decode_mode)."""
+class DenseGenerator:
+    """One synchronous batch on a dense cache, each prompt prefilled from scratch: the reference the
+    serving engine is tested against (each request run alone), and the benchmarks' baseline. Holds a
+    model + tokenizer and how its decode step runs (`decode_mode`, see resolve_decode_mode)."""
 
     def __init__(
         self, model: Mpt, tokenizer: Tokenizer, *, chunk_size: int = DEFAULT_CHUNK, decode_mode: str | None = None
@@ -101,7 +103,7 @@ class Generator:
         max_seq_len: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         decode_mode: str | None = None,
-    ) -> Generator:
+    ) -> DenseGenerator:
         """Model + tokenizer from a checkpoint dir or hub id (bf16 on CUDA, float32 elsewhere by default)."""
         from pipeline.engine.load import load
 
