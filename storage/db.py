@@ -5,6 +5,10 @@
 routes (GET /v1/documents/{id}: ~2.5-2.8 ms of CPU per request either way), and it lets sessions,
 uploads and the workers ride over a database restart without an error. The job poll, where that cost
 would count, does not use this pool (storage/hot_reads.py: no ping, one retry after a dead connection).
+
+A Postgres connect gives up after CONNECT_TIMEOUT_S unless the URL sets `connect_timeout`: without
+one, a host that drops packets holds a thread (of the API's POOL_SIZE) per request for the kernel's
+TCP timeout (minutes) instead of answering 503.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 # Connections kept open per process. The API caps its thread pool at this (api/app.py): more threads
 # than pooled connections would open and close an overflow connection per request under load.
 POOL_SIZE = 10
+# Seconds (libpq wants an integer, at least 2).
+CONNECT_TIMEOUT_S = 5
 
 
 @functools.lru_cache(maxsize=8)
@@ -36,7 +42,8 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=20)
+    connect_args = {} if "connect_timeout" in make_url(url).query else {"connect_timeout": CONNECT_TIMEOUT_S}
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=20, connect_args=connect_args)
 
 
 def get_read_engine(url: str) -> Engine:
