@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
+from pipeline.tasks import REGISTRY
 from storage.models import Document, DocumentStatus, Job, JobStatus, TaskName
 
 
@@ -19,6 +20,29 @@ def _as_utc(value: datetime) -> datetime:
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class _DocumentedAs:
+    """Validate and serialize as the annotated type (stored JSON passes through unchanged), but show
+    `documented` in the OpenAPI schema: the task registry's params and result models."""
+
+    def __init__(self, documented: Any) -> None:
+        self.documented = documented
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> Any:
+        return handler(TypeAdapter(self.documented).core_schema)
+
+
+def _any_of(models: list[type[BaseModel]]) -> Any:
+    union = models[0]
+    for model in models[1:]:
+        union = union | model
+    return union
+
+
+TaskParams = Annotated[dict[str, Any], _DocumentedAs(_any_of([t.params for t in REGISTRY.values()]))]
+TaskResult = Annotated[dict[str, Any] | None,
+                       _DocumentedAs(_any_of([t.result for t in REGISTRY.values()]) | None)]
 
 
 class ErrorDetail(BaseModel):
@@ -59,19 +83,19 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: TaskName
-    params: dict[str, Any] = Field(default_factory=dict,
-                                   examples=[{"questions": ["What is the termination notice period?"]}])
+    params: TaskParams = Field(default_factory=dict, description="The task's params (defaults fill in the rest).",
+                               examples=[{"questions": ["What is the termination notice period?"]}])
 
 
 class JobPublic(BaseModel):
     id: uuid.UUID
     document_id: uuid.UUID
     task: TaskName
-    params: dict[str, Any]
+    params: TaskParams
     status: JobStatus
     progress: float
     stage: str | None
-    result: dict[str, Any] | None = Field(description="Present when status is succeeded.")
+    result: TaskResult = Field(description="Present when status is succeeded: the task's result model.")
     error: ErrorDetail | None = Field(description="Present when status is failed.")
     attempts: int
     created_at: UtcDatetime

@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from pipeline.tasks.registry import TASKS
+
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
 
@@ -55,10 +57,8 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
 
 
-class TaskName(enum.StrEnum):
-    summarize = "summarize"
-    qa = "qa"
-    classify = "classify"
+# The task names come from the task registry (pipeline/tasks/registry.py), the one list of them.
+TaskName = enum.StrEnum("TaskName", [(name, name) for name in TASKS])
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:

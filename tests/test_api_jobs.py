@@ -46,7 +46,7 @@ def test_job_on_unparsed_document_stays_queued_without_message(client, auth, doc
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["document_id"] == doc_id
-    assert job["params"] == {"max_words": 200}  # normalized by pipeline.tasks.validate_params
+    assert job["params"] == {"max_words": 200, "style": "paragraph"}  # normalized by pipeline.tasks.validate_params
     assert _gpu_messages(api_redis_url) == 0  # the parse task releases it
 
 

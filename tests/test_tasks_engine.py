@@ -51,6 +51,7 @@ def test_auto_falls_back_to_extractive_and_says_why(caplog, extractive_engine):
 
 def test_auto_with_gpu_and_weights_still_avoids_the_unbuilt_mpt_path(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(tasks, "_cuda_available", lambda: True)  # the one thing that cannot exist here
+    monkeypatch.setattr(tasks, "mpt_tasks_available", lambda: False)  # as before pipeline/tasks/mpt/ exists
     checkpoint = str(_fake_checkpoint(tmp_path))
     with caplog.at_level(logging.INFO, logger="pipeline.tasks"):
         engine = load_engine("auto", model=checkpoint, device="cuda", embedding_model=MINILM)
@@ -58,6 +59,42 @@ def test_auto_with_gpu_and_weights_still_avoids_the_unbuilt_mpt_path(tmp_path, m
     assert any("MPT-backed task path is not built" in r.getMessage() for r in caplog.records)
     with pytest.raises(PipelineError, match="MPT-backed task path is not built"):
         load_engine("mpt", model=checkpoint, device="cuda", embedding_model=MINILM)
+
+
+def test_mpt_routes_to_the_mpt_loader_and_strategies(tmp_path, monkeypatch):
+    """With the MPT path present, "mpt" (CPU allowed when asked for) and "auto" (CUDA) load through the
+    registry's MPT loader, and run_task dispatches by the engine's kind."""
+    loaded = []
+
+    class FakeMpt:
+        kind, tokenizer_spec = "mpt", "ckpt"
+
+    def fake_loader(**kwargs):
+        loaded.append(kwargs)
+        return FakeMpt()
+
+    monkeypatch.setattr(tasks, "mpt_tasks_available", lambda: True)
+    monkeypatch.setattr(tasks, "load_mpt_engine", fake_loader)
+    checkpoint = str(_fake_checkpoint(tmp_path))
+    assert load_engine("mpt", model=checkpoint, device="cpu", embedding_model=MINILM).kind == "mpt"
+    assert loaded == [{"model": checkpoint, "device": "cpu", "embedding_model": MINILM}]
+    with pytest.raises(PipelineError, match="no CUDA GPU"):  # auto wants a GPU for MPT
+        load_engine("mpt", model=checkpoint, device="cuda", embedding_model=MINILM)
+    monkeypatch.setattr(tasks, "_cuda_available", lambda: True)
+    assert load_engine("auto", model=checkpoint, device="cuda", embedding_model=MINILM).kind == "mpt"
+    assert tokenizer_spec("auto", model=checkpoint, embedding_model=MINILM) == checkpoint
+
+
+def test_an_engine_kind_without_strategy_is_a_model_error():
+    from tests.fixtures_tasks import document_from_pages
+
+    class Odd:
+        kind, tokenizer_spec = "gpt", "x"
+
+    with pytest.raises(PipelineError) as info:
+        tasks.run_task(Odd(), "qa", {"question": "why?"}, document_from_pages(["Some text here."]),
+                       lambda f, s: None)
+    assert info.value.code == "model_error" and "no qa strategy for engine kind 'gpt'" in info.value.message
 
 
 def test_mpt_with_gpu_but_no_weights_names_the_model(monkeypatch, tmp_path):
@@ -88,7 +125,8 @@ def test_resolve_local_weights(tmp_path):
     assert tasks.resolve_local_weights("longdoc-tests/definitely-not-cached") is None
 
 
-def test_tokenizer_spec(tmp_path):
+def test_tokenizer_spec(tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks, "mpt_tasks_available", lambda: False)
     assert tokenizer_spec("extractive", model="m", embedding_model=MINILM) == MINILM
     assert tokenizer_spec("mpt", model="/ckpt/mpt", embedding_model=MINILM) == "/ckpt/mpt"
     # auto follows the engine auto would use for the tasks: extractive while the MPT path is unbuilt

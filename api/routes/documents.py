@@ -42,7 +42,7 @@ REPARSE_ON_PASSWORD = {"password_required", "wrong_password"}
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary", "description": "The document (PDF, text, Markdown, HTML, DOCX)."},
-        "tasks": {"type": "string", "description": "Comma list of summarize,qa,classify to queue at upload."},
+        "tasks": {"type": "string", "description": f"Comma list of {','.join(TASKS)} to queue at upload."},
         "question": {"type": "array", "items": {"type": "string"},
                      "description": "A question for the qa task (repeat the field for several); implies qa."},
         "labels": {"type": "string", "description": "Comma list of labels for classify; implies classify."},
@@ -69,7 +69,8 @@ def _requested_jobs(tasks: str | None, questions: list[str], labels: str | None)
         names.append("qa")
     if label_list and "classify" not in names:
         names.append("classify")
-    params = {"summarize": {}, "qa": {"questions": questions}, "classify": {"labels": label_list}}
+    # classify without labels classifies by document type (the registry's default labels)
+    params = {"summarize": {}, "qa": {"questions": questions}, "classify": {"labels": label_list} if label_list else {}}
     return [(name, _validated(name, params[name])) for name in dict.fromkeys(names)]
 
 

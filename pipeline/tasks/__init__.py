@@ -1,13 +1,15 @@
 """Model tasks (summarize, qa, classify) and the engine they run on.
 
-Public API (what API and WORKERS build against):
+Public API (what the API, the workers and `longdoc run` build against):
+    TASKS, REGISTRY                                   the task registry (pipeline/tasks/registry.py)
     validate_params(task, params) -> dict            pure Python, safe in the API process
     load_engine(kind, *, model, device, embedding_model) -> Engine   once per worker process
-    run_task(engine, task, params, doc, progress) -> dict            JSON-serializable result
+    run_task(engine, task, params, doc, progress) -> dict            JSON result, validated by its model
     tokenizer_spec(kind, *, model, embedding_model) -> str           which tokenizer the chunker uses
 
-Importing this package never imports torch or sentence-transformers (the API imports it for
-validate_params); the heavy imports happen inside load_engine.
+"engine" is what load_engine returns: the MPT runtime (kind "mpt") or the CPU extractive backend
+(kind "extractive", pipeline/tasks/extractive/). Importing this package never imports torch (the API
+imports it for validation); the heavy imports happen inside load_engine and the strategies.
 """
 
 from __future__ import annotations
@@ -17,26 +19,30 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.tasks.params import TASKS, validate_params
 from pipeline.tasks.progress import Progress
+from pipeline.tasks.registry import (
+    REGISTRY,
+    TASKS,
+    load_mpt_engine,
+    mpt_tasks_available,
+    task_spec,
+    validate_params,
+    validate_result,
+)
 from pipeline.types import DocumentText, PipelineError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "Engine", "Progress", "load_engine", "run_task", "tokenizer_spec", "validate_params"]
+__all__ = ["REGISTRY", "TASKS", "Engine", "Progress", "load_engine", "run_task", "tokenizer_spec",
+           "validate_params", "validate_result"]
 
-ENGINE_KINDS = ("auto", "mpt", "extractive")
-
-# The MPT-backed task strategies (shared document prefix, prompts, label log-likelihoods) land with
-# their own issue. Until then "auto" never picks MPT and "mpt" fails with a clear model_error, so no
-# job is ever routed to a path that does not exist.
-MPT_TASKS_AVAILABLE = False
+ENGINE_CHOICES = ("auto", "mpt", "extractive")
 
 
 class Engine(Protocol):
-    """What the task strategies need to know about a loaded engine."""
+    """What run_task needs to know about a loaded engine."""
 
-    kind: str  # "extractive" | "mpt": the task modules pick their strategy by it
+    kind: str  # "extractive" | "mpt": the registry picks the task strategy by it
     tokenizer_spec: str  # the tokenizer the chunker should use for documents this engine reads
 
 
@@ -71,13 +77,14 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _mpt_unavailable_reason(model: str) -> str | None:
-    """Why MPT cannot run in this process, or None when it can."""
-    if not _cuda_available():
+def _mpt_unavailable_reason(model: str, device: str) -> str | None:
+    """Why MPT cannot run in this process on `device`, or None when it can. A CPU device is allowed
+    when asked for explicitly (slow; small checkpoints and tests)."""
+    if device != "cpu" and not _cuda_available():
         return "no CUDA GPU is available (torch.cuda.is_available() is False)"
     if resolve_local_weights(model) is None:
         return f"MPT weights {model!r} are not present locally (a local dir or a cached hub snapshot)"
-    if not MPT_TASKS_AVAILABLE:
+    if not mpt_tasks_available():
         return "the MPT-backed task path is not built in this version"
     return None
 
@@ -85,27 +92,30 @@ def _mpt_unavailable_reason(model: str) -> str | None:
 def load_engine(kind: str, *, model: str, device: str, embedding_model: str) -> Engine:
     """Load the engine once per worker process.
 
-    kind: "extractive" = CPU sentence-embedding engine; "mpt" = MPT on a CUDA GPU (model_error when
-    it cannot run here); "auto" = MPT when it can run here, else extractive, with the reason logged.
+    kind: "extractive" = CPU sentence-embedding backend; "mpt" = MPT (model_error naming the reason
+    when it cannot run here); "auto" = MPT when a CUDA GPU, local weights and the MPT task path are all
+    present, else extractive, with the reason logged.
     """
-    if kind not in ENGINE_KINDS:
-        raise PipelineError("model_error", f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
+    if kind not in ENGINE_CHOICES:
+        raise PipelineError("model_error", f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_CHOICES)}")
     if kind in ("auto", "mpt"):
-        reason = _mpt_unavailable_reason(model)
+        reason = _mpt_unavailable_reason(model, device if kind == "mpt" else "cuda")
         if reason is None:
-            raise PipelineError("model_error", "MPT engine selected but its task path is not wired")  # seam
+            return load_mpt_engine(model=model, device=device if kind == "mpt" else "cuda",
+                                   embedding_model=embedding_model)
         if kind == "mpt":
             raise PipelineError("model_error", f"engine 'mpt' cannot run: {reason}")
         log.info("engine auto -> extractive: %s", reason)
-    return _extractive_engine(embedding_model)
+    return extractive_backend(embedding_model)
 
 
 @functools.lru_cache(maxsize=2)
-def _extractive_engine(embedding_model: str) -> Engine:
-    """One engine per process and embedding model: workers and the embedded pool may ask repeatedly."""
-    from pipeline.extractive import ExtractiveEngine
+def extractive_backend(embedding_model: str) -> Engine:
+    """One backend per process and embedding model: workers, the embedded pool and the MPT strategies
+    (which embed for retrieval) share it."""
+    from pipeline.tasks.extractive.backend import ExtractiveBackend
 
-    return ExtractiveEngine.load(embedding_model)
+    return ExtractiveBackend.load(embedding_model)
 
 
 def tokenizer_spec(kind: str, *, model: str, embedding_model: str) -> str:
@@ -113,29 +123,29 @@ def tokenizer_spec(kind: str, *, model: str, embedding_model: str) -> str:
 
     Decided without torch or CUDA (parse workers are CPU machines): "auto" answers the MPT
     checkpoint when the MPT path exists and its weights are present locally, else the embedding
-    model. The extractive engine works on sentences, so it copes with chunks of either tokenizer.
+    model. The extractive backend works on sentences, so it copes with chunks of either tokenizer.
     """
     if kind == "extractive":
         return embedding_model
     if kind == "mpt":
         return model
     if kind == "auto":
-        if MPT_TASKS_AVAILABLE and resolve_local_weights(model) is not None:
+        if mpt_tasks_available() and resolve_local_weights(model) is not None:
             return model
         return embedding_model
-    raise PipelineError("model_error", f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
+    raise PipelineError("model_error", f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_CHOICES)}")
 
 
 def run_task(engine: Engine, task: str, params: dict[str, Any], doc: DocumentText,
              progress: Progress) -> dict[str, Any]:
-    """Run one task on one document; returns a JSON-serializable result whose citations carry pages."""
-    from pipeline.tasks import classify, qa, summarize
-
+    """Run one task on one document: the registry's strategy for engine.kind, its result validated
+    against the task's result model (the same schema whichever engine ran)."""
+    spec = task_spec(task)
     params = validate_params(task, params)
     if not doc.full_text.strip():
         raise PipelineError("no_text_layer", "the document has no text to run a task on")
-    runners = {"summarize": summarize.run, "qa": qa.run, "classify": classify.run}
+    run = spec.strategy(getattr(engine, "kind", ""))
     progress(0.0, "starting")
-    result = runners[task](engine, doc, params, progress)
+    result = validate_result(task, run(engine, doc, params, progress))
     progress(1.0, "done")
     return result

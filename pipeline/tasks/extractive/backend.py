@@ -1,11 +1,10 @@
-"""CPU, offline extractive engine: all-MiniLM-L6-v2 sentence embeddings, no generation.
+"""CPU, offline extractive backend: all-MiniLM-L6-v2 sentence embeddings, no generation.
 
 The embedded default wherever no GPU or MPT weights exist. It splits a document into sentence-sized
 segments that keep their character offsets (so every cited segment maps to real pages), embeds them
 in length-sorted batches with mean pooling (what sentence-transformers does for this model, without
 pulling that package in), and caches the embeddings per document so summarize, qa and classify on
-the same document embed it once. Segmentation lives in pipeline/tasks/segments.py, the task strategies
-beside it.
+the same document embed it once. Segmentation lives in segments.py, the task strategies beside it.
 
 Imports torch and transformers at module import: only pipeline.tasks.load_engine imports this module.
 """
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from pipeline.tasks.segments import Sentence, split_sentences
+from pipeline.tasks.extractive.segments import Sentence, split_sentences
 from pipeline.types import DocumentText, PipelineError
 
 log = logging.getLogger(__name__)
@@ -57,27 +56,31 @@ class _DocEmbeddings:
         self.done = np.zeros(len(sentences), dtype=bool)
 
 
-class ExtractiveEngine:
+class ExtractiveBackend:
     kind = "extractive"
 
     def __init__(self, tokenizer, model, name: str) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.tokenizer_spec = name
+        self.model_name = name
         self.dim = int(model.config.hidden_size)
-        self._lock = threading.Lock()  # one forward at a time; embedded mode shares the engine
+        self._lock = threading.Lock()  # one forward at a time; embedded mode shares the backend
         self._docs: OrderedDict[str, _DocEmbeddings] = OrderedDict()
 
     @classmethod
-    def load(cls, spec: str = EMBEDDING_MODEL_NAME) -> ExtractiveEngine:
+    def load(cls, spec: str = EMBEDDING_MODEL_NAME) -> ExtractiveBackend:
         path = resolve_embedding_model(spec)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         except Exception as exc:
             raise PipelineError("model_error", f"cannot load embedding model from {path}: {exc}") from exc
-        log.info("extractive engine loaded %s from %s", spec, path)
+        log.info("extractive backend loaded %s from %s", spec, path)
         return cls(tokenizer, model, spec)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def embed(self, texts: Sequence[str],
               progress: Callable[[float], None] | None = None) -> np.ndarray:

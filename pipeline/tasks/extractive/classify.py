@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.tasks.progress import require_kind, scaled
+from pipeline.tasks.progress import scaled
 from pipeline.types import DocumentText
 
 PROMPTS = ("{label}", "This document is a {label}.", "This text is about {label}.")
@@ -25,7 +25,6 @@ MULTI_LABEL_MARGIN = 0.03  # multi_label: a label within this of the best one is
 
 
 def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str, Any]:
-    require_kind(engine, "classify")
     labels = params["labels"]
     sample = _spread(len(engine.document(doc).sentences), SAMPLE_SENTENCES)
     _, vectors = engine.sentence_vectors(doc, sample, progress=scaled(progress, 0.0, 0.85, "embedding"))
@@ -44,8 +43,8 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
         ranked = [labels[i] for i in np.argsort(-probs)]
         chosen = ranked[:1]
     scores = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
-    return {"label": ranked[0], "labels": chosen, "ranking": ranked, "scores": scores,
-            "multi_label": params["multi_label"], "engine": engine.kind}
+    return {"label": ranked[0], "labels": chosen, "scores": scores, "method": "extractive",
+            "engine": engine.kind, "model": engine.model_name}
 
 
 def label_similarity(engine, labels: list[str], vectors: np.ndarray) -> np.ndarray:

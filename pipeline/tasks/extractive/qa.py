@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.tasks.progress import require_kind, scaled
+from pipeline.tasks.progress import scaled
+from pipeline.tasks.schemas import NOT_STATED
 from pipeline.types import DocumentText
 
 EVIDENCE = 3  # sentences returned per question, the answer first
@@ -35,12 +36,11 @@ _SUFFIXES = ("ing", "ed", "es", "s")
 
 
 def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str, Any]:
-    require_kind(engine, "qa")
     questions = params["questions"]
     sentences, vectors = engine.sentence_vectors(doc, progress=scaled(progress, 0.0, 0.85, "embedding"))
     progress(0.9, "retrieving")
     if not sentences:
-        return {"answers": [_empty(q) for q in questions], "engine": engine.kind}
+        return _result(engine, [_empty(q) for q in questions])
     query = engine.embed(questions)  # [Q, D]
     scores = rank(vectors, query, [s.text for s in sentences], questions)  # [S, Q]
     orders = answer_order(scores, [s.words for s in sentences])  # [Q, S]
@@ -49,9 +49,13 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
         order = orders[qi, :EVIDENCE]
         evidence = [{**sentences[i].citation(), "score": round(float(scores[i, qi]), 4)} for i in order]
         best = evidence[0]
-        answers.append({"question": question, "answer": best["text"], "page_start": best["page_start"],
-                        "page_end": best["page_end"], "score": best["score"], "evidence": evidence})
-    return {"answers": answers, "engine": engine.kind}
+        answers.append({"question": question, "answer": best["text"], "evidence": evidence,
+                        "confidence": round(min(1.0, max(0.0, best["score"])), 4)})
+    return _result(engine, answers)
+
+
+def _result(engine, answers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"answers": answers, "method": "extractive", "engine": engine.kind, "model": engine.model_name}
 
 
 def rank(vectors: np.ndarray, query: np.ndarray, texts: list[str], questions: list[str]) -> np.ndarray:
@@ -104,5 +108,4 @@ def _overlap(texts: list[str], questions: list[str]) -> np.ndarray:
 
 
 def _empty(question: str) -> dict[str, Any]:
-    return {"question": question, "answer": "", "page_start": None, "page_end": None, "score": 0.0,
-            "evidence": []}
+    return {"question": question, "answer": NOT_STATED, "evidence": [], "confidence": 0.0}

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.tasks.progress import require_kind, scaled
-from pipeline.tasks.segments import count_words, first_words
+from pipeline.tasks.extractive.segments import count_words, first_words
+from pipeline.tasks.progress import scaled
+from pipeline.tasks.schemas import SummarizeParams
 from pipeline.types import DocumentText
 
 MMR_LAMBDA = 0.7  # weight of centrality vs. novelty w.r.t. sentences already chosen
@@ -25,8 +26,7 @@ _COMPLETE = re.compile(r"^[\"'“‘(]?[A-Z0-9].*[.!?:;][\"'”’)]?$")  # star
 
 
 def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str, Any]:
-    require_kind(engine, "summarize")
-    max_words = params["max_words"]
+    max_words = SummarizeParams.model_validate(params).word_budget()
     sentences, vectors = engine.sentence_vectors(doc, progress=scaled(progress, 0.0, 0.9, "embedding"))
     eligible = [s.words >= MIN_SUMMARY_SENTENCE_WORDS and bool(_COMPLETE.match(s.text)) for s in sentences]
     chosen = select(vectors, [s.text for s in sentences], eligible, max_words)
@@ -34,9 +34,11 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     picked = [sentences[i].citation() for i in sorted(chosen)]
     if len(chosen) == 1 and sentences[chosen[0]].words > max_words:
         picked[0]["text"] = first_words(picked[0]["text"], max_words)  # a prefix: still on the cited page
-    summary = " ".join(p["text"] for p in picked)
-    return {"summary": summary, "sentences": picked, "words": count_words(summary),
-            "max_words": max_words, "engine": engine.kind}
+    texts = [p.pop("text") for p in picked]
+    summary = "\n".join(f"- {t}" for t in texts) if params.get("style") == "bullets" else " ".join(texts)
+    return {"summary": summary, "method": "extractive", "engine": engine.kind, "model": engine.model_name,
+            "tokens_in": doc.token_count, "tokens_out": engine.count_tokens(summary),
+            "citations": [{**p, "sentence": i} for i, p in enumerate(picked)]}
 
 
 def select(vectors: np.ndarray, texts: list[str], eligible: list[bool], max_words: int) -> list[int]:
