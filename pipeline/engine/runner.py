@@ -1,0 +1,238 @@
+"""The model runner: turns one scheduler step plan into tensors, runs the model, samples.
+
+Per step: each prefill chunk runs as its own forward (a chunk is hundreds to thousands of tokens:
+compute-bound, batching adds nothing), then all decoding sequences run as one batched step over the
+paged cache. Decode inputs live in static buffers per batch-size bucket, so on CUDA each bucket's
+step is captured once into a CUDA graph and replayed (padded rows read and write the pool's scratch
+block). Decoding rows that share a document's blocks are handed to the attention kernel as groups
+(CascadeMeta): the shared prefix is read once per step for the whole group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.engine.core.requests import SamplingParams
+from pipeline.engine.core.scheduler import PrefixGroup, ScheduledSeq, SchedulerOutput
+from pipeline.engine.metadata import CascadeMeta, DecodeMeta, PrefillMeta
+from pipeline.engine.model import Mpt
+from pipeline.engine.paged_cache import PagedKVCache
+from pipeline.engine.sampling import select_next
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 2  # eager runs on a side stream before a capture (lazy init, Triton JIT) as graphs.py does
+
+
+@dataclass
+class SamplingState:
+    """How one sequence picks its tokens: its parameters and, for seeded sampling, its own RNG (so its
+    samples never depend on what else shares the batch)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, tuple[int, float]] = field(default_factory=dict)  # seq id -> (token, its log p)
+    scored: dict[str, list[float]] = field(default_factory=dict)  # seq id -> log p of targets computed now
+
+
+def buckets_for(max_num_seqs: int) -> list[int]:
+    out, b = [], 1
+    while b < max_num_seqs:
+        out.append(b)
+        b *= 2
+    return [*out, max_num_seqs]
+
+
+class _DecodeInputs:
+    """Static input buffers of one decode batch size (and the graph that reads them)."""
+
+    def __init__(self, batch: int, max_blocks: int, cascade: bool, device: torch.device) -> None:
+        i32, i64 = torch.int32, torch.long
+        self.batch = batch
+        self.tokens = torch.zeros(batch, dtype=i64, device=device)
+        self.positions = torch.zeros(batch, dtype=i64, device=device)
+        self.seq_lens = torch.ones(batch, dtype=i64, device=device)
+        self.seq_lens_i32 = torch.ones(batch, dtype=i32, device=device)
+        self.block_tables = torch.zeros(batch, max_blocks, dtype=i32, device=device)
+        self.slots = torch.zeros(batch, dtype=i64, device=device)
+        self.cascade: CascadeMeta | None = None
+        if cascade:
+            groups = max(1, batch // 2)
+            self.cascade = CascadeMeta(
+                prefix_block_tables=torch.zeros(groups, max_blocks, dtype=i32, device=device),
+                prefix_lens=torch.zeros(groups, dtype=i32, device=device),
+                row_group=torch.full((batch,), -1, dtype=i32, device=device),
+                group_rows=torch.full((groups, batch), -1, dtype=i32, device=device),
+            )
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def meta(self) -> DecodeMeta:
+        return DecodeMeta(positions=self.positions, seq_lens=self.seq_lens, block_tables=self.block_tables,
+                          seq_lens_i32=self.seq_lens_i32, slot_mapping=self.slots, cascade=self.cascade)
+
+
+class ModelRunner:
+    def __init__(self, model: Mpt, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int,
+                 cuda_graphs: bool | None = None) -> None:
+        self.model, self.cache = model, cache
+        self.device = model.device
+        self.block_size = cache.block_size
+        self.max_blocks = -(-max_model_len // cache.block_size)
+        self.buckets = buckets_for(max_num_seqs)
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._inputs: dict[tuple[int, bool], _DecodeInputs] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, sampling: Mapping[str, SamplingState]) -> StepResult:
+        result = StepResult()
+        pending: list[tuple[str, torch.Tensor]] = []  # (seq id, logits [V]) to sample from
+        if out.decodes:
+            logits = self._decode(out.decodes, out.prefix_groups)  # [B, V]
+            pending.extend((s.seq.seq_id, logits[i]) for i, s in enumerate(out.decodes))
+        for chunk in out.prefills:
+            last = self._prefill(chunk, result)
+            if last is not None:
+                pending.append((chunk.seq.seq_id, last))
+        if pending:
+            self._sample(pending, sampling, result)
+        return result
+
+    # --- prefill ------------------------------------------------------------------------------
+
+    def _prefill(self, chunk: ScheduledSeq, result: StepResult) -> torch.Tensor | None:
+        """One chunk of one sequence. Returns the last position's logits [V] when the chunk completes a
+        generating sequence's prompt (its first token is sampled from them); scoring chunks add the
+        log p of their target tokens to result.scored."""
+        seq, s, n = chunk.seq, chunk.start, chunk.num_tokens
+        e = s + n
+        ids = seq.token_ids
+        tokens = torch.tensor(ids[s:e], dtype=torch.long, device=self.device)[None]  # [1, T]
+        meta = PrefillMeta(start=s, num_tokens=n, block_ids=tuple(seq.block_ids))
+        if seq.score_from is None:
+            done = e == len(ids)
+            logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=-1 if done else None)
+            return logits[0, -1] if logits is not None else None
+        lo, hi = max(s, seq.score_from), min(e, len(ids) - 1)  # positions whose next token is a target
+        if lo >= hi:
+            self.model.prefill(tokens, self.cache, meta=meta, logits_from=None)
+            return None
+        logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=lo - s)  # [1, e - lo, V]
+        logp = torch.log_softmax(logits[0, : hi - lo], dim=-1)  # [hi - lo, V]
+        targets = torch.tensor(ids[lo + 1 : hi + 1], dtype=torch.long, device=self.device)
+        result.scored[seq.seq_id] = logp.gather(-1, targets[:, None])[:, 0].double().tolist()
+        return None
+
+    # --- decode -------------------------------------------------------------------------------
+
+    def _bucket(self, batch: int) -> int:
+        if not self.cuda_graphs:
+            return batch
+        return next((b for b in self.buckets if b >= batch), batch)
+
+    def _decode(self, decodes: Sequence[ScheduledSeq], groups: Sequence[PrefixGroup]) -> torch.Tensor:
+        batch = len(decodes)
+        bucket = self._bucket(batch)
+        use_cascade = bool(groups)
+        key = (bucket, use_cascade)
+        inputs = self._inputs.get(key)
+        if inputs is None:
+            inputs = self._inputs[key] = _DecodeInputs(bucket, self.max_blocks, use_cascade, self.device)
+        self._fill(inputs, decodes, groups)
+        if not self.cuda_graphs:
+            return self.model.decode(inputs.tokens, self.cache, inputs.positions, inputs.meta())[:batch]
+        if inputs.graph is None:
+            self._capture(inputs)
+        assert inputs.graph is not None and inputs.logits is not None
+        inputs.graph.replay()
+        return inputs.logits[:batch]
+
+    def _fill(self, inputs: _DecodeInputs, decodes: Sequence[ScheduledSeq], groups: Sequence[PrefixGroup]) -> None:
+        """Host-side step metadata, copied into the static buffers (padded rows -> scratch block)."""
+        bs, bucket, scratch = self.block_size, inputs.batch, self.cache.scratch_block
+        tokens, positions = [0] * bucket, [0] * bucket
+        slots = [scratch * bs] * bucket
+        table = torch.full((bucket, self.max_blocks), scratch, dtype=torch.int32)
+        row_of: dict[str, int] = {}
+        for row, chunk in enumerate(decodes):
+            seq = chunk.seq
+            pos = chunk.start
+            tokens[row], positions[row] = seq.token_ids[pos], pos
+            slots[row] = seq.block_ids[pos // bs] * bs + pos % bs
+            table[row, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
+            row_of[seq.seq_id] = row
+        pos_t = torch.tensor(positions, dtype=torch.long)
+        inputs.tokens.copy_(torch.tensor(tokens, dtype=torch.long), non_blocking=True)
+        inputs.positions.copy_(pos_t, non_blocking=True)
+        inputs.seq_lens.copy_(pos_t + 1, non_blocking=True)
+        inputs.seq_lens_i32.copy_((pos_t + 1).to(torch.int32), non_blocking=True)
+        inputs.slots.copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+        inputs.block_tables.copy_(table, non_blocking=True)
+        if inputs.cascade is not None:
+            self._fill_cascade(inputs.cascade, groups, row_of, bucket)
+
+    def _fill_cascade(self, cascade: CascadeMeta, groups: Sequence[PrefixGroup], row_of: dict[str, int],
+                      bucket: int) -> None:
+        n_groups = cascade.prefix_lens.shape[0]
+        tables = torch.zeros(n_groups, self.max_blocks, dtype=torch.int32)
+        lens = torch.zeros(n_groups, dtype=torch.int32)
+        row_group = torch.full((bucket,), -1, dtype=torch.int32)
+        group_rows = torch.full((n_groups, bucket), -1, dtype=torch.int32)
+        for g, group in enumerate(groups[:n_groups]):
+            tables[g, : len(group.block_ids)] = torch.tensor(group.block_ids, dtype=torch.int32)
+            lens[g] = group.num_tokens
+            rows = [row_of[sid] for sid in group.seq_ids]
+            row_group[rows] = g
+            group_rows[g, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        cascade.prefix_block_tables.copy_(tables, non_blocking=True)
+        cascade.prefix_lens.copy_(lens, non_blocking=True)
+        cascade.row_group.copy_(row_group, non_blocking=True)
+        cascade.group_rows.copy_(group_rows, non_blocking=True)
+
+    def _capture(self, inputs: _DecodeInputs) -> None:
+        """Capture the step of this bucket with the first real inputs in the buffers. The warm-up runs
+        write the same K/V into the same slots the first replay writes again, so they leave nothing."""
+        start = time.perf_counter()
+        meta = inputs.meta()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.model.decode(inputs.tokens, self.cache, inputs.positions, meta)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            inputs.logits = self.model.decode(inputs.tokens, self.cache, inputs.positions, meta)
+        inputs.graph = graph
+        log.info("captured the decode step for batch %d (cascade %s) in %.2f s", inputs.batch,
+                 inputs.cascade is not None, time.perf_counter() - start)
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    def _sample(self, pending: list[tuple[str, torch.Tensor]], sampling: Mapping[str, SamplingState],
+                result: StepResult) -> None:
+        logits = torch.stack([row for _, row in pending])  # [N, V] float32
+        logp = torch.log_softmax(logits, dim=-1)
+        picks: list[torch.Tensor] = []
+        greedy = logits.argmax(dim=-1)  # [N]
+        for i, (seq_id, _) in enumerate(pending):
+            state = sampling[seq_id]
+            if state.params.is_greedy:
+                picks.append(greedy[i : i + 1])
+            else:
+                gens = [state.generator] if state.generator is not None else None
+                picks.append(select_next(logits[i : i + 1], state.params, gens))
+        tokens = torch.cat(picks)  # [N]
+        chosen = logp.gather(-1, tokens[:, None])[:, 0]
+        for (seq_id, _), tok, lp in zip(pending, tokens.tolist(), chosen.tolist(), strict=True):
+            result.sampled[seq_id] = (tok, lp)
