@@ -1,0 +1,168 @@
+"""Paged decode attention (pipeline/engine/backends/paged.py, paged_triton.py) against float64 dense
+attention over each row's gathered keys, with and without shared-prefix (cascade) groups.
+
+The Triton kernels run here through Triton's interpreter (TRITON_INTERPRET=1, set by conftest where
+there is no GPU) on small shapes; bench/paged_attention.py checks them again on the H200 in bf16.
+Unreferenced pool slots hold NaN: a kernel that reads a key it should not turns the output NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from pipeline.engine.attention import dense_reference
+from pipeline.engine.backends import paged
+from pipeline.engine.config import alibi_slopes
+from pipeline.engine.metadata import CascadeMeta
+
+pytestmark = pytest.mark.usefixtures("engine_single_thread")
+
+
+@dataclass
+class Case:
+    q: torch.Tensor  # [B, H, D]
+    k_pool: torch.Tensor  # [num_blocks, bs, H, D]
+    v_pool: torch.Tensor
+    tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    slopes: torch.Tensor
+    cascade: CascadeMeta | None
+    scale: float
+
+
+def make_case(
+    bs: int, *, h: int = 4, d: int = 16, seed: int = 0, bias_max: int = 8, dtype: torch.dtype = torch.float32,
+    groups: tuple[tuple[int, tuple[int, ...]], ...] = ((2, (0, 2, 3)), (0, ()), (1, (4,))),
+    own: tuple[int, ...] = (5, 3 * 16 + 7, 1, 0, 16 * 9, 2),  # keys past the row's prefix, per row
+    max_blocks: int = 12,
+) -> Case:
+    """`groups`: (prefix blocks, rows) per group slot ((0, ()) = an empty slot). Rows in no group
+    attend their `own` keys alone; grouped rows see prefix + own keys (own 0: the query is the
+    prefix's last key). Block ids are shuffled, so no table is one ascending run."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(own)
+    row_prefix = [0] * b
+    row_group = [-1] * b
+    for gi, (n_blocks, rows) in enumerate(groups):
+        for r in rows:
+            row_prefix[r], row_group[r] = n_blocks, gi
+    own_blocks = [-(-max(own[r], 0 if row_prefix[r] else 1) // bs) for r in range(b)]
+    needed = sum(nb for nb, _ in groups) + sum(own_blocks) + 3
+    perm = torch.randperm(needed, generator=g).tolist()
+    poison = perm.pop()  # padding entries of every table point at a block of NaN
+    prefix_ids = [[perm.pop() for _ in range(nb)] for nb, _ in groups]
+    k_pool, v_pool = (torch.randn(needed, bs, h, d, generator=g) * 2 for _ in range(2))
+    tables = torch.full((b, max_blocks), poison, dtype=torch.int32)
+    seq_lens = []
+    for r in range(b):
+        ids = (prefix_ids[row_group[r]] if row_group[r] >= 0 else []) + [perm.pop() for _ in range(own_blocks[r])]
+        n = max(row_prefix[r] * bs + own[r], 1)
+        tables[r, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        seq_lens.append(n)
+        if n % bs:  # slots past the row's last key in its last block: never read
+            k_pool[ids[-1], n % bs :] = math.nan
+            v_pool[ids[-1], n % bs :] = math.nan
+    for unused in [poison, *perm]:
+        k_pool[unused], v_pool[unused] = math.nan, math.nan
+    n_groups = len(groups)
+    max_group = max(2, max(len(rows) for _, rows in groups))
+    ptab = torch.zeros(n_groups, max_blocks, dtype=torch.int32)
+    plen = torch.zeros(n_groups, dtype=torch.int32)
+    grows = torch.full((n_groups, max_group), -1, dtype=torch.int32)
+    for gi, (nb, rows) in enumerate(groups):
+        ptab[gi, :nb] = torch.tensor(prefix_ids[gi], dtype=torch.int32)
+        plen[gi] = nb * bs if rows else 0
+        grows[gi, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
+    cascade = CascadeMeta(prefix_block_tables=ptab, prefix_lens=plen,
+                          row_group=torch.tensor(row_group, dtype=torch.int32), group_rows=grows)
+    q = torch.randn(b, h, d, generator=g)
+    return Case(q.to(dtype), k_pool.to(dtype), v_pool.to(dtype), tables, torch.tensor(seq_lens, dtype=torch.int32),
+                alibi_slopes(h, bias_max), cascade, 1 / math.sqrt(d))
+
+
+def reference(case: Case) -> torch.Tensor:
+    """Float64 ordinary ALiBi attention of each row over its gathered keys [0, seq_len): [B, H, D]."""
+    bs = case.k_pool.shape[1]
+    rows = []
+    for r, n in enumerate(case.seq_lens.tolist()):
+        ids = case.tables[r, : -(-n // bs)].long()
+        k = case.k_pool[ids].flatten(0, 1)[:n].double()  # [n, H, D]
+        v = case.v_pool[ids].flatten(0, 1)[:n].double()
+        rows.append(dense_reference(case.q[r][None, None].double(), k[None], v[None], case.slopes,
+                                    scale=case.scale)[0, 0])
+    return torch.stack(rows)
+
+
+def run_torch(case: Case, cascade: bool) -> torch.Tensor:
+    return paged.torch_decode(case.q, case.k_pool, case.v_pool, case.tables, case.seq_lens, case.slopes,
+                              scale=case.scale, cascade=case.cascade if cascade else None)
+
+
+@pytest.mark.parametrize("bs", [16, 64, 128])
+@pytest.mark.parametrize("cascade", [False, True])
+def test_torch_paged_decode_matches_float64(bs, cascade, monkeypatch):
+    monkeypatch.setattr(paged, "CHUNK_KEYS", 2 * bs)  # several chunks per row: the online merge runs
+    case = make_case(bs, seed=bs, bias_max=16)
+    out = run_torch(case, cascade)
+    assert out.shape == case.q.shape and out.dtype == case.q.dtype and not out.isnan().any()
+    torch.testing.assert_close(out.double(), reference(case), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_cascade_with_steep_slopes_and_long_prefix():
+    """Slopes up to 1/2 per key over a prefix of 32 blocks: far keys underflow, the near ones decide;
+    biases relative to the prefix end keep those near keys exact in float32."""
+    case = make_case(16, h=8, bias_max=8, seed=3, groups=((32, (0, 1, 2)),), own=(1, 40, 0), max_blocks=40)
+    torch.testing.assert_close(run_torch(case, True).double(), reference(case), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_torch(case, True), run_torch(case, False), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_dispatches_to_the_torch_path_off_cuda():
+    case = make_case(16, seed=7)
+    out = paged.decode(case.q, case.k_pool, case.v_pool, case.tables, case.seq_lens, case.slopes,
+                       scale=case.scale, cascade=case.cascade)
+    assert torch.equal(out, run_torch(case, True))
+
+
+def test_gather_is_a_view_for_consecutive_blocks_and_a_copy_otherwise():
+    pool = torch.randn(10, 4, 2, 3)  # [blocks, bs, H, D]
+    view = paged.gather(pool, [3, 4, 5], 10)
+    assert view.shape == (10, 2, 3) and view.data_ptr() == pool[3].data_ptr()
+    assert torch.equal(view, pool[3:6].flatten(0, 1)[:10])
+    assert paged.gather(pool, torch.tensor([3, 4, 5, 9]), 12).data_ptr() == pool[3].data_ptr()  # extra ids unused
+    copy = paged.gather(pool, [7, 2], 6)
+    assert copy.data_ptr() != pool[7].data_ptr()
+    assert torch.equal(copy, torch.cat([pool[7], pool[2, :2]]))
+    with pytest.raises(ValueError):
+        paged.gather(pool, [1], 5)
+
+
+def test_write_puts_each_token_in_its_slot_only():
+    k_pool, v_pool = torch.zeros(2, 2, 5, 2, 3)  # [blocks, bs, H, D] each
+    k, v = torch.randn(2, 3, 2, 3)  # [N, H, D] each
+    slots = torch.tensor([7, 0, 9])  # block 1 offset 2, block 0 offset 0, block 1 offset 4
+    paged.write(k_pool, v_pool, k, v, slots)
+    assert torch.equal(k_pool[1, 2], k[0]) and torch.equal(k_pool[0, 0], k[1]) and torch.equal(v_pool[1, 4], v[2])
+    assert int((k_pool != 0).flatten(0, 1).any(-1).any(-1).sum()) == 3
+    with pytest.raises(RuntimeError):  # a non-contiguous pool has no flat view to write through
+        paged.write(k_pool.transpose(0, 1), v_pool.transpose(0, 1), k, v, slots)
+
+
+# --- Triton kernels through the interpreter ------------------------------------------------------------
+
+
+@pytest.fixture
+def interpreted_paged(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # before triton's first import: it is read then too
+    pytest.importorskip("triton")
+    from pipeline.engine.backends import paged_triton
+
+    paged_triton._kernels.cache_clear()
+    paged_triton._counters.clear()
+    yield paged_triton
+    paged_triton._kernels.cache_clear()
+    paged_triton._counters.clear()
