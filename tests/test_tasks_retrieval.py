@@ -1,0 +1,69 @@
+"""pipeline.tasks.retrieval: BM25 (stemmed, bm25s) narrowed, embedding-fused ranking with char spans."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.tasks.retrieval import Retriever, document_passages, search_document, terms
+from tests.fixtures_tasks import document_from_pages, normalized
+
+TEXTS = [
+    "The Supplier shall deliver widgets to the Buyer every month.",
+    "This agreement is governed by the laws of the State of Delaware.",
+    "The Buyer shall pay each invoice within thirty (30) days of receipt.",
+    "Either party may terminate this agreement upon ninety days written notice.",
+    "The gulls circled the fishing boats at dawn.",
+]
+
+
+class CountingEmbedder:
+    """The real backend, counting what it is asked to embed."""
+
+    def __init__(self, backend):
+        self.backend, self.texts = backend, []
+
+    def embed(self, texts):
+        self.texts.extend(texts)
+        return self.backend.embed(texts)
+
+
+def test_terms_are_stemmed_without_stop_words():
+    assert terms("Which state's law governs the Agreement?") == terms("state law governing agreement")
+    assert "30" in terms("within 30 days")
+
+
+def test_bm25_alone_ranks_by_shared_terms():
+    hits = Retriever(TEXTS).search("Which law governs?", k=3)
+    assert hits[0].index == 1 and hits[0].bm25 == 1.0 and hits[0].cosine is None
+    assert Retriever(TEXTS).search("zebra", k=3) == []  # nothing shares a term
+
+
+def test_fusion_embeds_only_the_shortlist_and_ranks_by_meaning(extractive_engine):
+    counting = CountingEmbedder(extractive_engine)
+    retriever = Retriever(TEXTS, embedder=counting, shortlist=2)
+    hits = retriever.search("When is payment of an invoice due?", k=2)
+    assert hits[0].index == 2 and hits[0].cosine > 0.3
+    assert len(counting.texts) == 1 + 1  # the one text sharing a term ("invoice"), then the query
+    # a query without any term of the texts: every text is a candidate, cosine decides
+    hits = retriever.search("birds near ships", k=1)
+    assert hits[0].index == 4 and hits[0].bm25 == 0.0
+
+
+def test_rrf_fusion_and_batched_queries(extractive_engine):
+    retriever = Retriever(TEXTS, embedder=extractive_engine, fusion="rrf")
+    law, notice = retriever.search_many(["Which state's law governs?", "How can a party end it early?"], k=2)
+    assert law[0].index == 1 and notice[0].index == 3
+    assert len(law) == 1  # only texts sharing a term are candidates when any does
+
+
+def test_passages_keep_char_spans_and_pages():
+    doc = document_from_pages(TEXTS[:2] + [" ".join(TEXTS[2:])])
+    passages = document_passages(doc)
+    for p in passages:
+        assert normalized(doc.full_text[p.char_start:p.char_end]) == p.text
+        assert doc.pages_for(p.char_start, p.char_end) == (p.page_start, p.page_end)
+    (best, hit), *_ = search_document(doc, "invoice payment days", k=2)
+    assert best.page_start == 3 and "invoice" in best.text and hit.score > 0
+    chunks = document_passages(doc, unit="chunk")
+    assert [c.page_start for c in chunks] == [1, 2, 3]
+    assert np.isclose(sum(len(c.text) > 0 for c in chunks), 3)
