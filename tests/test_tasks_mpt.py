@@ -1,0 +1,344 @@
+"""The MPT task strategies (pipeline/tasks/mpt/) on a tiny random checkpoint with a 512-token context.
+
+Random weights write garbage, so these tests check structure and invariants: result schemas, which
+strategy ran (whole document vs map-reduce / retrieval), citations inside real pages, the shared
+document token prefix across tasks, requests submitted together, calibration math, family rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from pipeline.engine.core.requests import (
+    EngineError,
+    GenerateRequest,
+    GenerateResult,
+    ScoreRequest,
+    ScoreResult,
+)
+from pipeline.engine.init_checkpoint import synthetic_text
+from pipeline.tasks.mpt import classify, qa, summarize
+from pipeline.tasks.mpt.common import session
+from pipeline.tasks.mpt.engine import MptEngine
+from pipeline.tasks.mpt.prompts import FAMILY_SPECS, PromptBuilder, detect_family, resolve_family
+from pipeline.tasks.registry import validate_params, validate_result
+from pipeline.tasks.schemas import NOT_STATED
+from pipeline.types import DocumentText, PipelineError
+from tests.fixtures_tasks import document_from_pages
+
+pytestmark = pytest.mark.usefixtures("engine_single_thread")
+
+CONTEXT = 512
+
+
+class _RecordedFuture(Future):
+    def __init__(self, events: list[tuple[str, str]], request_id: str) -> None:
+        super().__init__()
+        self._events, self._rid = events, request_id
+
+    def result(self, timeout: float | None = None):
+        self._events.append(("result", self._rid))
+        return super().result(timeout)
+
+
+class SyncServing:
+    """A stand-in with the ServingEngine's submit contract over the dense generator, run at submit
+    time; records every request and the order of submits vs. waits."""
+
+    def __init__(self, generator, model_name: str) -> None:
+        self.gen, self.tokenizer, self.model_name = generator, generator.tokenizer, model_name
+        self.max_model_len = generator.model.config.max_seq_len
+        self.requests: list[GenerateRequest | ScoreRequest] = []
+        self.events: list[tuple[str, str]] = []
+
+    def submit(self, request):
+        self.requests.append(request)
+        self.events.append(("submit", request.request_id))
+        future = _RecordedFuture(self.events, request.request_id)
+        try:
+            future.set_result(self._run(request))
+        except EngineError as exc:
+            future.set_exception(exc)
+        return future
+
+    def cancel(self, request_id: str) -> None:
+        self.events.append(("cancel", request_id))
+
+    def _per_token(self, prefix: list[int], tokens: list[int]) -> list[float]:
+        sums = self.gen.score(prefix, [tokens[:k] for k in range(1, len(tokens) + 1)]) if tokens else []
+        return [b - a for a, b in zip([0.0, *sums[:-1]], sums, strict=True)]
+
+    def _run(self, request):
+        if isinstance(request, GenerateRequest):
+            n = len(request.prompt_ids)
+            if n + request.params.max_new_tokens > self.max_model_len:
+                raise EngineError("too_long", f"{n} + {request.params.max_new_tokens} > {self.max_model_len}")
+            (c,) = self.gen.generate_ids([request.prompt_ids], request.params)
+            return GenerateResult(c.text, c.tokens, c.finish_reason, n, 0, self._per_token(request.prompt_ids, c.tokens))
+        if len(request.prefix_ids) + max(len(c) for c in request.continuations) > self.max_model_len:
+            raise EngineError("too_long", "prefix + continuation exceed the context")
+        per = [self._per_token(request.prefix_ids, c) for c in request.continuations]
+        return ScoreResult([sum(t) for t in per], per, 0)
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.engine.init_checkpoint import init_checkpoint
+
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("tiny-mpt-512"), seed=3, max_seq_len=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def generator(small_ckpt: Path):
+    import torch
+
+    from pipeline.engine import DenseGenerator
+
+    return DenseGenerator.load(small_ckpt, device="cpu", dtype=torch.float32, decode_mode="eager")
+
+
+@pytest.fixture
+def engine(generator, small_ckpt: Path) -> MptEngine:
+    return MptEngine(SyncServing(generator, str(small_ckpt)), tokenizer_spec=str(small_ckpt))
+
+
+def _pages(seed: int, n_pages: int, words: int) -> list[str]:
+    text = " ".join(synthetic_text(seed, n_words=n_pages * words)).split()
+    return [" ".join(text[i * words:(i + 1) * words]) for i in range(n_pages)]
+
+
+@pytest.fixture(scope="module")
+def short_doc() -> DocumentText:
+    return document_from_pages(_pages(5, 2, 60), chunk_words=40)
+
+
+@pytest.fixture(scope="module")
+def long_doc() -> DocumentText:
+    return document_from_pages(_pages(6, 8, 220), chunk_words=90)  # ~2,500 tokens: 5x the context
+
+
+def _run(module, task: str, engine, doc, params: dict) -> dict:
+    seen: list[tuple[float, str]] = []
+    result = module.run(engine, doc, validate_params(task, params), lambda f, st: seen.append((f, st)))
+    assert seen and all(0.0 <= f <= 1.0 for f, _ in seen)
+    return validate_result(task, result)
+
+
+def _assert_spans_on_pages(doc: DocumentText, span: dict) -> None:
+    assert 0 <= span["char_start"] < span["char_end"] <= len(doc.full_text)
+    pages = {p.number: p for p in doc.page_spans}
+    first, last = pages[span["page_start"]], pages[span["page_end"]]
+    assert first.char_start <= span["char_start"] and span["char_end"] <= last.char_end
+    assert doc.pages_for(span["char_start"], span["char_end"]) == (span["page_start"], span["page_end"])
+
+
+def test_family_detection_rule(tmp_path: Path) -> None:
+    cases = {
+        "mosaicml/mpt-7b-storywriter": "completion", "mosaicml/mpt-7b": "completion",
+        "mosaicml/mpt-7b-instruct": "instruct", "mosaicml/mpt-30b-instruct": "instruct",
+        "mosaicml/mpt-7b-chat": "chat", "/models/MPT-7B-Chat-8k/": "chat",
+        "/home/chat/models/mpt-7b": "completion",  # only the checkpoint's own name counts
+        "/srv/instructions-archive/mpt-7b-storywriter": "completion",  # "instructions" is not "instruct"
+    }
+    for name, family in cases.items():
+        assert detect_family(name) == family, name
+    local = tmp_path / "weights"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "mosaicml/mpt-7b-instruct"}))
+    assert detect_family(str(local)) == "instruct"
+    assert resolve_family("mosaicml/mpt-7b-chat", "completion").name == "completion"
+    assert resolve_family("mosaicml/mpt-7b-chat", "auto").name == "chat"
+    with pytest.raises(ValueError):
+        resolve_family("x", "alpaca")
+    with pytest.raises(ValueError):
+        MptEngine(object(), tokenizer_spec="x", prompt_family="alpaca")
+
+
+def test_every_family_puts_the_same_document_ids_first(generator, short_doc: DocumentText) -> None:
+    tok = generator.tokenizer
+    for family in FAMILY_SPECS.values():
+        b = PromptBuilder(tok, family, tok.eos_token_id)
+        doc_ids = b.document(short_doc.full_text)
+        prefix = b.prefix(doc_ids)
+        tasks = [summarize.summary_task(50, "bullets", "fees"), qa.qa_task("Who pays?"), qa.qa_task("When?"),
+                 classify.classify_task(["contract", "report"])]
+        for task in tasks:
+            p = b.prompt(doc_ids, task)
+            assert p.ids[:len(prefix)] == prefix and p.prefix_len == len(prefix) < len(p.ids)
+        labels = [b.label_ids(tasks[-1], x) for x in ("contract", "report")]
+        assert labels[0] != labels[1] and all(len(x) >= 2 for x in labels)  # label + end of answer
+
+
+def test_whole_document_tasks_share_the_prefix_and_match_the_schemas(engine, short_doc: DocumentText) -> None:
+    s = session(engine)
+    prefix = s.builder.prefix(s.builder.document(short_doc.full_text))
+    summary = _run(summarize, "summarize", engine, short_doc, {"max_words": 20, "style": "bullets", "focus": "fees"})
+    answers = _run(qa, "qa", engine, short_doc, {"questions": ["Who pays the fees?", "What is the term?",
+                                                                "Which law governs?"]})
+    label = _run(classify, "classify", engine, short_doc, {})
+    assert summary["method"] == answers["method"] == label["method"] == "whole_document"
+    assert summary["engine"] == "mpt" and summary["model"] == engine.serving.model_name
+    assert summary["tokens_in"] == len(prefix) - len(s.builder.head_ids)
+    assert len(summary["summary"].split()) <= 20
+    for c in summary["citations"]:
+        _assert_spans_on_pages(short_doc, c)
+    for a in answers["answers"]:
+        assert 0.0 <= a["confidence"] <= 1.0 and a["answer"]
+        assert (a["answer"] == NOT_STATED) == (not a["evidence"])
+        for e in a["evidence"]:
+            _assert_spans_on_pages(short_doc, e)
+            assert " ".join(short_doc.full_text[e["char_start"]:e["char_end"]].split()) == e["text"]
+    assert math.isclose(sum(label["scores"].values()), 1.0, abs_tol=1e-4)
+    assert label["labels"] == [label["label"]] and label["label"] in label["scores"]
+    requests = engine.serving.requests
+    doc_requests = [r for r in requests if len(getattr(r, "prompt_ids", getattr(r, "prefix_ids", []))) > len(prefix)]
+    assert len(doc_requests) == 1 + 3 + 1  # summary, 3 questions, the document's score request
+    for r in doc_requests:
+        ids = r.prompt_ids if isinstance(r, GenerateRequest) else r.prefix_ids
+        assert ids[:len(prefix)] == prefix
+    # the 3 questions were all submitted before the first was waited for (one batch for the engine)
+    qa_ids = {r.request_id for r in requests[1:4]}
+    events = [e for e in engine.serving.events if e[1] in qa_ids]
+    assert [kind for kind, _ in events[:3]] == ["submit"] * 3
+    # classification: the same labels scored after the document and after 2 content-free prompts
+    scores = [r for r in requests if isinstance(r, ScoreRequest)]
+    assert len(scores) == 3 and all(r.continuations == scores[0].continuations for r in scores)
+    assert _run(classify, "classify", engine, short_doc, {}) == label  # deterministic
+
+
+def test_long_document_runs_map_reduce_retrieval_and_leading_retrieval(engine, long_doc: DocumentText) -> None:
+    s = session(engine)
+    assert len(s.builder.document(long_doc.full_text)) > 3 * CONTEXT
+    summary = _run(summarize, "summarize", engine, long_doc, {"max_words": 20})
+    assert summary["method"] == "map_reduce"
+    map_requests = engine.serving.requests[:]
+    windows = [r for r in map_requests if len(r.prompt_ids) > CONTEXT // 2]
+    assert len(windows) >= 4  # the document's windows, each within the context with its output budget
+    assert all(len(r.prompt_ids) + r.params.max_new_tokens <= CONTEXT for r in map_requests)
+    submits = [k for k, _ in engine.serving.events[:len(windows)]]
+    assert submits == ["submit"] * len(windows)  # window summaries submitted together
+    assert summary["tokens_in"] >= len(s.builder.document(long_doc.full_text)) * 0.95
+    for c in summary["citations"]:
+        _assert_spans_on_pages(long_doc, c)
+
+    answers = _run(qa, "qa", engine, long_doc, {"questions": ["What is the governing law?", "Who is the licensee?"]})
+    assert answers["method"] == "retrieval"
+    for a in answers["answers"]:
+        for e in a["evidence"]:
+            _assert_spans_on_pages(long_doc, e)
+    label = _run(classify, "classify", engine, long_doc, {"labels": ["contract", "invoice", "report"],
+                                                           "multi_label": True})
+    assert label["method"] == "leading_retrieval" and label["label"] == label["labels"][0]
+    for r in engine.serving.requests:
+        ids = r.prompt_ids if isinstance(r, GenerateRequest) else r.prefix_ids
+        assert len(ids) + (r.params.max_new_tokens if isinstance(r, GenerateRequest)
+                           else max(map(len, r.continuations))) <= CONTEXT
+
+
+def test_windows_cover_the_document_in_order_within_budget(engine, long_doc: DocumentText) -> None:
+    s = session(engine)
+    wins = summarize.windows(s, long_doc, 300)
+    assert len(wins) >= 8 and all(0 < len(w.ids) <= 300 for w in wins)
+    assert wins[0].char_start == long_doc.chunks[0].char_start and wins[-1].char_end == long_doc.chunks[-1].char_end
+    assert all(a.char_end <= b.char_start for a, b in zip(wins, wins[1:], strict=False))
+    text = " ".join(s.builder.tokenizer.decode(w.ids) for w in wins)
+    assert " ".join(text.split()) == " ".join(long_doc.full_text.split())
+
+
+def test_an_oversized_question_fails_the_job_with_context_too_long(engine, short_doc: DocumentText) -> None:
+    question = " ".join(random.Random(0).choice(["notwithstanding", "indemnify", "licensor"]) for _ in range(600))
+    with pytest.raises(PipelineError) as err:
+        qa.run(engine, short_doc, {"questions": [question, "Who pays?"]}, lambda f, st: None)
+    assert err.value.code == "context_too_long"
+
+
+def test_calibration_cancels_the_label_prior() -> None:
+    doc = [-1.0, -2.0, -6.0]  # "contract" is likelier after the document...
+    free = [[-0.5, -4.0, -6.0], [-0.7, -4.2, -6.2]]  # ...but the prompt alone makes it likelier still
+    scores = classify.calibrated_scores(doc, free, [1, 1, 3])
+    assert scores == pytest.approx([-0.4, 2.1, 0.1])
+    probs = classify.softmax(scores)
+    assert math.isclose(sum(probs), 1.0) and max(range(3), key=probs.__getitem__) == 1
+    per_token = classify.calibrated_scores(doc, free, [1, 1, 3], normalize="per_token")
+    assert per_token == pytest.approx([-0.4, 2.1, 0.1 / 3])
+    assert classify.choose(["a", "b", "c"], probs, False) == ("b", ["b"])
+    assert classify.choose(["a", "b", "c"], [0.41, 0.41, 0.18], True) == ("a", ["a", "b"])  # a tie keeps label order
+    assert classify.choose(["a", "b", "c"], [0.5, 0.26, 0.24], True) == ("a", ["a", "b"])
+    with pytest.raises(ValueError):
+        classify.calibrated_scores(doc, free, [1, 1, 1], normalize="mean")
+
+
+def test_answers_not_stated_and_confidence() -> None:
+    for said in ("", "Not stated in the document.", "N/A", "The document does not say.", "unknown"):
+        assert qa.says_not_stated(said), said
+    for said in ("Delaware law governs.", "None of the fees are refundable after 30 days"[5:], "Notice in writing"):
+        assert not qa.says_not_stated(said), said
+    from pipeline.tasks.mpt.retrieve import Passage
+
+    evidence = [Passage("This Agreement is governed by the laws of Delaware.", 0, 10, 1.0)]
+    assert qa.supported("Delaware", evidence) and qa.supported("Yes.", evidence)
+    assert not qa.supported("California", evidence) and not qa.supported("Ohio", [])
+    result = GenerateResult("x", [1, 2], "stop", 5, 0, [math.log(0.5), math.log(0.8)])
+    assert qa.confidence(result) == pytest.approx(math.sqrt(0.4))
+
+
+def test_trim_keeps_whole_sentences_or_bullets() -> None:
+    text = "One two three four. Five six seven eight. Nine ten eleven twelve."
+    assert summarize.trim(text, 9, "paragraph") == "One two three four. Five six seven eight."
+    assert summarize.trim(text, 100, "paragraph") == text
+    assert summarize.trim("- a b c\n- d e f\n- g h i", 9, "bullets") == "- a b c\n- d e f"  # "-" is a word
+    assert summarize.trim("one two three four five six seven eight nine ten", 4, "paragraph") == "one two three four"
+
+
+class ScriptedServing(SyncServing):
+    """Generation answers with given text (as a model that read the document would): exercises the
+    answer post-processing, evidence and citations that random weights never reach."""
+
+    def __init__(self, generator, model_name: str, answers: list[str]) -> None:
+        super().__init__(generator, model_name)
+        self.answers = list(answers)
+
+    def _run(self, request):
+        if isinstance(request, ScoreRequest):
+            return super()._run(request)
+        text = self.answers.pop(0)
+        ids = self.tokenizer.encode(text)
+        return GenerateResult(text, ids, "stop", len(request.prompt_ids), 0, [math.log(0.9)] * len(ids))
+
+
+def _sentence_on_page(doc: DocumentText, page: int) -> str:
+    span = doc.page_spans[page - 1]
+    words = doc.full_text[span.char_start:span.char_end].split()
+    return " ".join(words[20:34]) + "."
+
+
+@pytest.mark.parametrize("family", ["completion", "chat"])
+def test_answers_and_summary_sentences_cite_the_page_they_come_from(generator, small_ckpt, long_doc, family) -> None:
+    on_page_3, on_page_6 = _sentence_on_page(long_doc, 3), _sentence_on_page(long_doc, 6)
+    im_end = "<|im_end|>" if family == "chat" else ""
+    serving = ScriptedServing(generator, str(small_ckpt), [
+        on_page_3 + im_end, "Not stated in the document.", "Zanzibar Quixotic Xylophones.",
+        *["part summary."] * 40])
+    engine = MptEngine(serving, tokenizer_spec=str(small_ckpt), prompt_family=family)
+    result = _run(qa, "qa", engine, long_doc, {"questions": [f"Is it so that {on_page_3[:-1]}?", "Who signed?",
+                                                              "Where is the venue?"]})
+    first, second, third = result["answers"]
+    assert first["answer"] == on_page_3 and first["confidence"] == pytest.approx(0.9)
+    assert first["evidence"] and first["evidence"][0]["page_start"] == 3
+    for e in first["evidence"]:
+        _assert_spans_on_pages(long_doc, e)
+    assert second["answer"] == NOT_STATED and second["evidence"] == [] and second["confidence"] == pytest.approx(0.9)
+    # words found nowhere in what the model read: said plainly, with the complement as confidence
+    assert third["answer"] == NOT_STATED and third["confidence"] == pytest.approx(0.1)
+
+    s = session(engine)
+    cites = summarize.citations(s, long_doc, f"{on_page_6} {on_page_3}")
+    assert [(c["sentence"], c["page_start"]) for c in cites] == [(0, 6), (1, 3)]
+    for c in cites:
+        _assert_spans_on_pages(long_doc, c)
