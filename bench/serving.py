@@ -41,6 +41,13 @@ log = logging.getLogger("bench.serving")
 WEIGHT_BYTES = 13.3e9
 
 
+class ServingBench(Bench):
+    def save(self) -> None:
+        self.res["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
+        with open(os.path.join(self.out_dir, "serving.json"), "w") as fh:
+            json.dump(self.res, fh, indent=1, default=str)
+
+
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, greedy=True, stop_at_eos=False)
 
@@ -53,7 +60,7 @@ class Corpus:
         text = "\n\n".join(p.read_text(errors="ignore") for p in sorted(Path(".").glob("**/*.md"))[:60])
         text += "\n\n".join(p.read_text(errors="ignore") for p in sorted(Path("pipeline").glob("**/*.py")))
         self.ids = [i % vocab for i in tokenizer.encode(text)]
-        self.tokenizer = tokenizer
+        self.tokenizer, self.vocab = tokenizer, vocab
         self.rng = random.Random(0)
 
     def doc(self, n: int) -> list[int]:
@@ -65,12 +72,15 @@ class Corpus:
         return out
 
     def task(self, i: int) -> list[int]:
-        return self.tokenizer.encode(f"\n\n### Task {i}: answer question {i} about the document above.\n")
+        text = f"\n\n### Task {i}: answer question {i} about the document above.\n"
+        return [t % self.vocab for t in self.tokenizer.encode(text)]
 
 
-def engine(b: Bench, model, tokenizer, **kw: Any) -> ServingEngine:
-    cfg = EngineConfig(**kw) if b.device.type == "cuda" else EngineConfig(kv_cache_bytes=1 << 28, **kw)
-    return ServingEngine(model, tokenizer, cfg, start_thread=False)
+def engine(b: Bench, model, tokenizer) -> ServingEngine:
+    """One engine for every stage: its pool is capped so the dense baseline's own cache (up to 60K
+    tokens, 30 GiB) fits beside it on the card."""
+    cap = (72 << 30) if b.device.type == "cuda" else (1 << 28)
+    return ServingEngine(model, tokenizer, EngineConfig(kv_cache_bytes=cap), start_thread=False)
 
 
 def run(eng: ServingEngine, requests: list[GenerateRequest]) -> tuple[list[Any], float]:
@@ -80,11 +90,10 @@ def run(eng: ServingEngine, requests: list[GenerateRequest]) -> tuple[list[Any],
     return [f.result() for f in futs], time.perf_counter() - b0
 
 
-def check(b: Bench, model, tok, corpus: Corpus, dense: DenseGenerator) -> dict:
+def check(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator) -> dict:
     n = 256 if b.smoke else 8192
     doc = corpus.doc(n)
     prompts = [doc + corpus.task(i) for i in range(4)]
-    eng = engine(b, model, tok)
     results, _ = run(eng, [GenerateRequest(prompt_ids=p, params=greedy(16)) for p in prompts])
     alone = [dense.generate_ids([p], greedy(16))[0].tokens for p in prompts]
     agree = [sum(x == y for x, y in zip(r.tokens, a, strict=True)) / 16 for r, a in zip(results, alone, strict=True)]
@@ -94,13 +103,12 @@ def check(b: Bench, model, tok, corpus: Corpus, dense: DenseGenerator) -> dict:
             "cached_tokens": [r.cached_tokens for r in results]}
 
 
-def document(b: Bench, model, tok, corpus: Corpus, dense: DenseGenerator) -> dict:
+def document(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator) -> dict:
+    model = eng.model
     n = 512 if b.smoke else 32768
     doc = corpus.doc(n)
     lengths = [256, 64, 64, 64, 64, 64]
-    eng = engine(b, model, tok)
     run(eng, [GenerateRequest(prompt_ids=corpus.doc(300), params=greedy(4))])  # warm-up: graphs, kernels
-    eng.scheduler.reset_prefix_cache() if hasattr(eng.scheduler, "reset_prefix_cache") else None
     peak = 0
 
     def watch(_: int) -> None:
@@ -128,6 +136,8 @@ def _decode_step_ms(b: Bench, eng: ServingEngine, reqs: list[GenerateRequest], s
     futs = [eng.submit(r) for r in reqs]
     eng._drain_inbox()
     while eng.scheduler.stats()["running"] < len(reqs) or eng.scheduler.stats()["waiting"] or _prefilling(eng):
+        if any(f.done() for f in futs):  # too_long or an error: say so instead of spinning
+            raise RuntimeError(f"a request ended before decoding: {[f.exception() for f in futs if f.done()]}")
         eng.step()
     for _ in range(3):
         eng.step()  # captures
@@ -145,15 +155,13 @@ def _decode_step_ms(b: Bench, eng: ServingEngine, reqs: list[GenerateRequest], s
 
 
 def _prefilling(eng: ServingEngine) -> bool:
-    seqs = [s for s in eng.scheduler.running_seqs()] if hasattr(eng.scheduler, "running_seqs") else []
-    return any(s.num_computed < len(s.token_ids) - 1 for s in seqs)
+    return any(s.num_computed < len(s.token_ids) - 1 for s in eng.scheduler._running)
 
 
-def group(b: Bench, model, tok, corpus: Corpus) -> dict:
+def group(b: Bench, eng: ServingEngine, corpus: Corpus) -> dict:
     n = 512 if b.smoke else 32768
     steps = 4 if b.smoke else 40
     doc = corpus.doc(n)
-    eng = engine(b, model, tok)
     one = _decode_step_ms(b, eng, [GenerateRequest(prompt_ids=doc + corpus.task(0), params=greedy(10_000 if not b.smoke else 200))], steps)
     eight = _decode_step_ms(b, eng, [GenerateRequest(prompt_ids=doc + corpus.task(i), params=greedy(200 if b.smoke else 10_000))
                                      for i in range(8)], steps)
@@ -161,10 +169,10 @@ def group(b: Bench, model, tok, corpus: Corpus) -> dict:
             "ratio": round(eight / one, 3), "goal_ratio": 1.2}
 
 
-def batch32(b: Bench, model, tok, corpus: Corpus) -> dict:
+def batch32(b: Bench, eng: ServingEngine, corpus: Corpus) -> dict:
+    model = eng.model
     n, rows = (128, 4) if b.smoke else (4096, 32)
     steps = 4 if b.smoke else 30
-    eng = engine(b, model, tok)
     ms = _decode_step_ms(b, eng, [GenerateRequest(prompt_ids=corpus.doc(n), params=greedy(1000))
                                   for _ in range(rows)], steps)
     kv = rows * (n + steps + 8) * bytes_per_token(model.config, model.dtype)
@@ -174,16 +182,17 @@ def batch32(b: Bench, model, tok, corpus: Corpus) -> dict:
             "fraction_of_floor": round(floor_ms / ms, 3), "goal_fraction": 0.8}
 
 
-def stream(b: Bench, model, tok, corpus: Corpus, dense: DenseGenerator, n_docs: int) -> dict:
+def stream(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator, n_docs: int) -> dict:
     rng = random.Random(1)
     docs = []
-    for d in range(n_docs):
+    for _ in range(n_docs):
         n = rng.randrange(200, 600) if b.smoke else rng.randrange(2048, 60_000)
         tasks = rng.randrange(3, 6)
         docs.append((rng.expovariate(1.0) * (0.05 if b.smoke else 1.5), corpus.doc(n),
                      [(corpus.task(t), rng.choice([64, 128, 256])) for t in range(tasks)]))
     arrivals = [sum(a for a, _, _ in docs[: i + 1]) for i in range(len(docs))]
-    eng = ServingEngine(model, tok, EngineConfig() if b.device.type == "cuda" else EngineConfig(kv_cache_bytes=1 << 28))
+    busy0 = eng.busy_s
+    eng.start()  # the last stage: the engine thread serves the stream as a worker's would
     ttft: list[float] = []
     t0 = time.perf_counter()
     futs = []
@@ -213,23 +222,22 @@ def stream(b: Bench, model, tok, corpus: Corpus, dense: DenseGenerator, n_docs: 
     ttft.sort()
     return {"documents": n_docs, "tasks": sum(len(t) for _, _, t in docs),
             "doc_tokens": [len(d) for _, d, _ in docs], "ours_wall_s": round(wall, 2),
-            "ours_docs_per_hour": round(n_docs / wall * 3600, 1), "busy_fraction": round(stats["busy_ms"] / 1000 / wall, 3),
+            "ours_docs_per_hour": round(n_docs / wall * 3600, 1), "busy_fraction": round((eng.busy_s - busy0) / wall, 3),
             "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(ttft[int(0.95 * (len(ttft) - 1))], 3),
             "baseline_wall_s": round(base, 2), "baseline_docs_per_hour": round(n_docs / base * 3600, 1),
             "speedup": round(base / wall, 2), "prefix_hit_tokens": stats["prefix_hit_tokens"],
             "preemptions": stats["preemptions"]}
 
 
-def regress(b: Bench, model, tok, corpus: Corpus) -> dict:
+def regress(b: Bench, eng: ServingEngine, corpus: Corpus) -> dict:
     n = 1024 if b.smoke else 65536
-    eng = engine(b, model, tok)
     run(eng, [GenerateRequest(prompt_ids=corpus.doc(n // 4), params=greedy(1))])  # warm-up
     prefill = []
     for _ in range(2):
         _, s = run(eng, [GenerateRequest(prompt_ids=corpus.doc(n - 8), params=greedy(1))])
         prefill.append(s)
     ctx = 256 if b.smoke else 4096
-    ms = _decode_step_ms(b, eng, [GenerateRequest(prompt_ids=corpus.doc(ctx), params=greedy(5000))],
+    ms = _decode_step_ms(b, eng, [GenerateRequest(prompt_ids=corpus.doc(ctx), params=greedy(1000))],
                          8 if b.smoke else 100)
     return {"prefill_tokens": n, "prefill_s": round(min(prefill), 3), "goal_prefill_s": 2.6,
             "decode_b1_context": ctx, "decode_b1_ms": round(ms, 3), "goal_decode_ms": 4.5}
@@ -244,19 +252,20 @@ def main() -> None:
     parser.add_argument("--stream-docs", type=int, default=8)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    b = Bench(args.out, smoke=args.cpu_smoke)
+    b = ServingBench(args.out, smoke=args.cpu_smoke)
     skip = set(filter(None, args.skip.split(",")))
     model = b.build_model(2048 if b.smoke else 65536)
     tok = Tokenizer.from_dir(Path(args.tokenizer))
     corpus = Corpus(tok, model.config.vocab_size)
     dense = DenseGenerator(model, tok, chunk_size=16384)
+    eng = engine(b, model, tok)
     stages = {
-        "check": lambda: check(b, model, tok, corpus, dense),
-        "regress": lambda: regress(b, model, tok, corpus),
-        "document": lambda: document(b, model, tok, corpus, dense),
-        "group": lambda: group(b, model, tok, corpus),
-        "batch32": lambda: batch32(b, model, tok, corpus),
-        "stream": lambda: stream(b, model, tok, corpus, dense, args.stream_docs),
+        "check": lambda: check(b, eng, corpus, dense),
+        "regress": lambda: regress(b, eng, corpus),
+        "document": lambda: document(b, eng, corpus, dense),
+        "group": lambda: group(b, eng, corpus),
+        "batch32": lambda: batch32(b, eng, corpus),
+        "stream": lambda: stream(b, eng, corpus, dense, args.stream_docs),
     }
     for name, fn in stages.items():
         if name not in skip:

@@ -123,6 +123,21 @@ def test_scores_equal_the_dense_reference_and_share_the_prefix(tiny_model):
     assert got.cached_tokens > 0  # the continuations after the first found the prefix's blocks
 
 
+def test_scores_survive_preemption_in_a_tiny_pool(tiny_model):
+    model, tokenizer = tiny_model
+    rng = random.Random(8)
+    engine = make_engine(model, tokenizer, blocks=7, budget=64, chunk=16)
+    cases = []
+    for _ in range(6):
+        prefix = random_ids(rng, rng.randrange(50, 90), model.config.vocab_size)
+        conts = [random_ids(rng, rng.randrange(1, 8), model.config.vocab_size) for _ in range(3)]
+        cases.append((prefix, conts, engine.submit(ScoreRequest(prefix_ids=prefix, continuations=conts))))
+    engine.run_until_idle()
+    assert engine.stats()["preemptions"] > 0
+    for prefix, conts, fut in cases:
+        assert fut.result().logprobs == pytest.approx(score(model, prefix, conts), abs=1e-4)
+
+
 def test_cancel_too_long_and_bad_requests_end_with_codes(tiny_model, tiny_generator):
     model, tokenizer = tiny_model
     rng = random.Random(9)

@@ -97,6 +97,11 @@ class ServingEngine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         if start_thread:
+            self.start()
+
+    def start(self) -> None:
+        """Run the engine loop on its own thread (what a service does; tests may step by hand instead)."""
+        if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="longdoc-engine", daemon=True)
             self._thread.start()
 
@@ -182,6 +187,10 @@ class ServingEngine:
         out = self.scheduler.schedule()
         for seq in out.finished:
             self._seq_failed(seq)
+        for seq_id in out.preempted:  # recomputed from scratch: its scored positions come again
+            tracked = self._tracked.get(self._owner.get(seq_id, ""))
+            if tracked is not None:
+                tracked.scores.pop(seq_id, None)
         if not out.decodes and not out.prefills:
             return
         result = self.runner.execute(out, self._sampling)
