@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     gen.add_argument("--max-seq-len", type=int, default=None, help="raise the checkpoint's max_seq_len")
     gen.add_argument("--decode-mode", choices=("eager", "graph", "compile"), default=None,
-                     help="decode step: eager, one CUDA graph (CUDA only), or torch.compile "
-                          "(default: graph on CUDA, eager on CPU)")
+                     help="run the dense single-batch path with this decode step (eager, one CUDA graph, "
+                          "torch.compile); default: the serving engine")
     gen.set_defaults(func=_generate)
 
 
@@ -50,7 +50,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from longdoc.settings import get_settings
-    from pipeline.engine import Generator, SamplingParams, load
+    from pipeline.engine import DenseGenerator, Generator, SamplingParams, load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
@@ -65,7 +65,9 @@ def _generate(args: argparse.Namespace) -> int:
         )
         model, tokenizer = load(args.model or get_settings().model, device=device, dtype=dtype,
                                 max_seq_len=args.max_seq_len)
-        generator = Generator(model, tokenizer, decode_mode=args.decode_mode)
+        # the serving engine by default; an explicit --decode-mode runs the dense single-batch path
+        generator = (Generator(model, tokenizer) if args.decode_mode is None
+                     else DenseGenerator(model, tokenizer, decode_mode=args.decode_mode))
         (completion,) = generator.generate([args.prompt], params)
     except (ValueError, FileNotFoundError) as exc:  # CheckpointError / UnsupportedConfig are ValueErrors
         print(f"error: {exc}", file=sys.stderr)

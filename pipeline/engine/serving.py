@@ -39,10 +39,13 @@ from pipeline.engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+CPU_POOL_CAP = 4 * GIB
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 256
-    kv_cache_bytes: int | None = None  # cap on the KV pool (required off CUDA; default there: 4 sequences)
+    kv_cache_bytes: int | None = None  # cap on the KV pool (off CUDA default: 4 sequences, <= CPU_POOL_CAP)
     reserve_bytes: int = 8 * GIB  # CUDA memory kept out of the pool (prefill activations, graphs)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 16384
@@ -74,8 +77,8 @@ class ServingEngine:
         self.model_name = model_name
         self.max_model_len = model.config.max_seq_len
         kv_bytes = cfg.kv_cache_bytes
-        if kv_bytes is None and model.device.type != "cuda":
-            kv_bytes = 4 * self.max_model_len * _bytes_per_token(model)
+        if kv_bytes is None and model.device.type != "cuda":  # room for 4 full sequences, at most 4 GiB
+            kv_bytes = min(4 * self.max_model_len * _bytes_per_token(model), CPU_POOL_CAP)
         size = plan_pool(model.config, model.dtype, model.device, block_size=cfg.block_size, max_bytes=kv_bytes,
                          reserve_bytes=cfg.reserve_bytes, min_tokens=min(self.max_model_len, cfg.block_size))
         self.cache = PagedKVCache(model.config, size, device=model.device, dtype=model.dtype)
