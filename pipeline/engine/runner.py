@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline.engine.core.requests import SamplingParams
@@ -150,7 +151,7 @@ class ModelRunner:
             inputs = self._inputs[key] = _DecodeInputs(bucket, self.max_blocks, use_cascade, self.device)
         self._fill(inputs, decodes, groups)
         if not self.cuda_graphs:
-            return self.model.decode(inputs.tokens, self.cache, inputs.positions, inputs.meta())[:batch]
+            return self._body(inputs, inputs.meta())[:batch]
         if inputs.graph is None:
             self._capture(inputs)
         assert inputs.graph is not None and inputs.logits is not None
@@ -158,46 +159,50 @@ class ModelRunner:
         return inputs.logits[:batch]
 
     def _fill(self, inputs: _DecodeInputs, decodes: Sequence[ScheduledSeq], groups: Sequence[PrefixGroup]) -> None:
-        """Host-side step metadata, copied into the static buffers (padded rows -> scratch block)."""
-        bs, bucket, scratch = self.block_size, inputs.batch, self.cache.scratch_block
-        tokens, positions = [0] * bucket, [0] * bucket
-        slots = [scratch * bs] * bucket
-        table = torch.full((bucket, self.max_blocks), scratch, dtype=torch.int32)
+        """Host-side step inputs (tokens, positions, block tables; padded rows -> scratch block), copied
+        into the static buffers. Lengths and slots are derived on the device (`_body`)."""
+        bucket, scratch = inputs.batch, self.cache.scratch_block
+        tokens = np.zeros(bucket, dtype=np.int64)
+        positions = np.zeros(bucket, dtype=np.int64)
+        table = np.full((bucket, self.max_blocks), scratch, dtype=np.int32)
         row_of: dict[str, int] = {}
         for row, chunk in enumerate(decodes):
             seq = chunk.seq
-            pos = chunk.start
-            tokens[row], positions[row] = seq.token_ids[pos], pos
-            slots[row] = seq.block_ids[pos // bs] * bs + pos % bs
-            table[row, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
+            tokens[row], positions[row] = seq.token_ids[chunk.start], chunk.start
+            table[row, : len(seq.block_ids)] = seq.block_ids
             row_of[seq.seq_id] = row
-        pos_t = torch.tensor(positions, dtype=torch.long)
-        inputs.tokens.copy_(torch.tensor(tokens, dtype=torch.long), non_blocking=True)
-        inputs.positions.copy_(pos_t, non_blocking=True)
-        inputs.seq_lens.copy_(pos_t + 1, non_blocking=True)
-        inputs.seq_lens_i32.copy_((pos_t + 1).to(torch.int32), non_blocking=True)
-        inputs.slots.copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
-        inputs.block_tables.copy_(table, non_blocking=True)
+        inputs.tokens.copy_(torch.from_numpy(tokens), non_blocking=True)
+        inputs.positions.copy_(torch.from_numpy(positions), non_blocking=True)
+        inputs.block_tables.copy_(torch.from_numpy(table), non_blocking=True)
         if inputs.cascade is not None:
             self._fill_cascade(inputs.cascade, groups, row_of, bucket)
+
+    def _body(self, inputs: _DecodeInputs, meta: DecodeMeta) -> torch.Tensor:
+        """The captured step: lengths and each new token's slot from positions and block tables, then
+        the model's decode step."""
+        bs = self.block_size
+        inputs.seq_lens.copy_(inputs.positions + 1)
+        inputs.seq_lens_i32.copy_(inputs.seq_lens)
+        blocks = inputs.block_tables.gather(1, (inputs.positions // bs)[:, None])[:, 0]  # [B]
+        inputs.slots.copy_(blocks.long() * bs + inputs.positions % bs)
+        return self.model.decode(inputs.tokens, self.cache, inputs.positions, meta)
 
     def _fill_cascade(self, cascade: CascadeMeta, groups: Sequence[PrefixGroup], row_of: dict[str, int],
                       bucket: int) -> None:
         n_groups = cascade.prefix_lens.shape[0]
-        tables = torch.zeros(n_groups, self.max_blocks, dtype=torch.int32)
-        lens = torch.zeros(n_groups, dtype=torch.int32)
-        row_group = torch.full((bucket,), -1, dtype=torch.int32)
-        group_rows = torch.full((n_groups, bucket), -1, dtype=torch.int32)
+        tables = np.zeros((n_groups, self.max_blocks), dtype=np.int32)
+        lens = np.zeros(n_groups, dtype=np.int32)
+        row_group = np.full(bucket, -1, dtype=np.int32)
+        group_rows = np.full((n_groups, bucket), -1, dtype=np.int32)
         for g, group in enumerate(groups[:n_groups]):
-            tables[g, : len(group.block_ids)] = torch.tensor(group.block_ids, dtype=torch.int32)
+            tables[g, : len(group.block_ids)] = group.block_ids
             lens[g] = group.num_tokens
             rows = [row_of[sid] for sid in group.seq_ids]
             row_group[rows] = g
-            group_rows[g, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
-        cascade.prefix_block_tables.copy_(tables, non_blocking=True)
-        cascade.prefix_lens.copy_(lens, non_blocking=True)
-        cascade.row_group.copy_(row_group, non_blocking=True)
-        cascade.group_rows.copy_(group_rows, non_blocking=True)
+            group_rows[g, : len(rows)] = rows
+        for dst, src in ((cascade.prefix_block_tables, tables), (cascade.prefix_lens, lens),
+                         (cascade.row_group, row_group), (cascade.group_rows, group_rows)):
+            dst.copy_(torch.from_numpy(src), non_blocking=True)
 
     def _capture(self, inputs: _DecodeInputs) -> None:
         """Capture the step of this bucket with the first real inputs in the buffers. The warm-up runs
@@ -208,11 +213,11 @@ class ModelRunner:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                self.model.decode(inputs.tokens, self.cache, inputs.positions, meta)
+                self._body(inputs, meta)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            inputs.logits = self.model.decode(inputs.tokens, self.cache, inputs.positions, meta)
+            inputs.logits = self._body(inputs, meta)
         inputs.graph = graph
         log.info("captured the decode step for batch %d (cascade %s) in %.2f s", inputs.batch,
                  inputs.cascade is not None, time.perf_counter() - start)
