@@ -1,4 +1,5 @@
-"""The MPT task strategies (pipeline/tasks/mpt/) on a tiny random checkpoint with a 512-token context.
+"""The MPT task strategies (pipeline/tasks/mpt/) on the real ServingEngine (CPU, float32) over a tiny
+random checkpoint with a 512-token context.
 
 Random weights write garbage, so these tests check structure and invariants: result schemas, which
 strategy ran (whole document vs map-reduce / retrieval), citations inside real pages, the shared
@@ -10,24 +11,24 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 from pipeline.engine.core.requests import (
-    EngineError,
     GenerateRequest,
     GenerateResult,
     ScoreRequest,
-    ScoreResult,
 )
 from pipeline.engine.init_checkpoint import synthetic_text
+from pipeline.engine.serving import EngineConfig, ServingEngine
+from pipeline.tasks import load_engine, run_task
 from pipeline.tasks.mpt import classify, qa, summarize
 from pipeline.tasks.mpt.common import session
 from pipeline.tasks.mpt.engine import MptEngine
 from pipeline.tasks.mpt.prompts import FAMILY_SPECS, PromptBuilder, detect_family, resolve_family
-from pipeline.tasks.registry import validate_params, validate_result
 from pipeline.tasks.schemas import NOT_STATED
 from pipeline.types import DocumentText, PipelineError
 from tests.fixtures_tasks import document_from_pages
@@ -35,9 +36,12 @@ from tests.fixtures_tasks import document_from_pages
 pytestmark = pytest.mark.usefixtures("engine_single_thread")
 
 CONTEXT = 512
+BLOCK = 16  # small KV blocks: a short test document still fills several, so prefix caching shows
 
 
 class _RecordedFuture(Future):
+    """The engine's future as the task sees it, noting when the task first waits for it."""
+
     def __init__(self, events: list[tuple[str, str]], request_id: str) -> None:
         super().__init__()
         self._events, self._rid = events, request_id
@@ -47,44 +51,33 @@ class _RecordedFuture(Future):
         return super().result(timeout)
 
 
-class SyncServing:
-    """A stand-in with the ServingEngine's submit contract over the dense generator, run at submit
-    time; records every request and the order of submits vs. waits."""
+class Recording:
+    """The real ServingEngine behind a recorder of every request and of submits vs. waits."""
 
-    def __init__(self, generator, model_name: str) -> None:
-        self.gen, self.tokenizer, self.model_name = generator, generator.tokenizer, model_name
-        self.max_model_len = generator.model.config.max_seq_len
+    def __init__(self, serving) -> None:
+        self.inner = serving
+        self.tokenizer, self.max_model_len, self.model_name = serving.tokenizer, serving.max_model_len, serving.model_name
         self.requests: list[GenerateRequest | ScoreRequest] = []
         self.events: list[tuple[str, str]] = []
 
-    def submit(self, request):
+    def submit(self, request) -> Future:
         self.requests.append(request)
         self.events.append(("submit", request.request_id))
-        future = _RecordedFuture(self.events, request.request_id)
-        try:
-            future.set_result(self._run(request))
-        except EngineError as exc:
-            future.set_exception(exc)
-        return future
+        proxy = _RecordedFuture(self.events, request.request_id)
+
+        def relay(done: Future) -> None:
+            error = done.exception()
+            proxy.set_exception(error) if error is not None else proxy.set_result(done.result())
+
+        self._submit(request).add_done_callback(relay)
+        return proxy
+
+    def _submit(self, request) -> Future:
+        return self.inner.submit(request)
 
     def cancel(self, request_id: str) -> None:
         self.events.append(("cancel", request_id))
-
-    def _per_token(self, prefix: list[int], tokens: list[int]) -> list[float]:
-        sums = self.gen.score(prefix, [tokens[:k] for k in range(1, len(tokens) + 1)]) if tokens else []
-        return [b - a for a, b in zip([0.0, *sums[:-1]], sums, strict=True)]
-
-    def _run(self, request):
-        if isinstance(request, GenerateRequest):
-            n = len(request.prompt_ids)
-            if n + request.params.max_new_tokens > self.max_model_len:
-                raise EngineError("too_long", f"{n} + {request.params.max_new_tokens} > {self.max_model_len}")
-            (c,) = self.gen.generate_ids([request.prompt_ids], request.params)
-            return GenerateResult(c.text, c.tokens, c.finish_reason, n, 0, self._per_token(request.prompt_ids, c.tokens))
-        if len(request.prefix_ids) + max(len(c) for c in request.continuations) > self.max_model_len:
-            raise EngineError("too_long", "prefix + continuation exceed the context")
-        per = [self._per_token(request.prefix_ids, c) for c in request.continuations]
-        return ScoreResult([sum(t) for t in per], per, 0)
+        self.inner.cancel(request_id)
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +88,15 @@ def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generator(small_ckpt: Path):
-    import torch
-
-    from pipeline.engine import DenseGenerator
-
-    return DenseGenerator.load(small_ckpt, device="cpu", dtype=torch.float32, decode_mode="eager")
+def serving(small_ckpt: Path) -> Iterator[ServingEngine]:
+    engine = ServingEngine.load(small_ckpt, device="cpu", config=EngineConfig(block_size=BLOCK))
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture
-def engine(generator, small_ckpt: Path) -> MptEngine:
-    return MptEngine(SyncServing(generator, str(small_ckpt)), tokenizer_spec=str(small_ckpt))
+def engine(serving: ServingEngine, small_ckpt: Path) -> MptEngine:
+    return MptEngine(Recording(serving), model=str(small_ckpt))
 
 
 def _pages(seed: int, n_pages: int, words: int) -> list[str]:
@@ -124,10 +115,12 @@ def long_doc() -> DocumentText:
 
 
 def _run(module, task: str, engine, doc, params: dict) -> dict:
+    """Through the registry, as a worker runs it (params validated, result checked against its model)."""
     seen: list[tuple[float, str]] = []
-    result = module.run(engine, doc, validate_params(task, params), lambda f, st: seen.append((f, st)))
-    assert seen and all(0.0 <= f <= 1.0 for f, _ in seen)
-    return validate_result(task, result)
+    result = run_task(engine, task, params, doc, lambda f, st: seen.append((f, st)))
+    assert seen and all(0.0 <= f <= 1.0 for f, _ in seen) and seen[-1] == (1.0, "done")
+    assert module.__name__ == f"pipeline.tasks.mpt.{task}"
+    return result
 
 
 def _assert_spans_on_pages(doc: DocumentText, span: dict) -> None:
@@ -145,6 +138,7 @@ def test_family_detection_rule(tmp_path: Path) -> None:
         "mosaicml/mpt-7b-chat": "chat", "/models/MPT-7B-Chat-8k/": "chat",
         "/home/chat/models/mpt-7b": "completion",  # only the checkpoint's own name counts
         "/srv/instructions-archive/mpt-7b-storywriter": "completion",  # "instructions" is not "instruct"
+        "/root/.cache/huggingface/hub/models--mosaicml--mpt-7b-instruct/snapshots/ab12cd": "instruct",
     }
     for name, family in cases.items():
         assert detect_family(name) == family, name
@@ -157,11 +151,11 @@ def test_family_detection_rule(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         resolve_family("x", "alpaca")
     with pytest.raises(ValueError):
-        MptEngine(object(), tokenizer_spec="x", prompt_family="alpaca")
+        MptEngine(object(), model="x", prompt_family="alpaca")
 
 
-def test_every_family_puts_the_same_document_ids_first(generator, short_doc: DocumentText) -> None:
-    tok = generator.tokenizer
+def test_every_family_puts_the_same_document_ids_first(serving, short_doc: DocumentText) -> None:
+    tok = serving.tokenizer
     for family in FAMILY_SPECS.values():
         b = PromptBuilder(tok, family, tok.eos_token_id)
         doc_ids = b.document(short_doc.full_text)
@@ -175,12 +169,19 @@ def test_every_family_puts_the_same_document_ids_first(generator, short_doc: Doc
         assert labels[0] != labels[1] and all(len(x) >= 2 for x in labels)  # label + end of answer
 
 
-def test_whole_document_tasks_share_the_prefix_and_match_the_schemas(engine, short_doc: DocumentText) -> None:
+def test_whole_document_tasks_share_the_prefix_and_match_the_schemas(engine, serving, short_doc: DocumentText
+                                                                    ) -> None:
     s = session(engine)
     prefix = s.builder.prefix(s.builder.document(short_doc.full_text))
-    summary = _run(summarize, "summarize", engine, short_doc, {"max_words": 20, "style": "bullets", "focus": "fees"})
+    full_blocks = len(prefix) // BLOCK * BLOCK
+    hits = serving.stats()["prefix_hit_tokens"]
     answers = _run(qa, "qa", engine, short_doc, {"questions": ["Who pays the fees?", "What is the term?",
                                                                 "Which law governs?"]})
+    # 3 questions submitted together on a document the engine never saw: its prefix is prefilled once
+    assert serving.stats()["prefix_hit_tokens"] - hits >= 2 * full_blocks
+    hits = serving.stats()["prefix_hit_tokens"]
+    summary = _run(summarize, "summarize", engine, short_doc, {"max_words": 20, "style": "bullets", "focus": "fees"})
+    assert serving.stats()["prefix_hit_tokens"] - hits >= full_blocks  # a later job of the document: cached
     label = _run(classify, "classify", engine, short_doc, {})
     assert summary["method"] == answers["method"] == label["method"] == "whole_document"
     assert summary["engine"] == "mpt" and summary["model"] == engine.serving.model_name
@@ -203,7 +204,7 @@ def test_whole_document_tasks_share_the_prefix_and_match_the_schemas(engine, sho
         ids = r.prompt_ids if isinstance(r, GenerateRequest) else r.prefix_ids
         assert ids[:len(prefix)] == prefix
     # the 3 questions were all submitted before the first was waited for (one batch for the engine)
-    qa_ids = {r.request_id for r in requests[1:4]}
+    qa_ids = {r.request_id for r in requests[:3]}
     events = [e for e in engine.serving.events if e[1] in qa_ids]
     assert [kind for kind, _ in events[:3]] == ["submit"] * 3
     # classification: the same labels scored after the document and after 2 content-free prompts
@@ -275,13 +276,15 @@ def test_calibration_cancels_the_label_prior() -> None:
 
 
 def test_answers_not_stated_and_confidence() -> None:
-    for said in ("", "Not stated in the document.", "N/A", "The document does not say.", "unknown"):
+    for said in ("", "Not stated in the document.", "N/A", "The document does not say.", "unknown.",
+                 "It is not mentioned in the text", "There is no information about it"):
         assert qa.says_not_stated(said), said
-    for said in ("Delaware law governs.", "None of the fees are refundable after 30 days"[5:], "Notice in writing"):
+    for said in ("Delaware law governs.", "None of the fees are refundable.", "Notice in writing",
+                 "Unknown persons may not enter"):
         assert not qa.says_not_stated(said), said
-    from pipeline.tasks.mpt.retrieve import Passage
+    from pipeline.tasks.mpt.retrieve import Evidence
 
-    evidence = [Passage("This Agreement is governed by the laws of Delaware.", 0, 10, 1.0)]
+    evidence = [Evidence("This Agreement is governed by the laws of Delaware.", 0, 10, 1, 1, 1.0)]
     assert qa.supported("Delaware", evidence) and qa.supported("Yes.", evidence)
     assert not qa.supported("California", evidence) and not qa.supported("Ohio", [])
     result = GenerateResult("x", [1, 2], "stop", 5, 0, [math.log(0.5), math.log(0.8)])
@@ -296,20 +299,22 @@ def test_trim_keeps_whole_sentences_or_bullets() -> None:
     assert summarize.trim("one two three four five six seven eight nine ten", 4, "paragraph") == "one two three four"
 
 
-class ScriptedServing(SyncServing):
+class Scripted(Recording):
     """Generation answers with given text (as a model that read the document would): exercises the
     answer post-processing, evidence and citations that random weights never reach."""
 
-    def __init__(self, generator, model_name: str, answers: list[str]) -> None:
-        super().__init__(generator, model_name)
+    def __init__(self, serving, answers: list[str]) -> None:
+        super().__init__(serving)
         self.answers = list(answers)
 
-    def _run(self, request):
+    def _submit(self, request) -> Future:
         if isinstance(request, ScoreRequest):
-            return super()._run(request)
+            return self.inner.submit(request)
         text = self.answers.pop(0)
         ids = self.tokenizer.encode(text)
-        return GenerateResult(text, ids, "stop", len(request.prompt_ids), 0, [math.log(0.9)] * len(ids))
+        done: Future = Future()
+        done.set_result(GenerateResult(text, ids, "stop", len(request.prompt_ids), 0, [math.log(0.9)] * len(ids)))
+        return done
 
 
 def _sentence_on_page(doc: DocumentText, page: int) -> str:
@@ -318,14 +323,16 @@ def _sentence_on_page(doc: DocumentText, page: int) -> str:
     return " ".join(words[20:34]) + "."
 
 
-@pytest.mark.parametrize("family", ["completion", "chat"])
-def test_answers_and_summary_sentences_cite_the_page_they_come_from(generator, small_ckpt, long_doc, family) -> None:
+@pytest.mark.parametrize(("family", "embedding_model"), [("completion", "all-MiniLM-L6-v2"), ("chat", None)])
+def test_answers_and_summary_sentences_cite_the_page_they_come_from(serving, small_ckpt, long_doc, family,
+                                                                    embedding_model) -> None:
+    """With and without retrieval's embedding half (BM25 alone)."""
     on_page_3, on_page_6 = _sentence_on_page(long_doc, 3), _sentence_on_page(long_doc, 6)
     im_end = "<|im_end|>" if family == "chat" else ""
-    serving = ScriptedServing(generator, str(small_ckpt), [
+    scripted = Scripted(serving, [
         on_page_3 + im_end, "Not stated in the document.", "Zanzibar Quixotic Xylophones.",
         *["part summary."] * 40])
-    engine = MptEngine(serving, tokenizer_spec=str(small_ckpt), prompt_family=family)
+    engine = MptEngine(scripted, model=str(small_ckpt), prompt_family=family, embedding_model=embedding_model)
     result = _run(qa, "qa", engine, long_doc, {"questions": [f"Is it so that {on_page_3[:-1]}?", "Who signed?",
                                                               "Where is the venue?"]})
     first, second, third = result["answers"]
@@ -342,3 +349,13 @@ def test_answers_and_summary_sentences_cite_the_page_they_come_from(generator, s
     assert [(c["sentence"], c["page_start"]) for c in cites] == [(0, 6), (1, 3)]
     for c in cites:
         _assert_spans_on_pages(long_doc, c)
+
+
+def test_load_engine_mpt_on_cpu_runs_through_the_registry(small_ckpt: Path, short_doc: DocumentText) -> None:
+    engine = load_engine("mpt", model=str(small_ckpt), device="cpu", embedding_model="all-MiniLM-L6-v2")
+    try:
+        assert isinstance(engine, MptEngine) and engine.kind == "mpt" and engine.tokenizer_spec == str(small_ckpt)
+        result = run_task(engine, "classify", {"labels": ["contract", "report"]}, short_doc, lambda f, st: None)
+        assert result["method"] == "whole_document" and result["model"] == str(small_ckpt)
+    finally:
+        engine.shutdown()

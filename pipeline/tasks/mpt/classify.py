@@ -87,8 +87,7 @@ def run(engine: Any, doc: DocumentText, params: dict[str, Any], progress) -> dic
         lead = doc_ids[: budget // 2]
         cut = len(s.builder.tokenizer.decode(lead))  # byte-level BPE decodes back to the same characters
         rest = [c for c in doc_chunks(doc) if c.char_start >= cut]
-        ranked = [c for c, _ in ChunkIndex(s, doc, rest).rank(" ".join(labels))]
-        context = pack(s, doc, ranked, budget, lead_ids=lead).ids
+        context = pack(s, doc, ChunkIndex(s, rest).rank(" ".join(labels)), budget, lead_ids=lead).ids
     progress(0.1, "scoring")
     requests = [ScoreRequest(s.builder.prompt(ctx, task).ids, continuations)
                 for ctx in (context, *(s.builder.context(t) for t in CONTENT_FREE))]

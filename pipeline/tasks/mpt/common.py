@@ -32,7 +32,7 @@ class Session:
     builder: PromptBuilder
     max_len: int
     model_name: str
-    engine: Any  # the engine object the registry passed (kind "mpt"); retrieval may use its embedder
+    embedder: Any  # pipeline.tasks.retrieval.Embedder for retrieval's embedding half, or None (BM25 only)
 
     def fits(self, context_len: int, task: TaskText, max_new: int) -> bool:
         return self.builder.overhead(task) + context_len + max_new <= self.max_len
@@ -51,11 +51,13 @@ class Session:
 def session(engine: Any) -> Session:
     serving = engine.serving
     tokenizer = serving.tokenizer
-    family = resolve_family(serving.model_name, getattr(engine, "prompt_family", None))
+    # the name the checkpoint was asked for (a hub id) says more than the directory it resolved to
+    model_name = str(getattr(engine, "model_name", None) or serving.model_name)
+    family = resolve_family(model_name, getattr(engine, "prompt_family", None))
     eos = getattr(tokenizer, "eos_token_id", None)
-    log.debug("prompt family %s for %s", family.name, serving.model_name)
+    log.debug("prompt family %s for %s", family.name, model_name)
     return Session(serving, PromptBuilder(tokenizer, family, eos), int(serving.max_model_len),
-                   str(serving.model_name), engine)
+                   model_name, getattr(engine, "embedder", None))
 
 
 def doc_chunks(doc: DocumentText) -> list[Chunk]:

@@ -7,8 +7,9 @@ Three families (issue 10):
 - "chat": MPT-7B-Chat: ChatML (<|im_start|>role ... <|im_end|>).
 
 Detection rule (detect_family): the checkpoint's name (the last component of a hub id or a local
-path, and the `_name_or_path` in a local checkpoint's config.json) split into words: a word "chat"
--> chat, else a word "instruct" -> instruct, else completion. An explicit family (the
+path, the repo of a hub cache dir "models--org--name", and the `_name_or_path` in a local
+checkpoint's config.json) split into words: a word "chat" -> chat, else a word "instruct" ->
+instruct, else completion. An explicit family (the
 `prompt_family` setting, carried on the engine object) wins over detection.
 
 Every prompt is head + context + task suffix, each tokenized on its own and concatenated as ids, so
@@ -88,7 +89,10 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 def _name_words(name: str) -> set[str]:
-    base = name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]  # hub "org/name" or a path's last part
+    parts = [p for p in name.replace("\\", "/").split("/") if p]
+    # a hub cache dir (.../models--mosaicml--mpt-7b-chat/snapshots/<hash>) is named by its repo
+    cached = [p.rsplit("--", 1)[-1] for p in parts if p.startswith("models--")]
+    base = cached[-1] if cached else (parts[-1] if parts else "")  # hub "org/name" or a path's last part
     return set(_WORD.findall(base.lower()))
 
 

@@ -19,18 +19,20 @@ from typing import Any
 from pipeline.engine.core.requests import GenerateRequest, GenerateResult, SamplingParams
 from pipeline.tasks.mpt.common import Session, doc_chunks, pack, pages_of, session, submit_all
 from pipeline.tasks.mpt.prompts import TaskText
-from pipeline.tasks.mpt.retrieve import ChunkIndex, Passage, SentenceIndex
+from pipeline.tasks.mpt.retrieve import ChunkIndex, Evidence, SentenceIndex
 from pipeline.tasks.progress import scaled
 from pipeline.tasks.schemas import NOT_STATED
 from pipeline.types import DocumentText
 
 ANSWER_TOKENS = 64  # answers are one short line; the newline stop usually ends them far sooner
 EVIDENCE = 3  # passages cited per answer, best first
+# the whole answer is one of these words, or it opens with one of these phrases
+_NOT_STATED_WORD = re.compile(r"^\W*(?:n/?a|none|unknown|no answer|not stated)\W*$", re.I)
 _NOT_STATED = re.compile(
-    r"^\W*(?:n/?a|none|unknown|not (?:stated|mentioned|specified|given|provided|found|known)\b"
-    r"|(?:the )?(?:document|text) (?:does not|doesn't) (?:say|state|mention|specify)"
-    r"|(?:it is |this is )?not (?:stated|mentioned|specified) in the (?:document|text)"
-    r"|there is no (?:information|mention)|no (?:information|mention)\b|cannot be determined)", re.I)
+    r"^\W*(?:(?:it is |this is |that is )?not (?:stated|mentioned|specified|given|provided|found)\b"
+    r"|(?:the )?(?:document|text) (?:does not|doesn't|do not) (?:say|state|mention|specify)"
+    r"|there is no (?:information|mention)|no (?:information|mention) (?:is given|of)|cannot be determined)",
+    re.I)
 _WORD = re.compile(r"[a-z0-9]+")
 _FUNCTION_WORD_LIST = ("a an and are as at be by for from has have in is it its of on or that the this to "
                        "was were with yes no not")
@@ -46,14 +48,14 @@ def qa_task(question: str) -> TaskText:
 
 
 def says_not_stated(answer: str) -> bool:
-    return not answer.strip() or bool(_NOT_STATED.match(answer))
+    return not answer.strip() or bool(_NOT_STATED_WORD.match(answer) or _NOT_STATED.match(answer))
 
 
 def content_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if w not in _FUNCTION_WORDS}
 
 
-def supported(answer: str, evidence: list[Passage]) -> bool:
+def supported(answer: str, evidence: list[Evidence]) -> bool:
     """Some content word of the answer occurs in its evidence (an answer of function words only,
     "Yes." / "No.", needs none)."""
     words = content_words(answer)
@@ -74,11 +76,10 @@ def _contexts(s: Session, doc: DocumentText, questions: list[str], tasks: list[T
     doc_ids = s.builder.document(doc.full_text)
     if all(s.fits(len(doc_ids), t, ANSWER_TOKENS) for t in tasks):
         return "whole_document", [(doc_ids, [(0, len(doc.full_text))])] * len(tasks)
-    index = ChunkIndex(s, doc, doc_chunks(doc))
+    index = ChunkIndex(s, doc_chunks(doc))
     out = []
     for question, task in zip(questions, tasks, strict=True):
-        ranked = [c for c, _ in index.rank(question)]
-        packed = pack(s, doc, ranked, s.budget(task, ANSWER_TOKENS))
+        packed = pack(s, doc, index.rank(question), s.budget(task, ANSWER_TOKENS))
         out.append((packed.ids, packed.spans))
     return "retrieval", out
 
@@ -98,7 +99,7 @@ def run(engine: Any, doc: DocumentText, params: dict[str, Any], progress) -> dic
     answers = []
     for question, (_, spans), result in zip(questions, contexts, results, strict=True):
         answer, p = s.builder.clean(result.text), confidence(result)
-        evidence: list[Passage] = []
+        evidence: list[Evidence] = []
         if says_not_stated(answer):
             answer = NOT_STATED
         else:

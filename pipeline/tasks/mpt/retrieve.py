@@ -1,11 +1,8 @@
-"""Retrieval for the MPT strategies: which chunks to pack for a question, which passages support a
-generated sentence or answer.
+"""Retrieval for the MPT strategies over the shared retrieval module (pipeline/tasks/retrieval.py:
+stemmed BM25, fused with sentence-embedding cosine when the engine has an embedder).
 
-Two indexes, built once per task run, kept small so the shared retrieval module
-(pipeline/tasks/retrieval.py: BM25 + embedding fusion) can sit behind them:
-    ChunkIndex(s, doc).rank(query) -> [(chunk, score)], best first
-    SentenceIndex(s, doc).top(query, k, within=spans) -> [Passage], sentence-sized, best first
-Until that module is in place they run BM25 alone (bm25s).
+    ChunkIndex(s, chunks).rank(query) -> [Chunk], every chunk, best first    (what to pack for a question)
+    SentenceIndex(s, doc).top(query, k, within=spans) -> [Evidence], best first  (what supports a text)
 """
 
 from __future__ import annotations
@@ -14,93 +11,66 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import bm25s
-import numpy as np
-
 from pipeline.tasks.mpt.common import Session
+from pipeline.tasks.retrieval import SHORTLIST, Retriever, document_passages
 from pipeline.types import Chunk, DocumentText
 
 # a sentence runs to . ! ? before whitespace (not "3.5" or "U.S"), or to the end of its line
 _SENTENCE = re.compile(r"\S(?:[^\n.!?]|[.!?](?![.!?]*(?:\s|$)))*(?:[.!?]+|\n|$)")
-MIN_PASSAGE_CHARS = 20  # a shorter "sentence" (a heading, a page number) is joined to the next
+MIN_SENTENCE_CHARS = 20  # a shorter piece of generated text (a heading, "Yes.") is joined to the next
 
 
 @dataclass(frozen=True)
-class Passage:
+class Evidence:
     text: str  # whitespace-normalized
     char_start: int
     char_end: int
-    score: float
-
-
-class _Bm25:
-    """BM25 (bm25s) over fixed texts; score(query) -> [N], zeros when no query term occurs."""
-
-    def __init__(self, texts: Sequence[str]) -> None:
-        self.n = len(texts)
-        corpus = bm25s.tokenize(list(texts), stopwords="en", show_progress=False) if texts else None
-        self.vocab = corpus.vocab if corpus is not None else {}
-        self.index = None
-        if self.vocab:
-            self.index = bm25s.BM25()
-            self.index.index(corpus, show_progress=False)
-
-    def score(self, query: str) -> np.ndarray:
-        if self.index is None:
-            return np.zeros(self.n)
-        terms = [t for t in bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)[0]
-                 if t in self.vocab]
-        if not terms:
-            return np.zeros(self.n)
-        return np.asarray(self.index.get_scores(terms), dtype=np.float64)
+    page_start: int
+    page_end: int
+    score: float  # the retrieval module's fused score (0..1)
 
 
 class ChunkIndex:
-    def __init__(self, s: Session, doc: DocumentText, chunks: Sequence[Chunk]) -> None:
+    def __init__(self, s: Session, chunks: Sequence[Chunk]) -> None:
         self.chunks = list(chunks)
-        self._bm25 = _Bm25([c.text for c in self.chunks])
+        self._retriever = Retriever([c.text for c in self.chunks], embedder=s.embedder)
 
-    def rank(self, query: str) -> list[tuple[Chunk, float]]:
-        """Every chunk by relevance to `query`, best first; ties (e.g. all zero) keep document order."""
-        scores = self._bm25.score(query)
-        order = sorted(range(len(self.chunks)), key=lambda i: (-scores[i], self.chunks[i].char_start))
-        return [(self.chunks[i], float(scores[i])) for i in order]
-
-
-def sentences(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sentence-sized character spans of `text` inside `spans` (short pieces joined to the next)."""
-    out: list[tuple[int, int]] = []
-    for a, b in spans:
-        start: int | None = None
-        end = a
-        for m in _SENTENCE.finditer(text, a, b):
-            end = m.start() + len(m.group().rstrip())
-            start = m.start() if start is None else start
-            if end - start >= MIN_PASSAGE_CHARS:
-                out.append((start, end))
-                start = None
-        if start is not None:  # a short tail: part of the span's last sentence, or on its own
-            if out and out[-1][0] >= a:
-                out[-1] = (out[-1][0], end)
-            else:
-                out.append((start, end))
-    return out
+    def rank(self, query: str) -> list[Chunk]:
+        """Every chunk: the retrieved ones best first, then the rest in document order."""
+        hits = self._retriever.search(query, k=len(self.chunks))
+        seen = {h.index for h in hits}
+        rest = sorted((i for i in range(len(self.chunks)) if i not in seen), key=lambda i: self.chunks[i].char_start)
+        return [self.chunks[i] for i in [*(h.index for h in hits), *rest]]
 
 
 class SentenceIndex:
     def __init__(self, s: Session, doc: DocumentText) -> None:
-        self.text = doc.full_text
-        self.pieces = sentences(self.text, [(0, len(self.text))])
-        self._bm25 = _Bm25([self.text[a:b] for a, b in self.pieces])
+        self.passages = document_passages(doc, "sentence")
+        self._retriever = Retriever([p.text for p in self.passages], embedder=s.embedder)
 
-    def top(self, query: str, k: int, within: Sequence[tuple[int, int]] | None = None) -> list[Passage]:
-        """The `k` best passages for `query` with a score > 0, inside `within` spans when given."""
-        scores = self._bm25.score(query)
-        hits: list[Passage] = []
-        for i in np.argsort(-scores, kind="stable"):
-            a, b = self.pieces[i]
-            if scores[i] <= 0 or len(hits) >= k:
+    def top(self, query: str, k: int, within: Sequence[tuple[int, int]] | None = None) -> list[Evidence]:
+        """The `k` best sentences for `query`, only those inside `within` spans when given."""
+        out: list[Evidence] = []
+        for hit in self._retriever.search(query, k=max(k, SHORTLIST)):
+            p = self.passages[hit.index]
+            if within is None or any(a <= p.char_start and p.char_end <= b for a, b in within):
+                out.append(Evidence(p.text, p.char_start, p.char_end, p.page_start, p.page_end, hit.score))
+            if len(out) == k:
                 break
-            if within is None or any(x <= a and b <= y for x, y in within):
-                hits.append(Passage(" ".join(self.text[a:b].split()), a, b, float(scores[i])))
-        return hits
+        return out
+
+
+def sentences(text: str) -> list[tuple[int, int]]:
+    """Sentence-sized character spans of generated text (short pieces joined to the next)."""
+    out: list[tuple[int, int]] = []
+    start: int | None = None
+    end = 0
+    for m in _SENTENCE.finditer(text):
+        end = m.start() + len(m.group().rstrip())
+        start = m.start() if start is None else start
+        if end - start >= MIN_SENTENCE_CHARS:
+            out.append((start, end))
+            start = None
+    if start is not None:  # a short tail: part of the last sentence, or on its own
+        out[-1:] = [(out[-1][0], end)] if out else [(start, end)]
+    return out

@@ -172,7 +172,7 @@ def citations(s: Session, doc: DocumentText, summary: str) -> list[dict[str, Any
     """For each summary sentence (or bullet), the document sentence that supports it best."""
     index = SentenceIndex(s, doc)
     out = []
-    for i, (a, b) in enumerate(sentences(summary, [(0, len(summary))])):
+    for i, (a, b) in enumerate(sentences(summary)):
         hits = index.top(summary[a:b], 1)
         if hits:
             out.append({**pages_of(doc, hits[0].char_start, hits[0].char_end), "sentence": i})
