@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_seq_len: int = 65536
     device: str = "cuda"
     embedding_model: str = "all-MiniLM-L6-v2"
+    prompt_family: Literal["auto", "completion", "instruct", "chat"] = Field(
+        default="auto", description="MPT prompt format; auto = from the checkpoint name (chat / instruct / "
+                                    "completion for StoryWriter and base MPT-7B), pipeline/tasks/mpt/prompts.py.")
 
     # --- the MPT serving engine (pipeline/engine/serving.py) -----------------------------------
     kv_block_size: int = Field(default=256, description="Tokens per KV block (prefix caching is per full block).")
