@@ -10,7 +10,9 @@ import logging
 import sys
 
 from longdoc.commands import admin as admin_commands
+from longdoc.commands import batch as batch_commands
 from longdoc.commands import model as model_commands
+from longdoc.commands import run as run_commands
 from longdoc.commands import service as service_commands
 
 
@@ -21,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     admin_commands.register(sub)
     service_commands.register(sub)
     model_commands.register(sub)
+    run_commands.register(sub)
+    batch_commands.register(sub)
     return parser
 
 
