@@ -36,6 +36,7 @@ from tests.fixtures_tasks import document_from_pages
 pytestmark = pytest.mark.usefixtures("engine_single_thread")
 
 CONTEXT = 512
+NEOX = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b"
 BLOCK = 16  # small KV blocks: a short test document still fills several, so prefix caching shows
 
 
@@ -154,8 +155,26 @@ def test_family_detection_rule(tmp_path: Path) -> None:
         MptEngine(object(), model="x", prompt_family="alpaca")
 
 
-def test_every_family_puts_the_same_document_ids_first(serving, short_doc: DocumentText) -> None:
-    tok = serving.tokenizer
+def _mpt_chat_tokenizer():
+    """MPT's real tokenizer (gpt-neox-20b) with ChatML's markers added as special tokens, as in MPT-7B-Chat."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from pipeline.engine.tokenizer import Tokenizer
+
+    inner = HFTokenizer.from_file(str(NEOX / "tokenizer.json"))
+    inner.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return Tokenizer(inner)
+
+
+@pytest.mark.parametrize("real_tokenizer", [False, True])
+def test_every_family_puts_the_same_document_ids_first(serving, short_doc: DocumentText, real_tokenizer) -> None:
+    tok = _mpt_chat_tokenizer() if real_tokenizer else serving.tokenizer
+    chat = PromptBuilder(tok, FAMILY_SPECS["chat"], tok.eos_token_id)
+    if real_tokenizer:  # <|im_end|> is one special token that decoding drops: the engine must stop on its id
+        (im_end,) = chat.stop_token_ids
+        assert tok.decode([im_end]) == "" and tok.encode("<|im_end|>") == [im_end]
+    else:
+        assert chat.stop_token_ids == ()
     for family in FAMILY_SPECS.values():
         b = PromptBuilder(tok, family, tok.eos_token_id)
         doc_ids = b.document(short_doc.full_text)
@@ -359,3 +378,19 @@ def test_load_engine_mpt_on_cpu_runs_through_the_registry(small_ckpt: Path, shor
         assert result["method"] == "whole_document" and result["model"] == str(small_ckpt)
     finally:
         engine.shutdown()
+
+
+def test_map_reduce_combines_in_rounds_until_the_summaries_fit(serving, small_ckpt: Path) -> None:
+    doc = document_from_pages(_pages(7, 24, 220), chunk_words=90)  # ~7,000 tokens: ~20 windows
+    part = " ".join(_pages(8, 1, 36)[0].split()) + "."  # a window summary near its token budget
+    scripted = Scripted(serving, [part] * 200)
+    engine = MptEngine(scripted, model=str(small_ckpt))
+    s = session(engine)
+    result, tokens_in, rounds = summarize.map_reduce(s, doc, 20, 28, "paragraph", None, lambda f, st: None)
+    assert rounds >= 2 and result.text == part
+    assert tokens_in >= 0.95 * len(s.builder.document(doc.full_text))
+    for r in scripted.requests:
+        assert len(r.prompt_ids) + r.params.max_new_tokens <= CONTEXT
+    n_windows = len(summarize.windows(s, doc, s.budget(summarize.summary_task(34, "paragraph", None, scope="part"),
+                                                       48)))
+    assert n_windows >= 15 and len(scripted.requests) > n_windows + 1  # windows, >= 1 middle round, the final

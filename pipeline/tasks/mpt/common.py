@@ -7,13 +7,14 @@ tokenizer / max_model_len / model_name) and the request types of pipeline/engine
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.engine.core.requests import EngineError, GenerateRequest, ScoreRequest
+from pipeline.engine.core.requests import EngineError, GenerateRequest, SamplingParams, ScoreRequest
 from pipeline.tasks.mpt.prompts import PromptBuilder, TaskText, resolve_family
 from pipeline.types import Chunk, DocumentText, PipelineError
 
@@ -58,6 +59,15 @@ def session(engine: Any) -> Session:
     log.debug("prompt family %s for %s", family.name, model_name)
     return Session(serving, PromptBuilder(tokenizer, family, eos), int(serving.max_model_len),
                    model_name, getattr(engine, "embedder", None))
+
+
+def greedy(s: Session, max_new: int, *stop: str) -> SamplingParams:
+    """Greedy sampling with the task's stop strings plus the family's (and its stop token ids, once
+    SamplingParams has `stop_token_ids`)."""
+    extra: dict[str, Any] = {}
+    if s.builder.stop_token_ids and "stop_token_ids" in {f.name for f in dataclasses.fields(SamplingParams)}:
+        extra["stop_token_ids"] = s.builder.stop_token_ids
+    return SamplingParams(max_new_tokens=max_new, greedy=True, stop=s.builder.stop(*stop), **extra)
 
 
 def doc_chunks(doc: DocumentText) -> list[Chunk]:

@@ -147,6 +147,10 @@ class PromptBuilder:
         self.tokenizer, self.family, self.eos_id = tokenizer, family, eos_id
         self.head_ids = encode(tokenizer, family.head)
         self.separator_ids = encode(tokenizer, "\n\n[...]\n\n")  # between non-adjacent passages
+        # ChatML's markers are special tokens in MPT-7B-Chat's tokenizer: decoding skips them, so a stop
+        # *string* never sees <|im_end|>; the engine must stop on the token id instead
+        marker = encode(tokenizer, IM_END) if family.name == "chat" else []
+        self.stop_token_ids: tuple[int, ...] = tuple(marker) if len(marker) == 1 else ()
 
     def document(self, text: str) -> list[int]:
         """A whole document's ids (cached: every task of the document asks for the same text)."""

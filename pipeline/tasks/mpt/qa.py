@@ -16,8 +16,8 @@ import math
 import re
 from typing import Any
 
-from pipeline.engine.core.requests import GenerateRequest, GenerateResult, SamplingParams
-from pipeline.tasks.mpt.common import Session, doc_chunks, pack, pages_of, session, submit_all
+from pipeline.engine.core.requests import GenerateRequest, GenerateResult
+from pipeline.tasks.mpt.common import Session, doc_chunks, greedy, pack, pages_of, session, submit_all
 from pipeline.tasks.mpt.prompts import TaskText
 from pipeline.tasks.mpt.retrieve import ChunkIndex, Evidence, SentenceIndex
 from pipeline.tasks.progress import scaled
@@ -90,7 +90,7 @@ def run(engine: Any, doc: DocumentText, params: dict[str, Any], progress) -> dic
     tasks = [qa_task(q) for q in questions]
     progress(0.05, "retrieving")
     method, contexts = _contexts(s, doc, questions, tasks)
-    sampling = SamplingParams(max_new_tokens=ANSWER_TOKENS, greedy=True, stop=s.builder.stop("\n"))
+    sampling = greedy(s, ANSWER_TOKENS, "\n")
     requests = [GenerateRequest(s.builder.prompt(ids, t).ids, sampling) for (ids, _), t in zip(contexts, tasks,
                                                                                                 strict=True)]
     results = submit_all(s, requests, scaled(progress, 0.1, 0.9, "answering"))

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.engine.core.requests import GenerateRequest, GenerateResult, SamplingParams
 from pipeline.tasks.extractive.segments import count_words, first_words
-from pipeline.tasks.mpt.common import Session, doc_chunks, pages_of, session, submit_all
+from pipeline.tasks.mpt.common import Session, doc_chunks, greedy, pages_of, session, submit_all
 from pipeline.tasks.mpt.prompts import TaskText
 from pipeline.tasks.mpt.retrieve import SentenceIndex, sentences
 from pipeline.tasks.progress import scaled
@@ -89,9 +89,9 @@ def windows(s: Session, doc: DocumentText, budget: int) -> list[Window]:
     return out
 
 
-def _params(s: Session, max_tokens: int, style: str) -> SamplingParams:
+def _params(s: Session, max_tokens: int) -> SamplingParams:
     # a paragraph ends at a blank line; bullets are one per line, so a blank line ends them too
-    return SamplingParams(max_new_tokens=max_tokens, greedy=True, stop=s.builder.stop("\n\n"))
+    return greedy(s, max_tokens, "\n\n")
 
 
 def _text(s: Session, result: GenerateResult, task: TaskText) -> str:
@@ -117,7 +117,7 @@ def map_reduce(s: Session, doc: DocumentText, words: int, max_tokens: int, style
     map_words = max(10, int(map_tokens / TOKENS_PER_WORD))
     part = summary_task(map_words, style, focus, scope="part")
     wins = windows(s, doc, s.budget(part, map_tokens))
-    results = submit_all(s, [GenerateRequest(s.builder.prompt(w.ids, part).ids, _params(s, map_tokens, style))
+    results = submit_all(s, [GenerateRequest(s.builder.prompt(w.ids, part).ids, _params(s, map_tokens))
                              for w in wins], scaled(progress, 0.05, 0.7, "summarizing parts"))
     items = [t for r in results if (t := _text(s, r, part))]
     tokens_in = sum(len(w.ids) for w in wins)
@@ -128,12 +128,12 @@ def map_reduce(s: Session, doc: DocumentText, words: int, max_tokens: int, style
         if s.fits(len(joined), final, max_tokens):
             report = scaled(progress, 0.7, 0.9, "combining")
             (result,) = submit_all(s, [GenerateRequest(s.builder.prompt(joined, final).ids,
-                                                       _params(s, max_tokens, style))], report)
+                                                       _params(s, max_tokens))], report)
             return result, tokens_in, rounds
         groups = _groups(s, items, s.budget(middle, map_tokens))
         if len(groups) >= len(items):
             break
-        results = submit_all(s, [GenerateRequest(s.builder.prompt(g, middle).ids, _params(s, map_tokens, style))
+        results = submit_all(s, [GenerateRequest(s.builder.prompt(g, middle).ids, _params(s, map_tokens))
                                  for g in groups])
         items = [t for r in results if (t := _text(s, r, middle))]
     raise PipelineError("context_too_long", f"the partial summaries did not fit {s.max_len} tokens "
@@ -191,7 +191,7 @@ def run(engine: Any, doc: DocumentText, params: dict[str, Any], progress) -> dic
     if s.fits(len(doc_ids), task, max_tokens):
         method = "whole_document"
         (result,) = submit_all(s, [GenerateRequest(s.builder.prompt(doc_ids, task).ids,
-                                                   _params(s, max_tokens, style))],
+                                                   _params(s, max_tokens))],
                                scaled(progress, 0.05, 0.9, "generating"))
         tokens_in, summary_task_text = len(doc_ids), task
     else:
