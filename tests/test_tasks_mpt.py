@@ -394,3 +394,16 @@ def test_map_reduce_combines_in_rounds_until_the_summaries_fit(serving, small_ck
     n_windows = len(summarize.windows(s, doc, s.budget(summarize.summary_task(34, "paragraph", None, scope="part"),
                                                        48)))
     assert n_windows >= 15 and len(scripted.requests) > n_windows + 1  # windows, >= 1 middle round, the final
+
+
+def test_pack_keeps_document_order_budget_and_a_too_long_best_chunk(engine, long_doc: DocumentText) -> None:
+    from pipeline.tasks.mpt.common import pack
+
+    s = session(engine)
+    chunks = long_doc.chunks
+    packed = pack(s, long_doc, [chunks[5], chunks[1], chunks[2], chunks[9]], 300)
+    assert len(packed.ids) <= 300 and packed.spans == sorted(packed.spans)
+    assert {c.index for c in packed.chunks} <= {1, 2, 5, 9} and chunks[5] in packed.chunks
+    tiny = pack(s, long_doc, [chunks[3], chunks[0]], 20)
+    assert len(tiny.ids) == 20 and tiny.chunks == [chunks[3]]
+    assert s.builder.tokenizer.decode(tiny.ids).split()[0] == chunks[3].text.split()[0]

@@ -115,6 +115,12 @@ def pack(s: Session, doc: DocumentText, ranked: Sequence[Chunk], budget: int,
         if used + size(c) + sep <= budget:
             chosen.append(c)
             used += size(c) + sep
+    if not chosen and ranked and budget - len(lead_ids) - sep > 0:
+        # every chunk is longer than the room left: the best one's beginning, cut at a token
+        best = ranked[0]
+        ids = [*lead_ids, *([*s.builder.separator_ids] if lead_ids else [])]
+        ids += s.builder.context(best.text)[: budget - len(ids)]
+        return Packed(ids, [(best.char_start, best.char_end)], [best])
     while True:
         spans = merged_spans(chosen, doc.full_text)
         ids = list(lead_ids)
