@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: a batch makes thousands; its own lines say what matters.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 RETRY_STATUSES = {429, 502, 503, 504}
 MAX_RETRY_AFTER_S = 300.0
