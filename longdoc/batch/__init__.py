@@ -4,6 +4,7 @@ One concept per module:
 - request: which tasks with which params (validated by pipeline.tasks), and the per-file result key
 - walk: the folder walk (include/exclude), sha256 + media-type sniff of every file
 - passwords: --password-file, the candidate passwords of a file
+- records: the record of one file (what every output is made from)
 - local: one file in this process (contained parse, chunking, the engine's tasks) -> a record
 - journal: the append-only results file (atomic lines, torn tail dropped, latest record per path)
 - embedded / remote: the two batch back ends (in-process engine; a running longdoc service)
