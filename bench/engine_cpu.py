@@ -35,9 +35,10 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 def run_ours(ckpt: Path, n: int, chunk: int, skip: bool = True) -> dict:
     import functools
 
-    from pipeline.engine import load, prefill_chunked
+    from pipeline.engine import prefill_chunked
     from pipeline.engine.attention import AttentionBackend
     from pipeline.engine.backends import blockwise
+    from pipeline.engine.load import load
 
     model, _ = load(ckpt, dtype=torch.float32, max_seq_len=n + DECODE_STEPS)
     if not skip:  # A/B: the exact ALiBi block skipping off

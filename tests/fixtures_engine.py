@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.engine import DenseGenerator, Mpt, Tokenizer, load
+from pipeline.engine import DenseGenerator, Mpt, Tokenizer
 from pipeline.engine.init_checkpoint import init_checkpoint
+from pipeline.engine.load import load
 
 ENGINE_PROMPTS = [
     "The agreement shall terminate upon written notice",

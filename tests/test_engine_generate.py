@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.engine import DenseGenerator, SamplingParams, prefill_chunked, score, score_texts
+from pipeline.engine import DenseGenerator, SamplingParams, prefill_chunked
 from pipeline.engine.sampling import top_p_filter
+from pipeline.engine.score import score, score_texts
 from tests.fixtures_engine import ENGINE_PROMPTS
 
 pytestmark = pytest.mark.usefixtures("engine_single_thread")

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from longdoc.cli import main
-from pipeline.engine import CheckpointError, MptConfig, load
+from pipeline.engine import CheckpointError, MptConfig
 from pipeline.engine.config import UnsupportedConfig
 from pipeline.engine.init_checkpoint import init_checkpoint
+from pipeline.engine.load import load
 from tests.fixtures_engine import ENGINE_PROMPTS
 
 pytestmark = pytest.mark.usefixtures("engine_single_thread")

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pipeline.engine import DenseGenerator, SamplingParams, load
+from pipeline.engine import DenseGenerator, SamplingParams
 from pipeline.engine.init_checkpoint import init_checkpoint
+from pipeline.engine.load import load
 
 pytestmark = pytest.mark.usefixtures("engine_single_thread")
 

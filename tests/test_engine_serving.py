@@ -237,3 +237,18 @@ def test_generator_facade_runs_through_the_engine(tiny_model, tiny_generator):
     assert facade.score(prefix, [[7, 8]]) == pytest.approx(score(model, prefix, [[7, 8]]), abs=1e-4)
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         facade.generate_ids([[1] * model.config.max_seq_len], greedy(1))
+
+
+def test_stop_token_ids_end_a_sequence_like_end_of_text(tiny_model, tiny_generator):
+    model, tokenizer = tiny_model
+    prompt = [11, 12, 13, 14]
+    free = alone(tiny_generator, prompt, greedy(12))
+    stop_at = free[5]
+    first = free.index(stop_at)
+    engine = make_engine(model, tokenizer)
+    fut = engine.submit(GenerateRequest(prompt_ids=prompt, params=SamplingParams(
+        max_new_tokens=12, greedy=True, stop_at_eos=False, stop_token_ids=(stop_at,))))
+    engine.run_until_idle()
+    result = fut.result()
+    assert result.finish_reason == "stop" and result.tokens == free[:first]
+    assert result.text == tokenizer.decode(free[:first])

@@ -48,9 +48,20 @@ def task_engine(settings: Settings) -> Any:
         if key not in _engines:
             t0 = time.monotonic()
             _engines[key] = load_engine(settings.engine, model=settings.model, device=settings.device,
-                                        embedding_model=settings.embedding_model)
+                                        embedding_model=settings.embedding_model,
+                                        mpt_options=mpt_options(settings))
             log.info("engine %s loaded in %.1f s", settings.engine, time.monotonic() - t0)
         return _engines[key]
+
+
+def mpt_options(settings: Settings) -> dict[str, Any]:
+    """The serving engine's settings, as the MPT loader takes them."""
+    from pipeline.tasks.mpt.engine import ServingOptions
+
+    return {"prompt_family": settings.prompt_family, "options": ServingOptions(
+        max_seq_len=settings.max_seq_len, block_size=settings.kv_block_size, kv_cache_gb=settings.kv_cache_gb,
+        kv_reserve_gb=settings.kv_reserve_gb, max_num_seqs=settings.engine_max_seqs,
+        step_tokens=settings.engine_step_tokens, prefill_chunk=settings.engine_prefill_chunk)}
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from longdoc.settings import get_settings
-    from pipeline.engine import DenseGenerator, Generator, SamplingParams, load
+    from pipeline.engine import DenseGenerator, Generator, SamplingParams
+    from pipeline.engine.load import load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))

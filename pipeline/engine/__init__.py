@@ -2,7 +2,8 @@
 and the serving engine (pipeline/engine/serving.py) over its torch-free core (pipeline/engine/core/).
 
 Names are resolved lazily (PEP 562), so importing the torch-free core (`pipeline.engine.core`) does
-not import torch.
+not import torch. `load` and `score` are imported from their modules (pipeline.engine.load /
+.score): a package attribute of a submodule's name is replaced by the submodule once it is imported.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ _EXPORTS = {
     "EngineConfig": "pipeline.engine.serving",
     "prefill_chunked": "pipeline.engine.generate",
     "CheckpointError": "pipeline.engine.load",
-    "load": "pipeline.engine.load",
     "load_model": "pipeline.engine.load",
     "Mpt": "pipeline.engine.model",
     "SamplingParams": "pipeline.engine.core.requests",
-    "score": "pipeline.engine.score",
     "score_texts": "pipeline.engine.score",
     "Tokenizer": "pipeline.engine.tokenizer",
 }

@@ -31,6 +31,7 @@ class TokenStream:
         self.tokens: list[int] = []
         self.text = ""  # decoded so far (stop strings only); cut at the first stop string when found
         self.finish_reason = ""
+        self._cut_at_stop_string = False
         self._prefix_offset = 0  # tokens[prefix_offset:read_offset] decode to the last emitted piece
         self._read_offset = 0
         self._overlap = max((len(stop) for stop in params.stop), default=1) - 1
@@ -40,6 +41,9 @@ class TokenStream:
             return
         if self.params.stop_at_eos and token == self.tokenizer.eos_token_id:
             self.finish_reason = "eos"
+            return
+        if token in self.params.stop_token_ids:
+            self.finish_reason = "stop"
             return
         self.tokens.append(token)
         if self.params.stop:
@@ -65,8 +69,9 @@ class TokenStream:
         if hits:
             self.text = self.text[: min(hits)]
             self.finish_reason = "stop"
+            self._cut_at_stop_string = True
 
     def completion(self, prompt_tokens: int) -> Completion:
-        text = self.text if self.finish_reason == "stop" else self.tokenizer.decode(self.tokens)
+        text = self.text if self._cut_at_stop_string else self.tokenizer.decode(self.tokens)
         return Completion(text=text, tokens=self.tokens, finish_reason=self.finish_reason or "length",
                           prompt_tokens=prompt_tokens)

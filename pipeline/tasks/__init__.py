@@ -89,12 +89,14 @@ def _mpt_unavailable_reason(model: str, device: str) -> str | None:
     return None
 
 
-def load_engine(kind: str, *, model: str, device: str, embedding_model: str) -> Engine:
+def load_engine(kind: str, *, model: str, device: str, embedding_model: str,
+                mpt_options: dict[str, Any] | None = None) -> Engine:
     """Load the engine once per worker process.
 
     kind: "extractive" = CPU sentence-embedding backend; "mpt" = MPT (model_error naming the reason
     when it cannot run here); "auto" = MPT when a CUDA GPU, local weights and the MPT task path are all
-    present, else extractive, with the reason logged.
+    present, else extractive, with the reason logged. `mpt_options` go to the MPT loader
+    (pipeline.tasks.mpt.engine.load_engine: options=ServingOptions(...), prompt_family=...).
     """
     if kind not in ENGINE_CHOICES:
         raise PipelineError("model_error", f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_CHOICES)}")
@@ -102,7 +104,7 @@ def load_engine(kind: str, *, model: str, device: str, embedding_model: str) -> 
         reason = _mpt_unavailable_reason(model, device if kind == "mpt" else "cuda")
         if reason is None:
             return load_mpt_engine(model=model, device=device if kind == "mpt" else "cuda",
-                                   embedding_model=embedding_model)
+                                   embedding_model=embedding_model, **(mpt_options or {}))
         if kind == "mpt":
             raise PipelineError("model_error", f"engine 'mpt' cannot run: {reason}")
         log.info("engine auto -> extractive: %s", reason)

@@ -129,7 +129,7 @@ def mpt_tasks_available() -> bool:
     return _module_exists(MPT_LOADER) and all(spec.has_strategy("mpt") for spec in REGISTRY.values())
 
 
-def load_mpt_engine(*, model: str, device: str, embedding_model: str) -> Any:
+def load_mpt_engine(*, model: str, device: str, embedding_model: str, **options: Any) -> Any:
     module, _, function = MPT_LOADER.partition(":")
     return getattr(importlib.import_module(module), function)(model=model, device=device,
-                                                              embedding_model=embedding_model)
+                                                              embedding_model=embedding_model, **options)

@@ -40,6 +40,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
+    # token ids that end the sequence like end-of-text (not part of the output): special tokens such as
+    # ChatML's <|im_end|>, which decoding drops, so no stop string can see them
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
