@@ -114,7 +114,7 @@ def test_summarize_stays_within_budget_cites_pages_and_is_json(extractive_engine
         assert_cites_real_text(supply_doc, citation)
     fractions = [f for f, _ in progress.calls]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 3 <= len(fractions) <= 30
-    assert {"embedding", "done"} <= {stage for _, stage in progress.calls}
+    assert {"selecting", "done"} <= {stage for _, stage in progress.calls}
 
 
 def test_summarize_prefers_diverse_sentences(extractive_engine):
@@ -182,14 +182,14 @@ def test_classify_multi_label_keeps_every_fitting_label(extractive_engine):
     assert result["scores"]["tax law"] < 0.5 <= min(result["scores"][label] for label in result["labels"])
 
 
-def test_tasks_share_one_embedding_pass(extractive_engine, supply_doc):
+def test_tasks_share_one_index_and_cached_embeddings(extractive_engine, supply_doc):
     run_task(extractive_engine, "summarize", {}, supply_doc, Recorder())
     entry = extractive_engine.document(supply_doc)
-    assert entry.done.all()
-    before = entry.vectors.copy()
-    progress = Recorder()
-    run_task(extractive_engine, "qa", {"question": "Where is arbitration held?"}, supply_doc, progress)
-    assert extractive_engine.document(supply_doc) is entry and (entry.vectors == before).all()
+    question = {"question": "Where is arbitration held?"}
+    run_task(extractive_engine, "qa", question, supply_doc, Recorder())
+    embedded = extractive_engine.embedded_texts
+    run_task(extractive_engine, "qa", question, supply_doc, Recorder())  # a re-run embeds nothing
+    assert extractive_engine.document(supply_doc) is entry and extractive_engine.embedded_texts == embedded
 
 
 @pytest.mark.parametrize("task, params", [("summarize", {}), ("qa", {"question": "x?"}),

@@ -85,7 +85,11 @@ class Bm25:
     def __init__(self, texts: Sequence[str]) -> None:
         self.n = len(texts)
         corpus = [terms(t) for t in texts]
-        self.vocab = {t for doc in corpus for t in doc}
+        self.df: dict[str, int] = {}  # texts holding each term
+        for doc_terms in corpus:
+            for t in set(doc_terms):
+                self.df[t] = self.df.get(t, 0) + 1
+        self.vocab = set(self.df)
         self.index = None
         if self.vocab:
             self.index = bm25s.BM25()

@@ -1,12 +1,11 @@
 """CPU, offline extractive backend: all-MiniLM-L6-v2 sentence embeddings, no generation.
 
-The embedded default wherever no GPU or MPT weights exist. It splits a document into sentence-sized
-segments that keep their character offsets (so every cited segment maps to real pages), embeds them
-in length-sorted batches with mean pooling (what sentence-transformers does for this model, without
-pulling that package in), and caches the embeddings per document so summarize, qa and classify on
-the same document embed it once. Segmentation lives in segments.py, the task strategies beside it.
-
-Imports torch and transformers at module import: only pipeline.tasks.load_engine imports this module.
+The embedded default wherever no GPU or MPT weights exist. A document becomes sentence-sized
+segments that keep their character offsets (segments.py), indexed once for BM25 (retrieval.py); the
+strategies embed only what BM25 or sampling picks, never the whole document. Embeddings are computed
+in length-sorted batches (encoders.py: ONNX Runtime, or torch) and cached by text, so every job of a
+document, and every question repeated across documents, embeds a text once. The MPT strategies use
+the same backend as their retrieval embedder.
 """
 
 from __future__ import annotations
@@ -16,22 +15,24 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from transformers import AutoModel, AutoTokenizer
 
+from pipeline.tasks.extractive.encoders import Tokens, load_encoder
 from pipeline.tasks.extractive.segments import Sentence, split_sentences
+from pipeline.tasks.retrieval import Retriever
 from pipeline.types import DocumentText, PipelineError
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 _BUNDLED_NAMES = {EMBEDDING_MODEL_NAME, f"sentence-transformers/{EMBEDDING_MODEL_NAME}"}
-MAX_INPUT_TOKENS = 256  # the model's own limit (sentence_bert_config.json)
 BATCH_SIZE = 32
-CACHED_DOCUMENTS = 4
+CACHED_DOCUMENTS = 8
+CACHED_VECTORS = 50_000  # ~75 MB of 384-float vectors
 
 
 def resolve_embedding_model(spec: str) -> Path:
@@ -47,81 +48,85 @@ def resolve_embedding_model(spec: str) -> Path:
                         f"{EMBEDDING_MODEL_NAME!r} (bundled) or a local sentence-transformers directory")
 
 
-class _DocEmbeddings:
-    """A document's segments and the embeddings computed so far (rows of NaN until computed)."""
+@dataclass
+class DocumentIndex:
+    """One document as the strategies see it: its segments and a BM25(+embedding) retriever over them."""
 
-    def __init__(self, sentences: list[Sentence], dim: int) -> None:
-        self.sentences = sentences
-        self.vectors = np.full((len(sentences), dim), np.nan, dtype=np.float32)  # [S, D]
-        self.done = np.zeros(len(sentences), dtype=bool)
+    sentences: list[Sentence]
+    retriever: Retriever
+    cache: dict[str, Any] = field(default_factory=dict)  # what a strategy derives once per document
+
+    @property
+    def texts(self) -> list[str]:
+        return self.retriever.texts
 
 
 class ExtractiveBackend:
     kind = "extractive"
 
-    def __init__(self, tokenizer, model, name: str) -> None:
-        self.tokenizer = tokenizer
-        self.model = model
+    def __init__(self, tokens: Tokens, encoder, name: str) -> None:  # noqa: ANN001 - encoders.*Encoder
+        self.tokens = tokens
+        self.encoder = encoder
         self.tokenizer_spec = name
         self.model_name = name
-        self.dim = int(model.config.hidden_size)
-        self._lock = threading.Lock()  # one forward at a time; embedded mode shares the backend
-        self._docs: OrderedDict[str, _DocEmbeddings] = OrderedDict()
+        self._lock = threading.Lock()  # one forward at a time: concurrent jobs would oversubscribe the cores
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._docs: OrderedDict[str, DocumentIndex] = OrderedDict()
+        self.embedded_texts = 0  # texts actually run through the model (a cache miss each)
 
     @classmethod
-    def load(cls, spec: str = EMBEDDING_MODEL_NAME) -> ExtractiveBackend:
+    def load(cls, spec: str = EMBEDDING_MODEL_NAME, runtime: str = "auto") -> ExtractiveBackend:
         path = resolve_embedding_model(spec)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+            tokens, encoder = Tokens(path), load_encoder(path, runtime)
         except Exception as exc:
             raise PipelineError("model_error", f"cannot load embedding model from {path}: {exc}") from exc
-        log.info("extractive backend loaded %s from %s", spec, path)
-        return cls(tokenizer, model, spec)
+        log.info("extractive backend loaded %s from %s (%s)", spec, path, encoder.runtime)
+        return cls(tokens, encoder, spec)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.tokens.count(text)
 
-    def embed(self, texts: Sequence[str],
-              progress: Callable[[float], None] | None = None) -> np.ndarray:
-        """L2-normalized embeddings [N, D] float32, in the order of `texts`."""
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
-        with self._lock, torch.inference_mode():
+    def embed(self, texts: Sequence[str], progress: Callable[[float], None] | None = None) -> np.ndarray:
+        """L2-normalized embeddings [N, D] float32 in the order of `texts`; cached texts cost nothing."""
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+            order = sorted(missing, key=len)  # similar lengths pad less
             for b in range(0, len(order), BATCH_SIZE):
-                idx = order[b:b + BATCH_SIZE]
-                batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                       max_length=MAX_INPUT_TOKENS, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state  # [B, T, D]
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, D] mean over tokens
-                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                batch = order[b:b + BATCH_SIZE]
+                vectors = self.encoder(*self.tokens.batch(batch))  # [B, D]
+                self.embedded_texts += len(batch)
+                for text, vector in zip(batch, vectors, strict=True):
+                    self._vectors[text] = vector
                 if progress:
                     progress(min(1.0, (b + BATCH_SIZE) / len(order)))
+            out = np.stack([self._vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+            for t in texts:
+                self._vectors.move_to_end(t)
+            while len(self._vectors) > CACHED_VECTORS:
+                self._vectors.popitem(last=False)
         return out
 
-    def document(self, doc: DocumentText) -> _DocEmbeddings:
+    def document(self, doc: DocumentText) -> DocumentIndex:
+        """The document's segments and retriever, built once per document (all its jobs share them)."""
         key = hashlib.sha256(doc.full_text.encode("utf-8", "surrogatepass")).hexdigest()
         with self._lock:
             entry = self._docs.get(key)
-            if entry is None:
-                entry = _DocEmbeddings(split_sentences(doc), self.dim)
-                self._docs[key] = entry
-                while len(self._docs) > CACHED_DOCUMENTS:
-                    self._docs.popitem(last=False)
-            self._docs.move_to_end(key)
+            if entry is not None:
+                self._docs.move_to_end(key)
+                return entry
+        sentences = split_sentences(doc)
+        entry = DocumentIndex(sentences, Retriever([s.text for s in sentences], embedder=self))
+        with self._lock:
+            self._docs[key] = entry
+            while len(self._docs) > CACHED_DOCUMENTS:
+                self._docs.popitem(last=False)
         return entry
 
     def sentence_vectors(self, doc: DocumentText, indices: Sequence[int] | None = None,
-                         progress: Callable[[float], None] | None = None
-                         ) -> tuple[list[Sentence], np.ndarray]:
+                         progress: Callable[[float], None] | None = None) -> tuple[list[Sentence], np.ndarray]:
         """The document's segments and the embeddings [len(indices), D] of those at `indices` (all
-        when None), computing only the ones not cached yet."""
+        when None)."""
         entry = self.document(doc)
-        wanted = np.arange(len(entry.sentences)) if indices is None else np.asarray(indices, dtype=int)
-        missing = [int(i) for i in wanted if not entry.done[i]]
-        if missing:
-            vectors = self.embed([entry.sentences[i].text for i in missing], progress)
-            entry.vectors[missing] = vectors
-            entry.done[missing] = True
-        return entry.sentences, entry.vectors[wanted]
+        wanted = range(len(entry.sentences)) if indices is None else indices
+        return entry.sentences, self.embed([entry.sentences[i].text for i in wanted], progress)
