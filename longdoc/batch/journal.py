@@ -27,6 +27,10 @@ class JournalBusy(RuntimeError):
     """Another process holds the journal."""
 
 
+class NotAJournal(ValueError):
+    """The results file holds something other than batch records."""
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -40,7 +44,11 @@ class Journal:
         except BlockingIOError:
             os.close(self._fd)
             raise JournalBusy(f"{path} is in use by another longdoc batch") from None
-        self._load()
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
 
     def _load(self) -> None:
         with open(self.path, "rb") as f:
@@ -58,10 +66,10 @@ class Journal:
             try:
                 record = json.loads(line)
             except ValueError:
-                raise ValueError(f"{self.path}:{number} is not a JSON record; is this a longdoc batch "
-                                 "results file?") from None
+                raise NotAJournal(f"{self.path}:{number} is not a JSON record; is this a longdoc batch "
+                                  "results file?") from None
             if not isinstance(record, dict) or "path" not in record:
-                raise ValueError(f"{self.path}:{number} is not a longdoc batch record")
+                raise NotAJournal(f"{self.path}:{number} is not a longdoc batch record")
             self.records[record["path"]] = record
             self.lines += 1
 

@@ -60,7 +60,7 @@ def output_paths(out: Path | None, fmt: str | None) -> tuple[Path, str, Path]:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from longdoc.batch.display import make_display, print_summary
-    from longdoc.batch.journal import JournalBusy
+    from longdoc.batch.journal import JournalBusy, NotAJournal
     from longdoc.batch.runner import EXIT_USAGE, Batch, BatchFatal, BatchOptions
     from longdoc.batch.stop import StopSignals
 
@@ -94,8 +94,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
         try:
             backend.check()
             status = batch.run()
-        except (BatchFatal, JournalBusy, ValueError) as exc:  # ValueError: OUT is not a results file
+        except (BatchFatal, JournalBusy, NotAJournal) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as exc:  # the results file cannot be written (a directory, no space, read-only)
+            print(f"error: {exc.filename or options.out}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_USAGE
     print_summary(batch.tally, stopped=stop.requested.is_set())
     log.debug("batch overhead: %s", dict(batch.overhead))
