@@ -138,7 +138,7 @@ def _finish_failed_parse(settings: Settings, document_id: uuid.UUID, attempt: in
 
 
 def _release_jobs(settings: Settings, document_id: uuid.UUID) -> None:
-    """After the parse outcome is committed: send waiting jobs to the gpu queue (or fail them)."""
+    """After the parse outcome is committed: send the waiting jobs to the gpu queue (or fail them)."""
     with session_scope(settings.effective_database_url) as s:
         doc = s.get(Document, document_id)
         if doc is None:
@@ -148,8 +148,10 @@ def _release_jobs(settings: Settings, document_id: uuid.UUID) -> None:
                                f"document failed to parse: {doc.error_message or doc.error_code}")
             return
         job_ids = q.queued_job_ids(s, document_id)
-    for job_id in job_ids:
-        dispatch.enqueue_job(settings, job_id)
+    if job_ids:
+        # One message per document: its body claims every queued job of the document, so they run
+        # together on one gpu worker and share the document's prefill.
+        dispatch.enqueue_job(settings, job_ids[0])
 
 
 # --- helpers ----------------------------------------------------------------------------------------

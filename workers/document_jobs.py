@@ -1,7 +1,7 @@
 """The gpu body: all queued jobs of one document, run together.
 
-A job message names one job; the body claims that job and every other queued job of the same
-document, each with its own conditional UPDATE (its own attempt = fencing token, lease, heartbeat
+A job message names one job (the parse body sends one per document); the body claims that job and
+every other queued job of the same document, each with its own conditional UPDATE (its own attempt = fencing token, lease, heartbeat
 and progress), loads the document text once and runs the tasks concurrently, so their engine
 requests arrive together: the serving engine prefills the document once and decodes the tasks in
 one batch. The siblings' own messages then find nothing to claim and are no-ops. Each job ends on
@@ -83,16 +83,18 @@ def run_job(settings: Settings, job_id: uuid.UUID | str) -> str:
         if row is None:
             return "missing"
         job_status, document_id, doc_status, doc_code, doc_message = row
-        if job_status != JobStatus.queued:
-            return str(job_status)  # terminal, or running under another claim (a sibling's body, say)
         if doc_status == DocumentStatus.failed:
-            q.fail_job(s, job_id, None, doc_code or "parse_error", f"document failed to parse: {doc_message}")
-            return str(JobStatus.failed)
+            if job_status == JobStatus.queued:
+                q.fail_job(s, job_id, None, doc_code or "parse_error", f"document failed to parse: {doc_message}")
+                return str(JobStatus.failed)
+            return str(job_status)
         if doc_status != DocumentStatus.parsed:
             return "waiting"  # the parse task releases it
+    # Even when `job_id` itself is no longer queued (canceled, or run by a sibling's body), its
+    # document's other queued jobs are claimed here: the message stands for the whole document.
     claims = _claim_document_jobs(settings, document_id, first=job_id)
     if not claims:
-        return "not_claimed"
+        return str(job_status) if job_status != JobStatus.queued else "not_claimed"
     log.info("document %s: running %d job(s): %s", document_id, len(claims),
              ", ".join(f"{c.task} {c.job_id} #{c.attempt}" for c in claims))
     try:
@@ -105,7 +107,7 @@ def run_job(settings: Settings, job_id: uuid.UUID | str) -> str:
     with ThreadPoolExecutor(len(claims), thread_name_prefix="longdoc-task") as pool:
         futures = {c.job_id: pool.submit(_run_claimed, settings, c, doc_text) for c in claims}
     outcomes = {jid: f.result() for jid, f in futures.items()}  # TRANSIENT_ERRORS re-raise here: retried
-    return outcomes.get(job_id, "not_claimed")
+    return outcomes.get(job_id, str(job_status))
 
 
 def _claim_document_jobs(settings: Settings, document_id: uuid.UUID, *, first: uuid.UUID) -> list[Claim]:
