@@ -108,3 +108,14 @@ def test_the_installed_command_reports_a_bad_file_in_one_line(corpus_dir: Path, 
     proc = subprocess.run([sys.executable, "-m", "longdoc.cli", "run", str(corpus_dir / "hostile-encrypted-aes256-userpw.pdf")],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "password_required" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_engine_mpt_runs_on_cpu_with_a_tiny_checkpoint(run_cli, corpus_dir: Path, tiny_ckpt: Path) -> None:
+    """`--engine mpt` with LONGDOC_DEVICE=cpu: the same record and result schema as the extractive
+    engine (random weights, so only the shape is checked)."""
+    status, out, err = run_cli(str(corpus_dir / GALERA), "--engine", "mpt", "--model", str(tiny_ckpt),
+                               "--tasks", "classify", "--json", LONGDOC_DEVICE="cpu")
+    record = json.loads(out)
+    assert status == 0, err
+    result = record["results"]["classify"]
+    assert result["engine"] == "mpt" and result["label"] in result["scores"]
