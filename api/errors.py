@@ -1,6 +1,7 @@
 """Every error leaves the API as JSON {"error": {"code", "message"}}; never a stack trace.
 
-Routes raise ApiError with a stable code. Framework errors (404 route, 405, validation), an
+Routes raise ApiError with a stable code. Framework errors (404 route, 405 with an Allow header that
+names every method the path serves, a body that is not JSON (400), validation (422)), an
 unreachable database or broker (503) and anything unexpected (500, logged here with its traceback)
 are mapped to the same shape.
 """
@@ -18,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,21 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+# Allow lists methods in this order (FastAPI routes serve no HEAD for a GET).
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves on this path. Starlette's 405 names only the methods of the
+    first route whose path matched (`/v1/documents` said POST, not GET, POST), but a path is often
+    served by several routes, one per method."""
+    # Asked per method (a route, or a router of them, matches FULL when it serves that method here):
+    # FastAPI's included routers do not expose their routes' methods directly.
+    routes = request.app.router.routes
+    return ", ".join(method for method in _METHOD_ORDER
+                     if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes))
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
@@ -64,13 +81,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _CODE_BY_STATUS.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return error_response(exc.status_code, code, message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # A body that is not JSON at all is a malformed request (400), not a rule it broke (422).
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            return error_response(400, "invalid_json", f"the request body is not valid JSON: {_validation_message(exc)}")
         return error_response(422, "validation_error", _validation_message(exc))
 
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
+from fastapi import Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from pipeline.tasks import REGISTRY
 from storage.models import Document, DocumentStatus, Job, JobStatus, TaskName
@@ -87,6 +90,22 @@ class JobCreate(BaseModel):
                                examples=[{"questions": ["What is the termination notice period?"]}])
 
 
+def _job_create_for(task: str) -> type[BaseModel]:
+    """JobCreate as it is for one task: the OpenAPI schema pairs each task with its own params model,
+    so a schema-valid body is one the route accepts ({"task": "qa"} needs params with questions)."""
+    params = REGISTRY[task].params
+    required = any(field.is_required() for field in params.model_fields.values())
+    return create_model(f"JobCreate{task.capitalize()}", __config__=ConfigDict(extra="forbid"),
+                        task=(Literal[task], ...),
+                        params=(params, ...) if required else (params, Field(default_factory=dict)))
+
+
+# The route validates JobCreate (then the task's params, for the registry's error messages); the schema
+# shows the union by task.
+JobCreateBody = Annotated[JobCreate, _DocumentedAs(Annotated[
+    functools.reduce(operator.or_, [_job_create_for(task) for task in REGISTRY]), Field(discriminator="task")])]
+
+
 class JobPublic(BaseModel):
     id: uuid.UUID
     document_id: uuid.UUID
@@ -150,4 +169,12 @@ class JobListPublic(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorPublic, "description": text} for status, text in {
         401: "missing or invalid API key", 404: "unknown id (or another key's)",
+        # Replaces FastAPI's default 422 (its HTTPValidationError is not what this API sends).
+        422: "a path, query or body parameter breaks the schema",
         503: "database or broker unreachable"}.items()}
+
+INVALID_CURSOR: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorPublic, "description": "`invalid_cursor`: not a cursor this server issued"}}
+
+CursorQuery = Annotated[str | None, Query(
+    description="`next_cursor` of the previous page (opaque; anything else answers 400 invalid_cursor).")]

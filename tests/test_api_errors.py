@@ -89,7 +89,7 @@ def test_bad_requests_are_400_or_422(client, auth, pdf_bytes):
     _error(client.get("/v1/documents", headers=auth, params={"limit": 0}), 422, "validation_error")
     _error(client.get("/v1/documents", headers=auth, params={"cursor": "garbage!"}), 400, "invalid_cursor")
     _error(client.post(f"/v1/documents/{'1' * 32}/jobs", headers={**auth, "Content-Type": "application/json"},
-                       content=b"{not json"), 422, "validation_error")
+                       content=b"{not json"), 400, "invalid_json")  # unparsable: 400, documented
 
 
 def test_unknown_ids_routes_and_methods(client, auth):
@@ -100,6 +100,7 @@ def test_unknown_ids_routes_and_methods(client, auth):
     _error(client.post(f"/v1/documents/{missing}/jobs", headers=auth, json={"task": "summarize"}), 404, "not_found")
     _error(client.get("/v1/nothing-here", headers=auth), 404, "not_found")
     _error(client.put("/v1/documents", headers=auth), 405, "method_not_allowed")
+    assert client.put("/v1/documents", headers=auth).headers["allow"] == "GET, POST"
 
 
 def test_unexpected_error_is_500_json_without_trace(api_settings):

@@ -16,16 +16,26 @@ from api.deps import BlobsDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import (
     ERROR_RESPONSES,
+    INVALID_CURSOR,
+    CursorQuery,
     DocumentListPublic,
     DocumentPublic,
     DocumentUploadPublic,
     ErrorPublic,
-    JobCreate,
+    JobCreateBody,
     JobPublic,
 )
 from longdoc.settings import Settings
 from pipeline.parse import sniff_media_type
 from pipeline.tasks import TASKS, validate_params
+from pipeline.tasks.schemas import (
+    MAX_LABELS,
+    MAX_QUESTION_CHARS,
+    MAX_QUESTIONS,
+    MIN_LABELS,
+    NON_BLANK,
+    PY_WHITESPACE,
+)
 from pipeline.types import PipelineError
 from storage import documents as repo
 from storage.blobs import BlobStore, TooLarge
@@ -39,13 +49,26 @@ SNIFF_BYTES = 8192
 MAX_FORM_FIELD_BYTES = 64 * 1024
 REPARSE_ON_PASSWORD = {"password_required", "wrong_password"}
 
+# The form's rules as JSON Schema (what _requested_jobs enforces): task names from the registry; each
+# question non-blank and within the qa limits; labels blank or at least two. The rest is said in the
+# descriptions, past what the schema can say here: the labels distinct ignoring case, `tasks=qa` needing
+# a question (an if/then beside a binary field breaks schemathesis's generator), and the bytes of
+# `file` being a document (they are sniffed: 415 otherwise).
+_W = PY_WHITESPACE
+_TASK_LIST = f"^[{_W}]*(?:{'|'.join(TASKS)})?[{_W}]*(?:,[{_W}]*(?:{'|'.join(TASKS)})?[{_W}]*)*$"
+# Blank (only spaces and commas), or a non-blank label, a comma, and later another non-blank label.
+_LABEL_LIST = f"^[{_W},]*$|[^{_W},][\\s\\S]*,[\\s\\S]*[^{_W},]"
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary", "description": "The document (PDF, text, Markdown, HTML, DOCX)."},
-        "tasks": {"type": "string", "description": f"Comma list of {','.join(TASKS)} to queue at upload."},
-        "question": {"type": "array", "items": {"type": "string"},
+        "file": {"type": "string", "format": "binary",
+                 "description": "The document (PDF, text, Markdown, HTML, DOCX), detected from its bytes."},
+        "tasks": {"type": "string", "pattern": _TASK_LIST,
+                  "description": f"Comma list of {','.join(TASKS)} to queue at upload (qa needs a `question`)."},
+        "question": {"type": "array", "maxItems": MAX_QUESTIONS,
+                     "items": {"type": "string", "pattern": NON_BLANK, "maxLength": MAX_QUESTION_CHARS},
                      "description": "A question for the qa task (repeat the field for several); implies qa."},
-        "labels": {"type": "string", "description": "Comma list of labels for classify; implies classify."},
+        "labels": {"type": "string", "pattern": _LABEL_LIST, "description": f"Comma list of {MIN_LABELS} to {MAX_LABELS} distinct labels "
+                                                    "for classify (blank: the document types); implies classify."},
         "password": {"type": "string", "format": "password",
                      "description": "Password of an encrypted PDF; passed to the parser, never stored."},
     }}}}}}
@@ -87,7 +110,8 @@ def _sniff(fileobj: BinaryIO) -> str:
 
 
 def _clean_filename(name: str | None) -> str:
-    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    # NUL: Postgres text cannot hold it.
+    base = (name or "").replace("\x00", "").replace("\\", "/").rsplit("/", 1)[-1].strip()
     return base[:512] or "upload"
 
 
@@ -156,17 +180,18 @@ def _enqueue_jobs_if_parsed(settings: Settings, session: Session, doc: Document,
 
 
 @router.post("/documents", status_code=201, response_model=DocumentUploadPublic, openapi_extra=_UPLOAD_BODY,
-             responses={200: {"model": DocumentUploadPublic, "description": "the same bytes were already uploaded"},
+             responses={**ERROR_RESPONSES,
+                        200: {"model": DocumentUploadPublic, "description": "the same bytes were already uploaded"},
                         400: {"model": ErrorPublic, "description": "empty file or malformed form"},
                         409: {"model": ErrorPublic, "description": "Idempotency-Key reused, or document failed"},
                         413: {"model": ErrorPublic, "description": "over the upload limit"},
                         415: {"model": ErrorPublic, "description": "unsupported file type"},
-                        422: {"model": ErrorPublic, "description": "invalid tasks/question/labels"},
-                        **ERROR_RESPONSES})
+                        422: {"model": ErrorPublic, "description": "invalid tasks/question/labels, or no file"},
+                        })
 async def create_document(
     request: Request, response: Response, settings: SettingsDep, session: SessionDep, blobs: BlobsDep,
     owner: OwnerDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
 ) -> DocumentUploadPublic:
     """Upload a document. Auth runs before the body is read (the form is parsed here, not by FastAPI),
     and the file is spooled to disk by the multipart parser, then streamed into the blob store."""
@@ -208,9 +233,9 @@ def get_document(document_id: uuid.UUID, session: ReadSessionDep, owner: OwnerDe
     return DocumentPublic.of(_owned_document(session, owner, document_id))
 
 
-@router.get("/documents", response_model=DocumentListPublic, responses=ERROR_RESPONSES)
+@router.get("/documents", response_model=DocumentListPublic, responses={**ERROR_RESPONSES, **INVALID_CURSOR})
 def list_documents(session: ReadSessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                   cursor: str | None = None) -> DocumentListPublic:
+                   cursor: CursorQuery = None) -> DocumentListPublic:
     """Newest first. Follow `next_cursor` until it is null."""
     try:
         page = repo.list_documents(session, owner, limit=limit, cursor=cursor)
@@ -236,9 +261,12 @@ def delete_document(document_id: uuid.UUID, settings: SettingsDep, session: Sess
 
 
 @router.post("/documents/{document_id}/jobs", status_code=202, response_model=JobPublic,
-             responses={409: {"model": ErrorPublic, "description": "the document failed to parse"},
-                        422: {"model": ErrorPublic, "description": "invalid task params"}, **ERROR_RESPONSES})
-def create_job(document_id: uuid.UUID, body: JobCreate, response: Response, settings: SettingsDep,
+             responses={**ERROR_RESPONSES,
+                        400: {"model": ErrorPublic, "description": "`invalid_json`: the body is not JSON"},
+                        409: {"model": ErrorPublic, "description": "the document failed to parse"},
+                        413: {"model": ErrorPublic, "description": "a body over 1 MiB"},
+                        422: {"model": ErrorPublic, "description": "invalid task params"}})
+def create_job(document_id: uuid.UUID, body: JobCreateBody, response: Response, settings: SettingsDep,
                session: SessionDep, owner: OwnerDep) -> JobPublic:
     """Queue a task on the document; it runs once the document is parsed. Poll the Location."""
     doc = _owned_document(session, owner, document_id)

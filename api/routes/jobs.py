@@ -10,7 +10,15 @@ from sqlalchemy.orm import Session
 
 from api.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.schemas import ERROR_RESPONSES, ErrorPublic, JobListPublic, JobPublic, job_public_json
+from api.schemas import (
+    ERROR_RESPONSES,
+    INVALID_CURSOR,
+    CursorQuery,
+    ErrorPublic,
+    JobListPublic,
+    JobPublic,
+    job_public_json,
+)
 from storage import documents as repo
 from storage.models import Job, JobStatus
 from workers import dispatch
@@ -42,10 +50,10 @@ async def get_job(job_id: uuid.UUID, request: Request, owner: OwnerDep) -> Respo
                     media_type="application/json")
 
 
-@router.get("/jobs", response_model=JobListPublic, responses=ERROR_RESPONSES)
+@router.get("/jobs", response_model=JobListPublic, responses={**ERROR_RESPONSES, **INVALID_CURSOR})
 def list_jobs(session: ReadSessionDep, owner: OwnerDep, document_id: uuid.UUID | None = None,
               status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              cursor: str | None = None) -> JobListPublic:
+              cursor: CursorQuery = None) -> JobListPublic:
     """Newest first, optionally for one document and/or one status. Follow `next_cursor`."""
     if document_id is not None and repo.get_document(session, owner, document_id) is None:
         raise ApiError(404, "not_found", f"document {document_id} not found")
@@ -57,7 +65,7 @@ def list_jobs(session: ReadSessionDep, owner: OwnerDep, document_id: uuid.UUID |
 
 
 @router.delete("/jobs/{job_id}", response_model=JobPublic,
-               responses={409: {"model": ErrorPublic, "description": "the job already finished"}, **ERROR_RESPONSES})
+               responses={**ERROR_RESPONSES, 409: {"model": ErrorPublic, "description": "the job already finished"}})
 def cancel_job(job_id: uuid.UUID, settings: SettingsDep, session: SessionDep, owner: OwnerDep) -> JobPublic:
     """Cancel a queued or running job. The DB status changes first; then the broker is asked to drop it."""
     job = _owned_job(session, owner, job_id)

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_MAX_WORDS = 200
 MAX_QUESTIONS = 20
@@ -21,6 +30,17 @@ MAX_LABEL_CHARS = 200
 DEFAULT_LABELS = ("contract", "report", "paper", "form", "other")
 NOT_STATED = "not stated in the document"  # a valid QA answer, said plainly
 
+# JSON Schema pattern for "no NUL (Postgres cannot store it), and a character str.split() keeps": the
+# whitespace is spelled out because Python's (str.isspace: \x1c-\x1f too) is not the \s of ECMA or
+# Rust regexes.
+PY_WHITESPACE = "\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NON_BLANK = f"^[^\\x00]*[^{PY_WHITESPACE}\\x00][^\\x00]*$"
+
+
+def _text(max_chars: int) -> object:
+    """A str as the OpenAPI schema shows it: what _clean_list accepts (the validators keep their messages)."""
+    return WithJsonSchema({"type": "string", "pattern": NON_BLANK, "maxLength": max_chars})
+
 
 def _collapse(text: str) -> str:
     return " ".join(text.split())  # "a  b" == "a b": whitespace never makes two values differ
@@ -31,8 +51,10 @@ def _clean_list(name: str, values: list[str], max_chars: int) -> list[str]:
     for i, value in enumerate(cleaned):
         if not value:
             raise ValueError(f"{name}[{i}] is empty")
-        if len(value) > max_chars:
-            raise ValueError(f"{name}[{i}] is {len(value)} characters; the limit is {max_chars}")
+        if "\x00" in value:
+            raise ValueError(f"{name}[{i}] contains a NUL character")
+        if len(values[i]) > max_chars:  # as sent, like the schema's maxLength
+            raise ValueError(f"{name}[{i}] is {len(values[i])} characters; the limit is {max_chars}")
     return cleaned
 
 
@@ -43,17 +65,21 @@ class _Params(BaseModel):
 class SummarizeParams(_Params):
     """A summary of at most max_words words (or, for a generating engine, max_tokens tokens)."""
 
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["max_words", "max_tokens"]}})
+
     max_words: StrictInt | None = Field(None, ge=10, le=5000, description=f"Word budget (default {DEFAULT_MAX_WORDS}).")
     max_tokens: StrictInt | None = Field(None, ge=16, le=4096, description="Token budget instead of max_words.")
     style: Literal["paragraph", "bullets"] = "paragraph"
-    focus: str | None = Field(None, min_length=1, max_length=MAX_QUESTION_CHARS,
-                              description="A topic the summary should concentrate on.")
+    focus: Annotated[str, _text(MAX_QUESTION_CHARS)] | None = Field(
+        None, min_length=1, max_length=MAX_QUESTION_CHARS, description="A topic the summary should concentrate on.")
 
     @field_validator("focus")
     @classmethod
     def _focus(cls, value: str | None) -> str | None:
         if value is not None and not _collapse(value):
             raise ValueError("focus is empty")
+        if value is not None and "\x00" in value:
+            raise ValueError("focus contains a NUL character")
         return None if value is None else _collapse(value)
 
     @model_validator(mode="after")
@@ -73,9 +99,19 @@ class SummarizeParams(_Params):
         return self.max_tokens if self.max_tokens is not None else int(self.max_words * 4 / 3) + 8
 
 
+def _qa_schema(schema: dict) -> None:
+    # The single-question spelling that _single_question accepts, so the schema allows it too.
+    schema["properties"]["question"] = {"type": "string", "pattern": NON_BLANK, "maxLength": MAX_QUESTION_CHARS,
+                                        "description": "One question (instead of questions)."}
+    schema.pop("required", None)
+    schema["oneOf"] = [{"required": ["questions"]}, {"required": ["question"]}]
+
+
 class QaParams(_Params):
-    questions: list[str] = Field(min_length=1, max_length=MAX_QUESTIONS,
-                                 description="One or more questions (a single 'question' string is accepted too).")
+    model_config = ConfigDict(json_schema_extra=_qa_schema)
+
+    questions: list[Annotated[str, _text(MAX_QUESTION_CHARS)]] = Field(
+        min_length=1, max_length=MAX_QUESTIONS, description="One or more questions.")
 
     @model_validator(mode="before")
     @classmethod
@@ -94,8 +130,10 @@ class QaParams(_Params):
 
 
 class ClassifyParams(_Params):
-    labels: list[str] = Field(default_factory=lambda: list(DEFAULT_LABELS), min_length=MIN_LABELS,
-                              max_length=MAX_LABELS, description="Candidate labels (default: document types).")
+    labels: list[Annotated[str, _text(MAX_LABEL_CHARS)]] = Field(
+        default_factory=lambda: list(DEFAULT_LABELS), min_length=MIN_LABELS, max_length=MAX_LABELS,
+        json_schema_extra={"uniqueItems": True},
+        description="Candidate labels (default: document types); no two the same ignoring case and spacing.")
     multi_label: StrictBool = False
 
     @field_validator("labels")
