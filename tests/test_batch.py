@@ -46,8 +46,6 @@ SUBSET = {
     "b/hostile-xref-loop.pdf": "hostile-xref-loop.pdf",
     "c/contract-ivillage-sponsorship.pdf": "contract-ivillage-sponsorship.pdf",
     "c/report-ntsb-accident-nyc08ca055.pdf": "report-ntsb-accident-nyc08ca055.pdf",
-    "c/contract-cybergy-affiliate.pdf": "contract-cybergy-affiliate.pdf",
-    "c/paper-semantic-scholar-naacl2018.pdf": "paper-semantic-scholar-naacl2018.pdf",
 }
 QUESTION = "Who are the parties to this agreement?"
 TASK_ARGS = ["--question", QUESTION, "--max-words", "60"]
