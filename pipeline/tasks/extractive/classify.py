@@ -36,7 +36,7 @@ DOCUMENT_TYPES = {  # prototype sentences of the default labels' document types
 }
 OTHER = "other"
 OTHER_SIMILARITY = 0.2  # "other" scores this: it wins when no document type matches better
-SAMPLE_SENTENCES = 32  # enough to characterize a document; bounds the cost on very long ones
+SAMPLE_SENTENCES = 24  # enough to characterize a document; bounds the cost on very long ones
 MIN_SAMPLE_WORDS = 6
 TOP_FRACTION = 0.2
 TEMPERATURE = 0.02  # cosine gaps between labels are a few hundredths

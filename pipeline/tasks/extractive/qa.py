@@ -27,13 +27,20 @@ from pipeline.tasks.schemas import NOT_STATED
 from pipeline.types import DocumentText
 
 EVIDENCE = 3
-SHORTLIST = 8  # sentences embedded per question from each of sentence and window BM25 (union)
+SHORTLIST = 6  # sentences embedded per question from each of sentence and window BM25 (union)
 LEAD = 3  # the opening sentences are always candidates: parties and dates live in the preamble
 MIN_ANSWER_WORDS = 7  # shorter segments (headings, fragments) rank after every full sentence
-WEIGHTS = {"bm25": 0.2, "window": 0.15, "cosine": 0.4, "coverage": 0.25}
+WEIGHTS = {"bm25": 0.2, "window": 0.15, "cosine": 0.3, "coverage": 0.35}
 ENTITY_PENALTY = 0.1  # per kind of name/number the sentence contradicts
 AMOUNT_BONUS = 0.05
-DATE_BONUS = 0.08
+DATE_BONUS = 0.2
+DATED_CANDIDATES = 4
+EXPANSIONS = {  # question word -> how contracts and filings say it
+    "expire": "term until remain effect", "assign": "assignment transfer consent",
+    "exclusive": "exclusivity exclusively solely sole", "compete": "competing competitive",
+    "audit": "inspect records books", "liability": "liable exceed aggregate damages",
+    "insurance": "insured coverage policy", "date": "dated entered", "terminat": "termination notice",
+}
 NOT_STATED_BELOW = 0.25  # a best cosine this low with no shared term: the document does not say
 _AMOUNT_QUESTION = re.compile(r"^\s*(how (much|many)|what (was|were|is|are) (the )?(total|amount|number))", re.I)
 _AMOUNT = re.compile(r"\$\s?\d|\d[\d,.]*\s?(%|percent|million|billion|thousand|days|months|years)|\d{1,3}(,\d{3})+")
@@ -42,6 +49,8 @@ _MONTH = r"(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
 _DATE = re.compile(rf"\b{_MONTH}\s+\d{{1,2}}(st|nd|rd|th)?,?\s+\d{{4}}|\b\d{{1,2}}(st|nd|rd|th)?\s+(day\s+of\s+)?{_MONTH},?\s+\d{{4}}"
                    r"|\b\d{1,2}/\d{1,2}/\d{2,4}\b|\b(\d+|one|two|three|four|five|ten)\s*(\(\d+\)\s*)?(year|month)s?\b", re.I)
 _MONEY = re.compile(r"\$\s?\d|\d\s?(million|billion|thousand)|\b\d{1,3}(,\d{3})+\b")
+_CALENDAR_DATE = re.compile(rf"\b{_MONTH}\s+\d{{1,2}}(st|nd|rd|th)?,?\s+\d{{4}}|\b\d{{1,2}}(st|nd|rd|th)?\s+(day\s+of\s+)?"
+                            rf"{_MONTH},?\s+\d{{4}}", re.I)
 _YEAR = re.compile(r"\b(19|20)\d\d\b")
 _QUARTER = re.compile(r"\b(q[1-4]|first|second|third|fourth) quarter\b|\bq[1-4]\b", re.I)
 _STATES = ("alabama|alaska|arizona|arkansas|california|colorado|connecticut|delaware|florida|georgia|hawaii|"
@@ -60,17 +69,21 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     if not sentences:
         return _result(engine, [_not_stated(q, []) for q in questions])
     windows = _windows(engine, index)
-    progress(0.3, "retrieving")
+    progress(0.2, "embedding")
+    plans = [plan(index, windows, q) for q in questions]
+    # one length-sorted embedding pass over every question's candidates; rank() then hits the cache
+    engine.embed(list(dict.fromkeys([index.texts[i] for p in plans for i in p[3]] + questions)))
+    progress(0.8, "retrieving")
     answers = []
     for qi, question in enumerate(questions):
-        ranked = rank(engine, index, windows, question)
+        ranked = rank(engine, index, windows, question, plans[qi])
         evidence = [{**sentences[i].citation(), "score": round(score, 4)} for i, score, _ in ranked[:EVIDENCE]]
         if not ranked or (ranked[0][2] < NOT_STATED_BELOW and not index.retriever.bm25.scores(question).any()):
             answers.append(_not_stated(question, evidence))
         else:
             answers.append({"question": question, "answer": evidence[0]["text"], "evidence": evidence,
                             "confidence": round(min(1.0, max(0.0, ranked[0][1])), 4)})
-        progress(0.3 + 0.7 * (qi + 1) / len(questions), "retrieving")
+        progress(0.8 + 0.2 * (qi + 1) / len(questions), "retrieving")
     return _result(engine, answers)
 
 
@@ -82,14 +95,38 @@ def _windows(engine, index) -> Bm25:  # noqa: ANN001
     return index.cache["qa_windows"]
 
 
-def rank(engine, index, windows: Bm25, question: str) -> list[tuple[int, float, float]]:  # noqa: ANN001
-    """[(sentence index, fused score, cosine)] best first; full sentences before headings/fragments."""
-    own, ctx = index.retriever.bm25.scores(question), windows.scores(question)  # [S], [S]
+def expand(question: str) -> str:
+    """The question plus the words its answer usually uses instead ("expire" -> "term", "until"):
+    BM25 only finds what shares a term, and clauses rarely repeat the question's verb."""
+    extra = [words for key, words in EXPANSIONS.items() if key in question.lower()]
+    return " ".join([question, *extra])
+
+
+def _dated(index) -> list[int]:  # noqa: ANN001
+    """Sentences stating a calendar date, in reading order (cached per document)."""
+    if "qa_dated" not in index.cache:
+        index.cache["qa_dated"] = [i for i, t in enumerate(index.texts) if _CALENDAR_DATE.search(t)]
+    return index.cache["qa_dated"]
+
+
+def plan(index, windows: Bm25, question: str) -> tuple[str, np.ndarray, np.ndarray, list[int]]:  # noqa: ANN001
+    """(expanded query, sentence BM25 [S], window BM25 [S], candidate sentence indices)."""
+    query = expand(question)
+    own, ctx = index.retriever.bm25.scores(query), windows.scores(query)  # [S], [S]
     candidates = _candidates(own, ctx)
+    if _DATE_QUESTION.search(question):  # the first dated sentences: the preamble's "dated as of"
+        candidates += [i for i in _dated(index)[:DATED_CANDIDATES] if i not in candidates]
+    return query, own, ctx, candidates
+
+
+def rank(engine, index, windows: Bm25, question: str,  # noqa: ANN001
+         planned: tuple[str, np.ndarray, np.ndarray, list[int]] | None = None) -> list[tuple[int, float, float]]:
+    """[(sentence index, fused score, cosine)] best first; full sentences before headings/fragments."""
+    query, own, ctx, candidates = planned or plan(index, windows, question)
     texts = index.texts
     vectors = engine.embed([texts[i] for i in candidates] + [question])  # [C+1, D]
     cosine = vectors[:-1] @ vectors[-1]  # [C]
-    weights = _idf(windows, question)
+    weights = _idf(windows, query)
     scored = []
     for j, i in enumerate(candidates):
         window = " ".join(texts[max(0, i - 1):i + 2])
