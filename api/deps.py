@@ -7,11 +7,8 @@ which is a measurable share of a job poll (bench/api_load.py).
 from __future__ import annotations
 
 import functools
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -20,44 +17,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
+from api.key_cache import CurrentKey, KeyCache
 from longdoc.settings import Settings
 from storage import keys
 from storage.blobs import BlobStore
-from storage.db import get_engine, get_sessionmaker
+from storage.db import get_read_engine, get_sessionmaker
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `longdoc keys create NAME`.")
-
-
-@dataclass(frozen=True)
-class CurrentKey:
-    id: uuid.UUID
-    name: str
-
-
-class KeyCache:
-    """Keys verified recently, by secret hash, for ttl_s seconds (0 disables). Only hits are cached,
-    so a new key works at once; a revoked one stops within ttl_s (settings.auth_cache_s)."""
-
-    MAX_ENTRIES = 10_000
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[CurrentKey, float]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> CurrentKey | None:
-        entry = self._entries.get(digest)
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
-
-    def put(self, digest: str, key: CurrentKey) -> None:
-        if self.ttl_s <= 0:
-            return
-        with self._lock:
-            if len(self._entries) >= self.MAX_ENTRIES:
-                self._entries.clear()
-            self._entries[digest] = (key, time.monotonic() + self.ttl_s)
 
 
 async def get_settings(request: Request) -> Settings:
@@ -85,14 +51,14 @@ async def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> A
 
 
 @functools.lru_cache(maxsize=8)
-def _autocommit_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url).execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+def _read_sessionmaker(url: str) -> sessionmaker[Session]:
+    return sessionmaker(get_read_engine(url), expire_on_commit=False)
 
 
 async def get_read_session(settings: Annotated[Settings, Depends(get_settings)]) -> AsyncIterator[Session]:
     """A session for GET routes: each SELECT runs in autocommit, so there is no BEGIN/ROLLBACK round
     trip, and closing it does no I/O (it stays on the event loop). Used by the job poll, the hot path."""
-    session = _autocommit_sessionmaker(settings.effective_database_url)()
+    session = _read_sessionmaker(settings.effective_database_url)()
     try:
         yield session
     finally:
@@ -120,10 +86,11 @@ async def current_key(
     digest = keys.hash_secret(credentials.credentials)
     key = cache.get(digest)
     if key is None:
+        generation = cache.generation
         key = await run_in_threadpool(_lookup_key, settings, credentials.credentials)
         if key is None:
             raise ApiError(401, "unauthorized", "unknown or revoked API key", challenge)
-        cache.put(digest, key)
+        cache.put(digest, key, generation)
     return key
 
 

@@ -99,11 +99,8 @@ class HotReads:
         self.url = url
         engine = get_engine(url)
         self.dialect = engine.dialect
-        self.pool: OnDemandPool | None = None
-        if self.dialect.driver == "psycopg":
-            connect_args = self.dialect.create_connect_args(engine.url)[1]
-            connect_args.pop("context", None)  # SQLAlchemy's adapters; plain psycopg types are what we want
-            self.pool = OnDemandPool(connect_args, POOL_SIZE, CONNECT_TIMEOUT_S)
+        connect_args = psycopg_connect_kwargs(url)
+        self.pool = None if connect_args is None else OnDemandPool(connect_args, POOL_SIZE, CONNECT_TIMEOUT_S)
 
     async def open(self) -> None:
         """Nothing to do: connections open on first use, so a database that is down now only fails reads."""
@@ -131,6 +128,16 @@ class HotReads:
             # nothing, so running it again is safe, and a database still down fails that connect at once.
             await self.pool.discard_idle()
         return None if row is None else dict(zip(keys, row, strict=True))
+
+
+def psycopg_connect_kwargs(url: str) -> dict[str, Any] | None:
+    """psycopg.connect() arguments for a postgresql+psycopg URL (None for other databases)."""
+    engine = get_engine(url)
+    if engine.dialect.driver != "psycopg":
+        return None
+    connect_args = engine.dialect.create_connect_args(engine.url)[1]
+    connect_args.pop("context", None)  # SQLAlchemy's adapters; plain psycopg types are what we want
+    return connect_args
 
 
 def _core_fetch_one(url: str, statement: Select, params: dict[str, Any]) -> Mapping[str, Any] | None:

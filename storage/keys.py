@@ -10,12 +10,14 @@ import hashlib
 import secrets
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from storage.models import ApiKey, utcnow
 
 SECRET_PREFIX = "ld_"
+# Postgres NOTIFY channel carrying the hash of each revoked key (api/key_cache.py listens on it).
+REVOKED_CHANNEL = "longdoc_key_revoked"
 
 
 def hash_secret(secret: str) -> str:
@@ -46,8 +48,11 @@ def list_keys(session: Session) -> list[ApiKey]:
 
 
 def revoke_key(session: Session, key_id: uuid.UUID) -> ApiKey | None:
-    """Mark the key revoked (idempotent); None if no such key."""
+    """Mark the key revoked (idempotent); None if no such key. On Postgres, every API process is told
+    when the transaction commits (a NOTIFY is transactional), so their key caches drop it at once."""
     key = session.get(ApiKey, key_id)
     if key is not None and key.revoked_at is None:
         key.revoked_at = utcnow()
+    if key is not None and session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(REVOKED_CHANNEL, key.key_hash)))
     return key

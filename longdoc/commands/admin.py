@@ -26,7 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     create.add_argument("name")
     create.set_defaults(func=cmd_keys_create)
     keys.add_parser("list", help="list keys (never their secrets)").set_defaults(func=cmd_keys_list)
-    revoke = keys.add_parser("revoke", help="revoke a key by id; it stops working at once")
+    revoke = keys.add_parser(
+        "revoke", help="revoke a key by id; it stops working at once",
+        description="Revoke a key by id. It stops working as soon as this command returns, in every API "
+                    "process: on Postgres each process is told by a NOTIFY and drops the key from its key "
+                    "cache (LONGDOC_AUTH_CACHE_S), and a process not listening (its database connection "
+                    "is being re-made) checks every request's key against the database meanwhile; on "
+                    "SQLite (embedded) keys are not cached.")
     revoke.add_argument("id", type=uuid.UUID)
     revoke.set_defaults(func=cmd_keys_revoke)
 
