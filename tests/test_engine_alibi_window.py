@@ -262,3 +262,18 @@ def test_fa4_launches_the_unplanned_heads_before_reading_norms(monkeypatch):
     assert queued_at == [0]  # the norms are queued before that launch (the host waits for them alone)
     assert read_at == [1]  # and read on the host after it
     torch.testing.assert_close(out, dense_reference(q, k, v, slopes, scale=d**-0.5), rtol=1e-10, atol=1e-10)
+
+
+def test_aligned_plans_start_groups_on_the_grid_only():
+    """flash-attn-4 compiles a kernel per group start: aligned plans bound the compiles."""
+    from pipeline.engine.backends.alibi_window import plan_groups
+
+    rng = __import__("random").Random(0)
+    for _ in range(50):
+        windows = sorted(rng.randrange(50, 5000) for _ in range(32))
+        groups = plan_groups(windows, 4096, 8192, align=4)
+        assert all(g.start % 4 == 0 for g in groups)
+        assert [g.start for g in groups][0] == 0 and groups[-1].stop == 32
+        assert all(a.stop == b.start for a, b in zip(groups, groups[1:], strict=False))
+        for g in groups:  # each group's window covers its heads' windows
+            assert g.window is None or g.window >= max(windows[g.start:g.stop])

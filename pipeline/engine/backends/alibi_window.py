@@ -111,11 +111,16 @@ def sum_range(lo: int, hi: int) -> int:
     return (hi - lo) * (lo + hi - 1) // 2 if hi > lo else 0
 
 
+GROUP_ALIGN = 4  # heads: group starts on this grid (<= heads / 4 kernel compiles per slope set)
+
+
 def plan_groups(
-    windows: list[int], tq: int, tk: int, *, call_cost: float | None = None
+    windows: list[int], tq: int, tk: int, *, call_cost: float | None = None, align: int = 1
 ) -> list[HeadGroup]:
     """Split heads into contiguous groups minimising sum(heads x work(max window)) + calls x call_cost
-    (default CALL_COST_ELEMENTS).
+    (default CALL_COST_ELEMENTS). With `align`, groups start only at multiples of it: flash-attn-4
+    compiles one kernel per group start (its ALiBi slope offset is compile-time), so free starts would
+    compile anew whenever the activations move a boundary (seconds each, per new document).
 
     Windows at or beyond the whole key range become None (plain causal). Exact dynamic programme over
     contiguous partitions (H^2 group evaluations; H <= a few hundred).
@@ -132,11 +137,14 @@ def plan_groups(
 
     best = [0.0] + [math.inf] * n  # best[i]: cost of heads [0, i)
     choice: list[tuple[int, int | None]] = [(0, None)] * (n + 1)  # (start, window) of the last group
-    for stop in range(1, n + 1):
+    bounds = sorted({*range(0, n, max(1, align)), n})
+    for stop in bounds[1:]:
         window: int | None = -1  # running max of capped[start:stop]; None (unbounded) absorbs
         for start in range(stop - 1, -1, -1):
             w = capped[start]
             window = None if window is None or w is None else max(window, w)
+            if start % max(1, align):
+                continue
             cost = best[start] + call_cost + (stop - start) * head_work(window)
             if cost < best[stop]:
                 best[stop], choice[stop] = cost, (start, window)
@@ -159,13 +167,16 @@ def window_groups(
     wait covers the norms alone, not the group queued after them). q [B, Tq, H, D], k [B, Tk, H, D];
     host_slopes = slopes as a list."""
     heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
-    planned = always_full_from(host_slopes, tk)
+    # rounded up to the group grid: a few full heads more in the planned part keep every launch's
+    # first head on the grid (their windows come out unbounded, the same causal work)
+    align = GROUP_ALIGN if heads >= 4 * GROUP_ALIGN else 1  # few heads: few starts anyway
+    planned = min(heads, -(-always_full_from(host_slopes, tk) // align) * align)
     first = slice(0, planned)
     pending = head_windows_async(q[:, :, first], k[:, :, first], slopes[first], scale=scale) if planned else None
     if planned < heads:
         yield HeadGroup(planned, heads, None)
     if pending is not None:
-        yield from plan_groups(pending.get(), tq, tk)
+        yield from plan_groups(pending.get(), tq, tk, align=align)
 
 
 def work_fraction(groups: list[HeadGroup], tq: int, tk: int) -> float:
