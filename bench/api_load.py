@@ -4,6 +4,7 @@
     python bench/api_load.py                     # 10,000 jobs, 10 s of polling, 10 MB and 50 MB uploads
     python bench/api_load.py --duration 20 --concurrency 32 --upload-mb 10 50 100
     python bench/api_load.py --workers 2          # `longdoc serve --workers 2`
+    python bench/api_load.py --storm 200 --workers 2   # only the upload storm (bench/upload_storm.py)
 
 Everything runs on loopback: a throwaway Postgres database (dropped at the end), Redis db 12 as the
 broker (service mode; no worker consumes it), the server as a subprocess, and the load generator as a
@@ -338,6 +339,28 @@ def measure_upload(port: int, pid: int, token: str, size_mb: int, tmp: Path) -> 
     }
 
 
+def run_storm(port: int, token: str, url: str, uploads: int) -> dict:
+    """16 clients, then (the same-run baseline) 1 client on new bytes; each checked for duplicates,
+    lost uploads and errors, and against the database's document count."""
+    from sqlalchemy import func, select
+
+    from bench.upload_storm import problems, salted_files, storm
+    from storage.db import session_scope
+    from storage.models import Document
+
+    files, out = max(1, uploads // 4), {}
+    for name, clients, salt in (("clients_16", 16, "a"), ("clients_1", 1, "b")):
+        contents = salted_files(SAMPLE_PDF.read_bytes() + salt.encode(), files)
+        with session_scope(url) as s:
+            before = s.scalar(select(func.count()).select_from(Document))
+        result = asyncio.run(storm(f"http://127.0.0.1:{port}", token, contents, 4, clients, key_prefix=name))
+        with session_scope(url) as s:
+            added = s.scalar(select(func.count()).select_from(Document)) - before
+        out[name] = {**result.figures(), "documents_added": added, "problems": problems(result)[:10]}
+    out["ratio_uploads_per_s"] = round(out["clients_16"]["uploads_per_s"] / out["clients_1"]["uploads_per_s"], 2)
+    return out
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_load":
         return load_main(sys.argv[2:])
@@ -348,7 +371,11 @@ def main() -> None:
     p.add_argument("--upload-mb", type=int, nargs="*", default=[10, 50])
     p.add_argument("--workers", type=int, default=1, help="`longdoc serve --workers N`")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--storm", type=int, default=0, metavar="N",
+                   help="run only the upload storm: N uploads (4 copies of N/4 files), 16 clients, then 1 client")
     args = p.parse_args()
+    if args.storm:
+        args.jobs = 1
 
     t0 = time.time()
     url, token, job_ids = make_database(args.jobs)
@@ -361,6 +388,9 @@ def main() -> None:
         server = start_server(url, port, tmp / "data", max_upload=max(args.upload_mb or [1]) * 2**20 + 2**24,
                               workers=args.workers)
         try:
+            if args.storm:
+                results["upload_storm"] = run_storm(port, token, url, args.storm)
+                return
             results["baseline_healthz"] = run_load(port, server.pid, ["/healthz"], "", args, tmp)
             sample = random.Random(0).sample(job_ids, min(2000, len(job_ids)))
             results["job_polls"] = run_load(port, server.pid, [f"/v1/jobs/{j}" for j in sample], token, args, tmp)
@@ -369,10 +399,10 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
             drop_database(url)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+            text = json.dumps(results, indent=2)
+            print(text)
+            if args.json:
+                args.json.write_text(text + "\n")
 
 
 if __name__ == "__main__":
