@@ -82,9 +82,11 @@ def terms(text: str) -> list[str]:
 class Bm25:
     """BM25 over fixed texts; scores(query) -> [N] raw scores, zeros when no query term occurs."""
 
-    def __init__(self, texts: Sequence[str]) -> None:
+    def __init__(self, texts: Sequence[str], *, corpus_terms: Sequence[list[str]] | None = None) -> None:
+        """corpus_terms: the texts' terms when the caller has them already (saves the stemming)."""
         self.n = len(texts)
-        corpus = [terms(t) for t in texts]
+        corpus = [terms(t) for t in texts] if corpus_terms is None else list(corpus_terms)
+        self.terms = corpus  # per text, for callers building derived indexes
         self.df: dict[str, int] = {}  # texts holding each term
         for doc_terms in corpus:
             for t in set(doc_terms):

@@ -90,8 +90,10 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
 def _windows(engine, index) -> Bm25:  # noqa: ANN001
     """BM25 over each sentence with its neighbours, built once per document (cached on the index)."""
     if "qa_windows" not in index.cache:
-        texts = index.texts
-        index.cache["qa_windows"] = Bm25([" ".join(texts[max(0, i - 1):i + 2]) for i in range(len(texts))])
+        texts, own = index.texts, index.retriever.bm25.terms
+        windows = [" ".join(texts[max(0, i - 1):i + 2]) for i in range(len(texts))]
+        index.cache["qa_windows"] = Bm25(windows, corpus_terms=[
+            [t for j in range(max(0, i - 1), min(len(own), i + 2)) for t in own[j]] for i in range(len(own))])
     return index.cache["qa_windows"]
 
 
