@@ -98,7 +98,7 @@ def run_case(name: str, s: Setup, variants: dict[str, Callable[[Setup, int], tor
         try:
             row["err"] = rel_err(fn(s, 0), ref)
             if not smoke:
-                row["us"] = round(graph_us([lambda i=i: fn(s, i % len(s.pools)) for i in range(n_calls)], 30), 2)
+                row["us"] = round(graph_us([lambda i=i, fn=fn: fn(s, i % len(s.pools)) for i in range(n_calls)], 30), 2)
         except Exception as exc:  # a variant that cannot compile or capture is reported, not fatal
             row["error"] = repr(exc)[:300]
         results.append(row)
@@ -171,8 +171,9 @@ def main() -> None:
     sm = dict(block_n=16, min_keys=16, prefix_block_n=16, prefix_min_keys=16) if smoke else {}
     cfg0 = replace(DEFAULT, **sm)
     plain(1, 16 if not smoke else 16, 256 if not smoke else 16, {"default (fixed cost)": cfg0}, False)
-    plain(1, k4, 256 if not smoke else 16, {"default": cfg0, "target512": replace(cfg0, target_programs=512),
-                                            "bn64": replace(cfg0, block_n=64 if not smoke else 16)}, True)
+    plain(1, k4, 256 if not smoke else 16, {"default": cfg0, "st4": replace(cfg0, num_stages=4),
+                                            "min512 st4": replace(cfg0, min_keys=512 if not smoke else 16,
+                                                                  num_stages=4)}, True)
     plain(1, k65, 256 if not smoke else 16, {"default": cfg0, "target2048": replace(cfg0, target_programs=2048),
                                              "bn64 st4": replace(cfg0, block_n=64 if not smoke else 16,
                                                                  num_stages=4)}, True)
@@ -184,10 +185,14 @@ def main() -> None:
         plain(32, k4, 128, {"default": cfg0}, False)
         plain(1, k65, 64, {"default": cfg0}, False)
 
+    pbn32 = 32 if not smoke else 16
     cascade_variants = {"cascade default": cfg0, "cascade ptarget512": replace(cfg0, prefix_target=512),
-                        "cascade ptarget2048": replace(cfg0, prefix_target=2048),
-                        "cascade pst4": replace(cfg0, prefix_stages=4),
-                        "cascade pw8": replace(cfg0, prefix_warps=8)}
+                        "cascade swap": replace(cfg0, prefix_swap=True),
+                        "cascade swap ptarget512": replace(cfg0, prefix_swap=True, prefix_target=512),
+                        "cascade pst2": replace(cfg0, prefix_stages=2),
+                        "cascade pbn32 pst4": replace(cfg0, prefix_block_n=pbn32, prefix_stages=4),
+                        "cascade rows16": replace(cfg0, max_rows=16),
+                        "cascade swap rows16": replace(cfg0, prefix_swap=True, max_rows=16)}
     for n in (8, 32):
         bs = 256 if not smoke else 16
         width = MAX_MODEL_LEN // bs if not smoke else 4 * (k32 + own) // bs

@@ -49,6 +49,7 @@ class PagedConfig:
     prefix_warps: int = 4
     prefix_stages: int = 3
     max_rows: int = 32  # group rows per prefix program (a power of two >= 16); more rows: row chunks
+    prefix_swap: bool = False  # keys as the dot's M side (S^T = K Q^T, O^T = V^T P^T)
 
 
 DEFAULT = PagedConfig()
@@ -178,7 +179,7 @@ def _kernels() -> Any:
         stride_qb, stride_kblk, stride_ktok, stride_ptab, stride_grows, H, n_chunks, max_group,
         n_splits, min_keys, n_slots, qk_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-        NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
+        NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr,
     ):
         pid = tl.program_id(0)  # (g * n_chunks + chunk) * H + h
         split = tl.program_id(1)
@@ -195,29 +196,49 @@ def _kernels() -> Any:
             rows = tl.load(grows_ptr + g.to(tl.int64) * stride_grows + r, mask=r < max_group, other=-1)
             live = rows >= 0
             rows64 = tl.where(live, rows, 0).to(tl.int64)
-            q = tl.load(q_ptr + rows64[:, None] * stride_qb + h * HEAD_DIM + d[None, :], mask=live[:, None],
-                        other=0.0)  # [ROWS, HEAD_DIM] in q's dtype: the tensor-core operand
             slope_log2 = tl.load(slopes_ptr + h) * 1.4426950408889634
             table = ptab_ptr + g.to(tl.int64) * stride_ptab
             jn = tl.arange(0, BLOCK_N)
             m = tl.full([ROWS], -float("inf"), dtype=tl.float32)
             l_sum = tl.zeros([ROWS], dtype=tl.float32)
-            acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-            for t in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
-                blk = tl.load(table + t // BLOCK_SIZE).to(tl.int64)
-                offs = (blk * stride_kblk + ((t % BLOCK_SIZE) + jn).to(tl.int64)[:, None] * stride_ktok
-                        + h * HEAD_DIM + d[None, :])  # [BLOCK_N, HEAD_DIM]: whole tiles, no mask
-                k = tl.load(k_ptr + offs)
-                v = tl.load(v_ptr + offs)
-                # key-only ALiBi, relative to the prefix end: near keys' biases stay near 0
-                bias = slope_log2 * (t + jn - p_len).to(tl.float32)  # [BLOCK_N]
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2 + bias[None, :]
-                m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds BLOCK_N real keys
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s - m_new[:, None])  # [ROWS, BLOCK_N]
-                l_sum = l_sum * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-                m = m_new
+            if SWAP:  # keys as the M side ([BLOCK_N, ROWS] scores, [D, ROWS] acc): M >= 64 suits wgmma
+                qt = tl.load(q_ptr + rows64[None, :] * stride_qb + h * HEAD_DIM + d[:, None], mask=live[None, :],
+                             other=0.0)  # [HEAD_DIM, ROWS] in q's dtype: the tensor-core operand
+                acc_t = tl.zeros([HEAD_DIM, ROWS], dtype=tl.float32)
+                for t in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+                    blk = tl.load(table + t // BLOCK_SIZE).to(tl.int64)
+                    offs = (blk * stride_kblk + ((t % BLOCK_SIZE) + jn).to(tl.int64)[:, None] * stride_ktok
+                            + h * HEAD_DIM + d[None, :])  # [BLOCK_N, HEAD_DIM]: whole tiles, no mask
+                    k = tl.load(k_ptr + offs)
+                    v = tl.load(v_ptr + offs)
+                    bias = slope_log2 * (t + jn - p_len).to(tl.float32)  # [BLOCK_N]
+                    st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale_log2 + bias[:, None]
+                    m_new = tl.maximum(m, tl.max(st, axis=0))
+                    alpha = tl.exp2(m - m_new)
+                    p = tl.exp2(st - m_new[None, :])  # [BLOCK_N, ROWS]
+                    l_sum = l_sum * alpha + tl.sum(p, axis=0)
+                    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=PRECISION)
+                    m = m_new
+                acc = tl.trans(acc_t)  # [ROWS, HEAD_DIM]
+            else:
+                q = tl.load(q_ptr + rows64[:, None] * stride_qb + h * HEAD_DIM + d[None, :], mask=live[:, None],
+                            other=0.0)  # [ROWS, HEAD_DIM]
+                acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+                for t in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+                    blk = tl.load(table + t // BLOCK_SIZE).to(tl.int64)
+                    offs = (blk * stride_kblk + ((t % BLOCK_SIZE) + jn).to(tl.int64)[:, None] * stride_ktok
+                            + h * HEAD_DIM + d[None, :])
+                    k = tl.load(k_ptr + offs)
+                    v = tl.load(v_ptr + offs)
+                    # key-only ALiBi, relative to the prefix end: near keys' biases stay near 0
+                    bias = slope_log2 * (t + jn - p_len).to(tl.float32)  # [BLOCK_N]
+                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2 + bias[None, :]
+                    m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds BLOCK_N real keys
+                    alpha = tl.exp2(m - m_new)
+                    p = tl.exp2(s - m_new[:, None])  # [ROWS, BLOCK_N]
+                    l_sum = l_sum * alpha + tl.sum(p, axis=1)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                    m = m_new
             n_r = tl.load(seq_lens_ptr + rows64, mask=live, other=1).to(tl.int32)
             m_row = m - slope_log2 * (n_r - 1 - p_len).to(tl.float32)  # restore -slope * (pos - P)
             part = (rows64 * H + h) * n_slots + split  # [ROWS]
@@ -302,7 +323,7 @@ def decode(
             q.stride(0), *strides, cascade.prefix_block_tables.stride(0), cascade.group_rows.stride(0), h,
             sizes["chunks"], width, sizes["prefix_splits"], cfg.prefix_min_keys, n_slots, qk_scale_log2,
             HEAD_DIM=d, BLOCK_N=prefix_block_n, BLOCK_SIZE=bs, ROWS=sizes["rows"], NUM_STAGES=cfg.prefix_stages,
-            PRECISION=precision, num_warps=cfg.prefix_warps,
+            PRECISION=precision, SWAP=cfg.prefix_swap, num_warps=cfg.prefix_warps,
         )
     row_group = cascade.row_group if cascade is not None else seq_lens  # unread without CASCADE
     plen = cascade.prefix_lens if cascade is not None else seq_lens
