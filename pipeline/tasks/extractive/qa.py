@@ -51,6 +51,8 @@ _DATE = re.compile(rf"\b{_MONTH}\s+\d{{1,2}}(st|nd|rd|th)?,?\s+\d{{4}}|\b\d{{1,2
 _MONEY = re.compile(r"\$\s?\d|\d\s?(million|billion|thousand)|\b\d{1,3}(,\d{3})+\b")
 _CALENDAR_DATE = re.compile(rf"\b{_MONTH}\s+\d{{1,2}}(st|nd|rd|th)?,?\s+\d{{4}}|\b\d{{1,2}}(st|nd|rd|th)?\s+(day\s+of\s+)?"
                             rf"{_MONTH},?\s+\d{{4}}", re.I)
+_DATED_AS_OF = re.compile(r"\b(dated|entered into|made|effective|executed)\b[^.;]{0,40}?\b(as of|on|this)\b[^.;]{0,12}?("
+                         + _CALENDAR_DATE.pattern + ")", re.I)
 _YEAR = re.compile(r"\b(19|20)\d\d\b")
 _QUARTER = re.compile(r"\b(q[1-4]|first|second|third|fourth) quarter\b|\bq[1-4]\b", re.I)
 _STATES = ("alabama|alaska|arizona|arkansas|california|colorado|connecticut|delaware|florida|georgia|hawaii|"
@@ -195,6 +197,8 @@ def _cross_check(question: str, sentence: str) -> float:
         score += AMOUNT_BONUS
     if _DATE_QUESTION.search(question) and _DATE.search(sentence):
         score += DATE_BONUS
+        if _DATED_AS_OF.search(sentence):  # "entered into as of December 18, 1998": the agreement's own date
+            score += DATE_BONUS
     return score
 
 
