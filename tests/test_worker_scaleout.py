@@ -16,8 +16,7 @@ from tests.fixtures_workers import ServiceSetup, api_client, poll_document, poll
 
 pytestmark = pytest.mark.slow
 
-DOCS = ("report-ntsb-accident-nyc08ca055.pdf", "contract-cybergy-affiliate.pdf", "contract-galera-joint-filing.pdf",
-        "contract-cerence-ip.pdf")
+DOCS = ("report-ntsb-accident-nyc08ca055.pdf", "contract-cybergy-affiliate.pdf", "contract-galera-joint-filing.pdf")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,8 @@ def test_two_gpu_workers_share_the_queue_keep_documents_together_and_survive_a_k
         w.wait_ready()
     with api_client(service.settings) as client:
         h = service.headers
-        docs = [upload(client, h, corpus_dir / name, tasks="summarize,qa,classify", question=["Who signed it?"])
-                for name in DOCS * 2]  # 8 documents, 24 jobs
+        docs = [upload(client, h, corpus_dir / name, tasks="qa,classify", question=["Who signed it?"])
+                for name in DOCS * 2]  # 6 documents, 12 jobs
         for doc in docs:
             assert poll_document(client, h, doc["id"], timeout=180)["status"] == "parsed"
         # once both workers have taken documents, kill one that is computing: what it held must come back
@@ -62,14 +61,18 @@ def test_two_gpu_workers_share_the_queue_keep_documents_together_and_survive_a_k
         busy = pids(("running",))
         victim = next((w for w in gpus if str(w.proc.pid) in busy), gpus[0])
         victim.kill()
+        held = [j.id for j in _jobs(service) if j.status == "running" and _pid(j.worker_id or "") == str(victim.proc.pid)]
         finished = [poll_job(client, h, j["id"], timeout=300) for doc in docs for j in doc["jobs"]]
     assert all(j["status"] == "succeeded" for j in finished), [j for j in finished if j["status"] != "succeeded"]
     jobs = _jobs(service)
     with session_scope(service.settings.effective_database_url) as s:
-        assert s.scalar(select(func.count()).select_from(Result)) == len(jobs) == 24  # exactly one result each
+        assert s.scalar(select(func.count()).select_from(Result)) == len(jobs) == 12  # exactly one result each
     by_doc: dict[str, set[str]] = {}
     for job in jobs:
         by_doc.setdefault(str(job.document_id), set()).add(_pid(job.worker_id or ""))
     together = sum(len(workers) == 1 for workers in by_doc.values())
     assert together >= len(by_doc) - 1, by_doc  # the killed worker's document may finish on the survivor
-    assert len({w for ws in by_doc.values() for w in ws}) == 2  # both workers took documents
+    # what the killed worker held was re-claimed (attempt 2) and finished by the survivor
+    survivor = next(w for w in gpus if w is not victim)
+    assert held and all(j.attempts >= 2 and _pid(j.worker_id) == str(survivor.proc.pid)
+                        for j in jobs if j.id in held)
