@@ -19,7 +19,7 @@ from tests.fixtures_api import SMALL_PDF
 from tests.fixtures_workers import free_port, serve_process, settings_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FILES, COPIES, CLIENTS = 12, 4, 16  # 48 uploads (the full run: 50 x 4 = 200)
+FILES, COPIES, CLIENTS = 8, 4, 16  # 32 uploads (the full run: 50 x 4 = 200)
 
 
 def test_sixteen_clients_uploading_the_same_bytes_make_one_document_each(migrated_pg, api_redis_url, tmp_path,
