@@ -5,7 +5,7 @@ several documents in flight (bounded), the next one started as soon as one finis
 Recorder   the serving engine as the strategies see it, recording what each job generated and
            (force_full) running every generation to its token limit, so random weights cannot end a
            summary after three tokens on one side and not the other
-tagged     a document with a line in front, so its prompts share no KV block with an earlier reading
+shuffled   a document with its words shuffled: the same shapes, no KV block shared with the real one
 GpuSampler NVML's GPU utilization sampled while a run goes on (None off CUDA or without NVML)
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
+import re
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -22,9 +24,10 @@ import torch
 
 from pipeline.engine.core.requests import GenerateRequest
 from pipeline.tasks import run_task
-from pipeline.types import Chunk, DocumentText, PageSpan, PipelineError
+from pipeline.types import DocumentText, PipelineError
 
 log = logging.getLogger("bench.tasks_run")
+_SPACE = re.compile(r"(\s+)")
 
 
 class Recorder:
@@ -64,17 +67,18 @@ class Recorder:
         return self.serving.submit(request, on_done)
 
 
-def tagged(doc: DocumentText, tag: str) -> DocumentText:
-    """`doc` with `tag` in front of its text: the first page and chunk start at 0 and take the tag in,
-    every other offset moves by len(tag)."""
-    n = len(tag)
-    text = tag + doc.full_text
-    spans = [PageSpan(s.number, 0 if i == 0 else s.char_start + n, s.char_end + n) for i, s in enumerate(doc.page_spans)]
-    chunks = []
-    for c in doc.chunks:
-        a, b = (0 if c.index == 0 else c.char_start + n), c.char_end + n
-        chunks.append(Chunk(c.index, text[a:b], c.token_count, c.page_start, c.page_end, a, b))
-    return DocumentText(full_text=text, page_spans=spans, chunks=chunks, token_count=doc.token_count)
+def shuffled(doc: DocumentText, seed: int = 0) -> DocumentText:
+    """`doc` with its words in a random order (whitespace kept in place, so every offset, page span and
+    chunk stays valid and the token count stays about the same): a warm-up reading that shares no KV
+    block with the real one (a block's key hashes every token before it, and no long run of words
+    survives the shuffle)."""
+    parts = _SPACE.split(doc.full_text)  # words at even positions, the whitespace between them at odd
+    words = parts[0::2]
+    random.Random(seed).shuffle(words)
+    parts[0::2] = words
+    text = "".join(parts)
+    chunks = [dataclasses.replace(c, text=text[c.char_start:c.char_end]) for c in doc.chunks]
+    return DocumentText(full_text=text, page_spans=list(doc.page_spans), chunks=chunks, token_count=doc.token_count)
 
 
 class GpuSampler:
