@@ -185,14 +185,10 @@ def main() -> None:
         plain(32, k4, 128, {"default": cfg0}, False)
         plain(1, k65, 64, {"default": cfg0}, False)
 
-    pbn32 = 32 if not smoke else 16
     cascade_variants = {"cascade default": cfg0, "cascade ptarget512": replace(cfg0, prefix_target=512),
-                        "cascade swap": replace(cfg0, prefix_swap=True),
-                        "cascade swap ptarget512": replace(cfg0, prefix_swap=True, prefix_target=512),
+                        "cascade ptarget1024": replace(cfg0, prefix_target=1024),
                         "cascade pst2": replace(cfg0, prefix_stages=2),
-                        "cascade pbn32 pst4": replace(cfg0, prefix_block_n=pbn32, prefix_stages=4),
-                        "cascade rows16": replace(cfg0, max_rows=16),
-                        "cascade swap rows16": replace(cfg0, prefix_swap=True, max_rows=16)}
+                        "cascade rows16": replace(cfg0, max_rows=16)}
     for n in (8, 32):
         bs = 256 if not smoke else 16
         width = MAX_MODEL_LEN // bs if not smoke else 4 * (k32 + own) // bs

@@ -44,12 +44,13 @@ class PagedConfig:
     num_warps: int = 4
     num_stages: int = 3
     prefix_block_n: int = 64  # keys per tile of the prefix kernel
-    prefix_target: int = 1024  # prefix programs for ONE live group (empty group slots exit at once)
+    # prefix programs for ONE live group (empty group slots exit at once); None: 512 at 16 rows per
+    # program, 1024 at 32 (H200, bench/NOTES.md paged runs 1-2: each the faster at its row count)
+    prefix_target: int | None = None
     prefix_min_keys: int = 512
     prefix_warps: int = 4
     prefix_stages: int = 3
     max_rows: int = 32  # group rows per prefix program (a power of two >= 16); more rows: row chunks
-    prefix_swap: bool = False  # keys as the dot's M side (S^T = K Q^T, O^T = V^T P^T)
 
 
 DEFAULT = PagedConfig()
@@ -179,7 +180,7 @@ def _kernels() -> Any:
         stride_qb, stride_kblk, stride_ktok, stride_ptab, stride_grows, H, n_chunks, max_group,
         n_splits, min_keys, n_slots, qk_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-        NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr,
+        NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)  # (g * n_chunks + chunk) * H + h
         split = tl.program_id(1)
@@ -201,44 +202,24 @@ def _kernels() -> Any:
             jn = tl.arange(0, BLOCK_N)
             m = tl.full([ROWS], -float("inf"), dtype=tl.float32)
             l_sum = tl.zeros([ROWS], dtype=tl.float32)
-            if SWAP:  # keys as the M side ([BLOCK_N, ROWS] scores, [D, ROWS] acc): M >= 64 suits wgmma
-                qt = tl.load(q_ptr + rows64[None, :] * stride_qb + h * HEAD_DIM + d[:, None], mask=live[None, :],
-                             other=0.0)  # [HEAD_DIM, ROWS] in q's dtype: the tensor-core operand
-                acc_t = tl.zeros([HEAD_DIM, ROWS], dtype=tl.float32)
-                for t in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
-                    blk = tl.load(table + t // BLOCK_SIZE).to(tl.int64)
-                    offs = (blk * stride_kblk + ((t % BLOCK_SIZE) + jn).to(tl.int64)[:, None] * stride_ktok
-                            + h * HEAD_DIM + d[None, :])  # [BLOCK_N, HEAD_DIM]: whole tiles, no mask
-                    k = tl.load(k_ptr + offs)
-                    v = tl.load(v_ptr + offs)
-                    bias = slope_log2 * (t + jn - p_len).to(tl.float32)  # [BLOCK_N]
-                    st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale_log2 + bias[:, None]
-                    m_new = tl.maximum(m, tl.max(st, axis=0))
-                    alpha = tl.exp2(m - m_new)
-                    p = tl.exp2(st - m_new[None, :])  # [BLOCK_N, ROWS]
-                    l_sum = l_sum * alpha + tl.sum(p, axis=0)
-                    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=PRECISION)
-                    m = m_new
-                acc = tl.trans(acc_t)  # [ROWS, HEAD_DIM]
-            else:
-                q = tl.load(q_ptr + rows64[:, None] * stride_qb + h * HEAD_DIM + d[None, :], mask=live[:, None],
-                            other=0.0)  # [ROWS, HEAD_DIM]
-                acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-                for t in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
-                    blk = tl.load(table + t // BLOCK_SIZE).to(tl.int64)
-                    offs = (blk * stride_kblk + ((t % BLOCK_SIZE) + jn).to(tl.int64)[:, None] * stride_ktok
-                            + h * HEAD_DIM + d[None, :])
-                    k = tl.load(k_ptr + offs)
-                    v = tl.load(v_ptr + offs)
-                    # key-only ALiBi, relative to the prefix end: near keys' biases stay near 0
-                    bias = slope_log2 * (t + jn - p_len).to(tl.float32)  # [BLOCK_N]
-                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2 + bias[None, :]
-                    m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds BLOCK_N real keys
-                    alpha = tl.exp2(m - m_new)
-                    p = tl.exp2(s - m_new[:, None])  # [ROWS, BLOCK_N]
-                    l_sum = l_sum * alpha + tl.sum(p, axis=1)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-                    m = m_new
+            q = tl.load(q_ptr + rows64[:, None] * stride_qb + h * HEAD_DIM + d[None, :], mask=live[:, None],
+                        other=0.0)  # [ROWS, HEAD_DIM] in q's dtype: the tensor-core operand
+            acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+            for t in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+                blk = tl.load(table + t // BLOCK_SIZE).to(tl.int64)
+                offs = (blk * stride_kblk + ((t % BLOCK_SIZE) + jn).to(tl.int64)[:, None] * stride_ktok
+                        + h * HEAD_DIM + d[None, :])  # [BLOCK_N, HEAD_DIM]: whole tiles, no mask
+                k = tl.load(k_ptr + offs)
+                v = tl.load(v_ptr + offs)
+                # key-only ALiBi, relative to the prefix end: near keys' biases stay near 0
+                bias = slope_log2 * (t + jn - p_len).to(tl.float32)  # [BLOCK_N]
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2 + bias[None, :]
+                m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds BLOCK_N real keys
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])  # [ROWS, BLOCK_N]
+                l_sum = l_sum * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m = m_new
             n_r = tl.load(seq_lens_ptr + rows64, mask=live, other=1).to(tl.int32)
             m_row = m - slope_log2 * (n_r - 1 - p_len).to(tl.float32)  # restore -slope * (pos - P)
             part = (rows64 * H + h) * n_slots + split  # [ROWS]
@@ -275,7 +256,8 @@ def grid_sizes(b: int, h: int, max_keys: int, groups: int, group_width: int, max
     rows = min(cfg.max_rows, max(16, 1 << (max(group_width, 1) - 1).bit_length()))
     chunks = -(-group_width // rows) if groups else 0
     splits = max(1, min(-(-cfg.target_programs // (b * h)), -(-max_keys // cfg.min_keys)))
-    prefix = max(1, min(-(-cfg.prefix_target // (h * max(chunks, 1))), -(-max_prefix_keys // cfg.prefix_min_keys)))
+    target = cfg.prefix_target or (512 if rows <= 16 else 1024)
+    prefix = max(1, min(-(-target // (h * max(chunks, 1))), -(-max_prefix_keys // cfg.prefix_min_keys)))
     return {"splits": splits, "prefix_splits": prefix if groups else 0, "rows": rows, "chunks": chunks}
 
 
@@ -323,7 +305,7 @@ def decode(
             q.stride(0), *strides, cascade.prefix_block_tables.stride(0), cascade.group_rows.stride(0), h,
             sizes["chunks"], width, sizes["prefix_splits"], cfg.prefix_min_keys, n_slots, qk_scale_log2,
             HEAD_DIM=d, BLOCK_N=prefix_block_n, BLOCK_SIZE=bs, ROWS=sizes["rows"], NUM_STAGES=cfg.prefix_stages,
-            PRECISION=precision, SWAP=cfg.prefix_swap, num_warps=cfg.prefix_warps,
+            PRECISION=precision, num_warps=cfg.prefix_warps,
         )
     row_group = cascade.row_group if cascade is not None else seq_lens  # unread without CASCADE
     plen = cascade.prefix_lens if cascade is not None else seq_lens
