@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, description="Uploads over this answer 413.")
     auth_cache_s: float = Field(
         default=5.0, description="How long an API process trusts a key it has checked (0 = check every request); "
-                                 "a revoked key stops working within this time.")
+                                 "`longdoc keys revoke` evicts the key from every process at once (Postgres "
+                                 "NOTIFY), and while a process's listener is down it checks every request.")
 
     # --- parsing and chunking --------------------------------------------------------------
     pdf_extractor: Literal["pdfium", "pypdf"] = "pdfium"
