@@ -63,9 +63,11 @@ class Bench:
         self.t0 = time.perf_counter()
         self.private: dict[str, Any] = {}  # objects handed between stages (never serialized)
 
+    results_name = "engine.json"  # subclasses for other bench scripts name their own file
+
     def save(self) -> None:
         self.res["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
-        with open(os.path.join(self.out_dir, "engine.json"), "w") as fh:
+        with open(os.path.join(self.out_dir, self.results_name), "w") as fh:
             json.dump(self.res, fh, indent=1, default=str)
 
     def stage(self, name: str, fn: Callable[[], Any]) -> Any:

@@ -42,10 +42,7 @@ WEIGHT_BYTES = 13.3e9
 
 
 class ServingBench(Bench):
-    def save(self) -> None:
-        self.res["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
-        with open(os.path.join(self.out_dir, "serving.json"), "w") as fh:
-            json.dump(self.res, fh, indent=1, default=str)
+    results_name = "serving.json"
 
 
 def greedy(n: int) -> SamplingParams:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import random
@@ -69,10 +68,7 @@ GOAL = 25.0
 
 
 class TasksBench(Bench):
-    def save(self) -> None:
-        self.res["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
-        with open(os.path.join(self.out_dir, "tasks_mpt.json"), "w") as fh:
-            json.dump(self.res, fh, indent=1, default=str)
+    results_name = "tasks_mpt.json"
 
 
 def tiny_model(b: Bench, max_seq_len: int, vocab: int) -> Mpt:
@@ -193,11 +189,12 @@ def ours_subset(b: TasksBench, args: argparse.Namespace) -> dict:
         return {"skipped": "the corpus run gave up on documents still in flight"}
     if remaining(b, args) < 20:
         return {"skipped": f"{remaining(b, args):.0f} s left before the deadline"}
+    held = round(torch.cuda.memory_allocated() / GIB, 1) if b.device.type == "cuda" else None
     docs = [b.private["docs"][i] for i in b.private["hf_picks"]]
     warm = warmup(b, args, picks=docs)
     try:
         return {**ours(b, args, "hf_subset", [(dict(m, name="again:" + m["name"]), d) for m, d in docs]),
-                "warmup_s": warm["wall_s"]}
+                "warmup_s": warm["wall_s"], "kv_pool_gib": warm["kv_pool_gib"], "gib_held_before": held}
     finally:
         free_engine(b)
 
