@@ -82,7 +82,7 @@ def shuffled(doc: DocumentText, seed: int = 0) -> DocumentText:
 
 
 class GpuSampler:
-    def __init__(self, device: torch.device, period_s: float = 0.1) -> None:
+    def __init__(self, device: torch.device, period_s: float = 0.2) -> None:
         self.device, self.period_s = device, period_s
         self.samples: list[int] = []
         self._stop = threading.Event()
