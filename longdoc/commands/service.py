@@ -77,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         runner = get_runner(settings)
         runner.start_reaper()
+        _preload_engine(settings)  # as a gpu worker does: the first job must not pay the engine load
         log.info("embedded mode: tasks run in-process (%d parse threads, %d gpu threads)",
                  settings.embedded_workers, settings.gpu_documents_in_flight)
     try:
