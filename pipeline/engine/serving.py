@@ -31,7 +31,7 @@ from pipeline.engine.core.requests import (
 )
 from pipeline.engine.core.scheduler import Scheduler, Sequence
 from pipeline.engine.model import Mpt
-from pipeline.engine.paged_cache import GIB, PagedKVCache, plan_pool
+from pipeline.engine.paged_cache import GIB, PagedKVCache, bytes_per_token, plan_pool
 from pipeline.engine.runner import ModelRunner, SamplingState
 from pipeline.engine.stream import TokenStream
 from pipeline.engine.tokenizer import Tokenizer
@@ -78,7 +78,7 @@ class ServingEngine:
         self.max_model_len = model.config.max_seq_len
         kv_bytes = cfg.kv_cache_bytes
         if kv_bytes is None and model.device.type != "cuda":  # room for 4 full sequences, at most 4 GiB
-            kv_bytes = min(4 * self.max_model_len * _bytes_per_token(model), CPU_POOL_CAP)
+            kv_bytes = min(4 * self.max_model_len * bytes_per_token(model.config, model.dtype), CPU_POOL_CAP)
         size = plan_pool(model.config, model.dtype, model.device, block_size=cfg.block_size, max_bytes=kv_bytes,
                          reserve_bytes=cfg.reserve_bytes, min_tokens=min(self.max_model_len, cfg.block_size))
         self.cache = PagedKVCache(model.config, size, device=model.device, dtype=model.dtype)
@@ -347,8 +347,3 @@ class ServingEngine:
             self._owner.pop(sid, None)
             self._sampling.pop(sid, None)
 
-
-def _bytes_per_token(model: Mpt) -> int:
-    from pipeline.engine.paged_cache import bytes_per_token
-
-    return bytes_per_token(model.config, model.dtype)
