@@ -18,6 +18,7 @@ WORKDIR /app
 # Dependencies first (cached while only the code changes), then the code as an editable install:
 # storage.migrate finds the migrations at /app/alembic next to the packages.
 COPY pyproject.toml README.md ./
+COPY config/ config/
 COPY longdoc/ longdoc/
 COPY pipeline/ pipeline/
 COPY storage/ storage/

@@ -15,7 +15,7 @@ from api.errors import BodyLimitMiddleware, install_error_handlers
 from api.key_cache import KeyCache, RevocationListener
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import documents, health, jobs
-from longdoc.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 from storage import migrate
 from storage.blobs import BlobStore
 from storage.db import POOL_SIZE

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from api.key_cache import CurrentKey, KeyCache
-from longdoc.settings import Settings
+from config.settings import Settings
 from storage import keys
 from storage.blobs import BlobStore
 from storage.db import get_read_engine, get_sessionmaker

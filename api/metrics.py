@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import ColumnElement, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from longdoc.settings import Settings
+from config.settings import Settings
 from storage.db import get_sessionmaker
 from storage.models import Job, JobStatus
 from workers import dispatch

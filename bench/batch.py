@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the `longdoc run` per-file baseline")
     ap.add_argument("--concurrency", type=int, default=2, help="batch parse concurrency")
     args = ap.parse_args()
-    from longdoc.settings import Settings
+    from config.settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     settings = Settings(_env_file=None, engine="extractive", data_dir=tmp / "data")

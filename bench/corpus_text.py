@@ -39,7 +39,7 @@ DEFAULT_CORPUS = REPO.parent / "shared" / "corpus"
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "gpt-neox-20b"
 DEFAULT_OUT = REPO / ".corpus-text" / "corpus.json"
 MAX_BYTES = 20 << 20  # what one device call can carry beside the tree, with room to spare
-CHUNK_TOKENS, OVERLAP_TOKENS = 512, 64  # longdoc.settings defaults (chunk_tokens, chunk_overlap_tokens)
+CHUNK_TOKENS, OVERLAP_TOKENS = 512, 64  # config.settings defaults (chunk_tokens, chunk_overlap_tokens)
 # The same task set as the GPU benchmark (bench/tasks_mpt.py imports these).
 QUESTIONS = ("What is this document about?", "Who are the parties or authors named in the document?",
              "What are the key dates, amounts or figures?")

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from longdoc.settings import Settings
+from config.settings import Settings
 from storage import keys, migrate
 from storage.db import session_scope
 from tests.conftest import flushed_redis_db

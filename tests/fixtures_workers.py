@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from longdoc.settings import Settings
+from config.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

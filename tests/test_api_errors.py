@@ -139,7 +139,7 @@ def test_broker_down_is_503_and_the_upload_is_kept(api_settings, make_client, au
 
 
 def test_refuses_to_start_on_unmigrated_database(pg_url, api_redis_url, tmp_path):
-    from longdoc.settings import Settings
+    from config.settings import Settings
 
     settings = Settings(_env_file=None, data_dir=tmp_path, database_url=pg_url, broker_url=api_redis_url)
     with pytest.raises(migrate.DatabaseNotMigrated, match="run `longdoc db upgrade`"), \

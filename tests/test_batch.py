@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from config.settings import Settings, get_settings
 from longdoc.batch.journal import Journal
 from longdoc.batch.records import normalized
 from longdoc.cli import main
-from longdoc.settings import Settings, get_settings
 from tests.corpus_expectations import EXPECTED
 from tests.fixtures_workers import REPO_ROOT, settings_env
 

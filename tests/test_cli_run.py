@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from config.settings import get_settings
 from longdoc.cli import main
-from longdoc.settings import get_settings
 from tests.fixtures_workers import REPO_ROOT
 
 GALERA = "contract-galera-joint-filing.pdf"  # 3 pages

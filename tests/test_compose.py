@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from config.settings import Settings
 from longdoc.cli import build_parser
-from longdoc.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from longdoc.settings import Settings
+from config.settings import Settings
 from storage.blobs import BlobStore
 from storage.db import session_scope
 from storage.models import Document, DocumentStatus, Job, JobStatus, Result, utcnow

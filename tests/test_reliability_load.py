@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from bench.upload_storm import problems, salted_files, storm
-from longdoc.settings import Settings
+from config.settings import Settings
 from storage import keys
 from storage.db import session_scope
 from storage.models import Document, Job

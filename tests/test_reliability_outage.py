@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from longdoc.settings import Settings
+from config.settings import Settings
 from storage import keys, migrate
 from storage.db import get_engine, session_scope
 from storage.models import Document, DocumentStatus

@@ -13,8 +13,8 @@ import httpx
 import psutil
 from sqlalchemy import create_engine, text
 
+from config.settings import Settings, get_settings
 from longdoc.cli import main as longdoc_main
-from longdoc.settings import Settings, get_settings
 from storage import keys
 from storage.db import session_scope
 from tests.fixtures_workers import free_port, serve_process, settings_env, wait_for

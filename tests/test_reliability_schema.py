@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from longdoc.settings import Settings
+from config.settings import Settings
 from pipeline.tasks.schemas import NON_BLANK
 from storage.db import session_scope
 from storage.models import Document, DocumentStatus

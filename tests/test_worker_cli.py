@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from config.settings import Settings
 from longdoc.cli import build_parser
-from longdoc.settings import Settings
 from tests.fixtures_workers import settings_env
 
 

@@ -20,7 +20,7 @@ import redis.exceptions
 import sqlalchemy.exc
 from kombu.exceptions import OperationalError as BrokerOperationalError
 
-from longdoc.settings import Settings
+from config.settings import Settings
 from pipeline.parse.supervisor import ParserUnavailable
 from pipeline.types import DocumentText, ParsedDocument, PipelineError
 from storage import jobs as q

@@ -13,7 +13,7 @@ import functools
 from celery import Celery
 from kombu import Exchange, Queue
 
-from longdoc.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_QUEUE, REAP_TASK
 
 

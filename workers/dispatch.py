@@ -14,7 +14,7 @@ import logging
 import uuid
 from uuid import UUID
 
-from longdoc.settings import Settings
+from config.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from longdoc.settings import Settings
+from config.settings import Settings
 from pipeline.types import DocumentText, PipelineError
 from storage import jobs as q
 from storage.db import session_scope

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from uuid import UUID
 
-from longdoc.settings import Settings
+from config.settings import Settings
 
 log = logging.getLogger(__name__)
 

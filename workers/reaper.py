@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from longdoc.settings import Settings
+from config.settings import Settings
 from storage import jobs as q
 from storage.db import session_scope
 from workers import dispatch

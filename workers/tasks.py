@@ -11,7 +11,7 @@ import logging
 from celery import Celery, Task
 from celery.signals import worker_process_init
 
-from longdoc.settings import get_settings
+from config.settings import get_settings
 from workers import bodies, document_jobs, reaper
 from workers.bodies import MAX_TRANSIENT_RETRIES, backoff_s
 from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_QUEUE, REAP_TASK

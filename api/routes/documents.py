@@ -25,7 +25,7 @@ from api.schemas import (
     JobCreateBody,
     JobPublic,
 )
-from longdoc.settings import Settings
+from config.settings import Settings
 from pipeline.parse import sniff_media_type
 from pipeline.tasks import TASKS, validate_params
 from pipeline.tasks.schemas import (

@@ -13,11 +13,11 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
+from config.settings import Settings
 from longdoc.batch import local
 from longdoc.batch.passwords import Passwords
 from longdoc.batch.records import Record, new_record
 from longdoc.batch.request import TaskRequest
-from longdoc.settings import Settings
 from pipeline.types import DocumentText, PipelineError
 
 if TYPE_CHECKING:

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from config.settings import Settings
 from longdoc.batch.passwords import PASSWORD_CODES
 from longdoc.batch.records import Record, fail
 from longdoc.batch.request import TaskRequest
-from longdoc.settings import Settings
 from pipeline.types import DocumentText, ParsedDocument, PipelineError
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _url() -> str:
-    from longdoc.settings import get_settings
+    from config.settings import get_settings
 
     return get_settings().effective_database_url
 
@@ -68,7 +68,7 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
 
 def _checked_session():  # noqa: ANN202 (a context manager yielding a Session)
-    from longdoc.settings import get_settings
+    from config.settings import get_settings
     from storage import migrate
     from storage.db import session_scope
 

@@ -49,7 +49,7 @@ def _init(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from longdoc.settings import get_settings
+    from config.settings import get_settings
     from pipeline.engine import DenseGenerator, Generator, SamplingParams
     from pipeline.engine.load import load
 

@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=cmd_run)
 
 
-def settings_for(args: argparse.Namespace):  # noqa: ANN201 (longdoc.settings.Settings)
-    from longdoc.settings import get_settings
+def settings_for(args: argparse.Namespace):  # noqa: ANN201 (config.settings.Settings)
+    from config.settings import get_settings
 
     update = {k: v for k, v in (("engine", args.engine), ("model", args.model)) if v is not None}
     return get_settings().model_copy(update=update)

@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from longdoc.settings import Settings
+    from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _queues(value: str) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from longdoc.settings import get_settings
+    from config.settings import get_settings
 
     settings = get_settings()
     workers = args.workers if args.workers is not None else settings.api_workers
@@ -104,7 +104,7 @@ def _worker_log_config(level: str) -> dict:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from longdoc.settings import get_settings
+    from config.settings import get_settings
     from storage import migrate
     from workers.celery_app import worker_app
 
