@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.engine.attention import dense_reference, select_backend
-from pipeline.engine.backends import BackendUnavailable, blockwise
+from pipeline.engine.attention import dense_reference
+from pipeline.engine.backends import BackendUnavailable, blockwise, select_backend
 from pipeline.engine.config import alibi_slopes
 
 pytestmark = pytest.mark.usefixtures("engine_single_thread")

@@ -13,7 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "AttentionBackend": "pipeline.engine.attention",
-    "select_backend": "pipeline.engine.attention",
+    "select_backend": "pipeline.engine.backends",
     "KVCache": "pipeline.engine.cache",
     "MptConfig": "pipeline.engine.config",
     "alibi_slopes": "pipeline.engine.config",

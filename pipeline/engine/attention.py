@@ -11,7 +11,8 @@ Shapes and semantics (all backends, all devices):
   position is lengths[b] - 1). Keys at j >= lengths[b] are masked. out [B, 1, H, D].
 - slopes: [H] float32, all > 0 (see config.alibi_slopes).
 
-Backends live in pipeline/engine/backends/ (registry and selection there).
+Backends live in pipeline/engine/backends/; the registry there (`select_backend`) picks them. This
+module imports none of them: the backends and the registry depend on it, never the reverse.
 """
 
 from __future__ import annotations
@@ -34,13 +35,6 @@ class AttentionBackend:
     decode: DecodeFn
     prefill_name: str
     decode_name: str
-
-
-def select_backend(device: torch.device | str, prefer: str | None = None) -> AttentionBackend:
-    """Best installed backend for `device` (CPU: blockwise; CUDA: fa4 on sm90, else flex; sdpa decode)."""
-    from pipeline.engine.backends import select_backend as _select
-
-    return _select(torch.device(device), prefer)
 
 
 def dense_reference(

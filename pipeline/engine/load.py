@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.engine.attention import AttentionBackend, select_backend
+from pipeline.engine.attention import AttentionBackend
+from pipeline.engine.backends import select_backend
 from pipeline.engine.config import MptConfig
 from pipeline.engine.model import Mpt
 from pipeline.engine.tokenizer import Tokenizer

@@ -58,9 +58,11 @@ def _first(order: tuple[str, ...], kind: str, device: torch.device) -> tuple[str
     raise BackendUnavailable(f"no {kind} attention backend available for {device} (tried {order})")
 
 
-def select_backend(device: torch.device, prefer: str | None = None) -> AttentionBackend:
-    """Pick prefill and decode kernels for `device`; `prefer` forces a backend for prefill (and for
-    decode too when that module implements decode)."""
+def select_backend(device: torch.device | str, prefer: str | None = None) -> AttentionBackend:
+    """Pick prefill and decode kernels for `device` (CPU: blockwise; CUDA: the first available in
+    PREFILL_ORDER / DECODE_ORDER); `prefer` forces a backend for prefill (and for decode too when that
+    module implements decode)."""
+    device = torch.device(device)
     kind = device.type if device.type in PREFILL_ORDER else "cpu"
     if prefer is not None:
         module = _load(prefer, device)
