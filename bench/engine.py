@@ -43,9 +43,10 @@ from bench import hf_reference
 from pipeline.engine import fused
 from pipeline.engine.backends import fa4, sdpa, select_backend, splitk
 from pipeline.engine.config import MptConfig, alibi_slopes
-from pipeline.engine.generate import DenseGenerator, prefill_chunked
+from pipeline.engine.generate import DenseGenerator
 from pipeline.engine.graphs import run_token_loop
 from pipeline.engine.model import Mpt
+from pipeline.engine.prefill import prefill_chunked
 from pipeline.engine.sampling import SamplingParams, select_next
 
 log = logging.getLogger("bench.engine")

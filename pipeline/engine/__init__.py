@@ -22,7 +22,7 @@ _EXPORTS = {
     "Generator": "pipeline.engine.facade",
     "ServingEngine": "pipeline.engine.serving",
     "EngineConfig": "pipeline.engine.serving",
-    "prefill_chunked": "pipeline.engine.generate",
+    "prefill_chunked": "pipeline.engine.prefill",
     "CheckpointError": "pipeline.engine.load",
     "load_model": "pipeline.engine.load",
     "Mpt": "pipeline.engine.model",

@@ -1,5 +1,5 @@
-"""Generation: chunked prefill per prompt (bounded activations, last-position logits), then one decode
-step per token for all prompts together, each at its own length."""
+"""Generation: chunked prefill per prompt (prefill.py: bounded activations, last-position logits), then
+one decode step per token for all prompts together, each at its own length."""
 
 from __future__ import annotations
 
@@ -13,34 +13,14 @@ import torch
 from pipeline.engine.cache import KVCache
 from pipeline.engine.graphs import CudaGraphStep, Pick, StaticDecodeStep, run_token_loop
 from pipeline.engine.model import Mpt
+from pipeline.engine.prefill import DEFAULT_CHUNK, prefill_chunked
 from pipeline.engine.sampling import SamplingParams, select_next
 from pipeline.engine.stream import Completion, TokenStream
 from pipeline.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 2048
 CACHE_LEN_MULTIPLE = 1024
-
-
-@torch.inference_mode()
-def prefill_chunked(
-    model: Mpt, ids: Sequence[int], cache: KVCache, *, row: int = 0, start: int = 0, chunk_size: int = DEFAULT_CHUNK
-) -> torch.Tensor:
-    """Write K/V of `ids` at positions [start, start + len) of cache row `row`, `chunk_size` tokens per
-    forward; returns the float32 logits [vocab] of the last position."""
-    if not ids:
-        raise ValueError("cannot prefill an empty token sequence")
-    tokens = torch.tensor(list(ids), dtype=torch.long, device=model.device)
-    logits = None
-    for s in range(0, len(ids), chunk_size):
-        chunk = tokens[s : s + chunk_size][None]  # [1, T]
-        is_last = s + chunk_size >= len(ids)
-        logits = model.prefill(chunk, cache, start=start + s, rows=slice(row, row + 1),
-                               logits_from=-1 if is_last else None)
-    assert logits is not None
-    return logits[0, -1]
-
 
 DecodeMode = Literal["eager", "graph", "compile"]
 DECODE_MODES: tuple[str, ...] = ("eager", "graph", "compile")

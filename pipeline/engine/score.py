@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.engine.generate import DEFAULT_CHUNK, prefill_chunked
 from pipeline.engine.model import Mpt
+from pipeline.engine.prefill import DEFAULT_CHUNK, prefill_chunked
 from pipeline.engine.tokenizer import Tokenizer
 
 
