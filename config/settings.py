@@ -5,19 +5,24 @@ Nothing else in the project reads os.environ.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LONGDOC_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a rejected value (a secret key, a database URL with its password) is not
+    # repeated in the error that start-up prints.
+    model_config = SettingsConfigDict(env_prefix="LONGDOC_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     # --- where things live -------------------------------------------------------------
     data_dir: Path = Field(default=Path.home() / ".local" / "share" / "longdoc",
@@ -33,6 +38,11 @@ class Settings(BaseSettings):
         default=1, ge=1, description="`longdoc serve` processes (service mode only; each has its own DB pool).")
     auth_enabled: bool = Field(default=True, description="Require Bearer API keys on /v1 routes.")
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, description="Uploads over this answer 413.")
+    secret_key: SecretStr | None = Field(
+        default=None, description="Fernet key (urlsafe base64 of 32 bytes) that encrypts an upload's PDF password "
+                                  "in the database until its parse ends (storage/secrets.py); the API and every "
+                                  "parse worker need the same one. Unset: embedded mode makes data_dir/secret.key "
+                                  "on first use; service mode refuses passwords (400 secret_key_missing).")
     auth_cache_s: float = Field(
         default=5.0, description="How long an API process trusts a key it has checked (0 = check every request); "
                                  "`longdoc keys revoke` evicts the key from every process at once (Postgres "
@@ -79,6 +89,21 @@ class Settings(BaseSettings):
         default="", description="Prefix for every broker key (several deployments or test runs on one Redis).")
     reconcile_grace_s: float = Field(
         default=300.0, description="Queued jobs / uploaded documents untouched this long are re-sent to the broker.")
+
+    @field_validator("secret_key")
+    @classmethod
+    def _is_a_fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Checked here, so a mistyped key stops the process at start-up, not the first password upload.
+        if value is None:
+            return None
+        try:
+            ok = len(base64.urlsafe_b64decode(value.get_secret_value().encode("ascii"))) == 32
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            ok = False
+        if not ok:
+            raise ValueError("LONGDOC_SECRET_KEY must be a Fernet key (urlsafe base64 of 32 bytes), e.g. from "
+                             "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'")
+        return value
 
     @property
     def embedded(self) -> bool:

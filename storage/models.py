@@ -102,6 +102,10 @@ class Document(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     parse_attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A Fernet token of the upload's PDF password (storage/secrets.py), kept until the parse ends.
+    encrypted_password: Mapped[str | None] = mapped_column(Text)
+    # When a parse message was last sent for it: the reconciler re-sends only after reconcile_grace_s.
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -166,6 +170,8 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     worker_id: Mapped[str | None] = mapped_column(String(255))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When a message that runs it was last sent (its own, or one for its document's jobs).
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
