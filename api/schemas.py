@@ -140,7 +140,7 @@ def job_public_json(row: Mapping[str, Any]) -> bytes:
 
 
 def job_public_dict(row: Mapping[str, Any]) -> dict[str, Any]:
-    """JobPublic's fields, in its order, from a storage.documents.get_job_view row: the poll path
+    """JobPublic's fields, in its order, from a storage.jobs.get_job_view row: the poll path
     serializes this with orjson instead of validating a JobPublic (a measurable share of a poll's CPU).
     tests/test_api_jobs.py checks it renders exactly as JobPublic does."""
     error = {"code": row["error_code"], "message": row["error_message"] or ""} if row["error_code"] else None

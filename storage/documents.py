@@ -1,88 +1,29 @@
-"""Repository functions for documents and jobs, as the HTTP routes use them.
+"""Document queries: what the API asks (upload dedupe, read, list, delete) and the lease a parse holds.
 
-Every query is scoped by owner: owner_id is the API key's id, or None when auth is off (then only
-documents uploaded without a key are visible). Functions flush but never commit: the caller's unit
-of work commits, and enqueues only after that.
+API-side functions flush but never commit: the caller's unit of work commits, and enqueues only after
+that; every API read is scoped by owner (storage/paging.py). Worker-side writes go through the fenced
+lease (storage/lease.py): a claim moves `uploaded -> parsing` and bumps `parse_attempts`, the fencing
+token every later write of that parse presents.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Generic, TypeVar
+from datetime import datetime, timedelta
 
-from sqlalchemy import (
-    ColumnElement,
-    Select,
-    and_,
-    bindparam,
-    delete,
-    func,
-    or_,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.orm import Session
 
+from pipeline.types import DocumentText, ParsedDocument
+from storage import lease
 from storage.blobs import BlobStore
-from storage.hot_reads import HotReads
-from storage.models import Document, DocumentStatus, Job, JobStatus, Result, TaskName, utcnow
+from storage.document_text import replace_text
+from storage.jobs import NON_TERMINAL, fail_queued_jobs
+from storage.models import Document, DocumentStatus, Job, utcnow
+from storage.paging import ResultPage, owned, paginate
 
-NON_TERMINAL = (JobStatus.queued, JobStatus.running)
-T = TypeVar("T")
-
-
-class InvalidCursor(ValueError):
-    """A pagination cursor that this server did not issue."""
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """Position after the last row of a page, in (created_at DESC, id DESC) order."""
-
-    created_at: datetime
-    id: uuid.UUID
-
-    def encode(self) -> str:
-        raw = f"{self.created_at.isoformat()}|{self.id.hex}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, token: str) -> Cursor:
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-            created, ident = raw.split("|")
-            return cls(datetime.fromisoformat(created), uuid.UUID(hex=ident))
-        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-            raise InvalidCursor(f"invalid cursor {token!r}") from exc
-
-
-@dataclass
-class ResultPage(Generic[T]):  # noqa: UP046 (PEP 695 syntax needs Python 3.12; we support 3.11)
-    items: list[T]
-    next_cursor: str | None
-
-
-def _owned(model: type[Document] | type[Job], owner_id: uuid.UUID | None) -> ColumnElement[bool]:
-    return model.owner_id.is_(None) if owner_id is None else model.owner_id == owner_id
-
-
-def _paginate(session: Session, stmt: Any, model: type[Document] | type[Job], limit: int,
-              cursor: str | None) -> ResultPage:
-    if cursor:
-        at = Cursor.decode(cursor)
-        stmt = stmt.where(or_(model.created_at < at.created_at,
-                              and_(model.created_at == at.created_at, model.id < at.id)))
-    rows = list(session.scalars(stmt.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)).unique())
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = Cursor(rows[-1].created_at, rows[-1].id).encode() if more else None
-    return ResultPage(rows, next_cursor)
+LEASE = lease.LeasedTable(Document, "parse_attempts", held=DocumentStatus.parsing, waiting=DocumentStatus.uploaded,
+                          failed=DocumentStatus.failed)
 
 
 def lock_content(session: Session, sha256: str) -> None:
@@ -101,29 +42,28 @@ def lock_content(session: Session, sha256: str) -> None:
         session.execute(text("UPDATE documents SET sha256 = sha256 WHERE 0 = 1"))
 
 
-# --- documents ---------------------------------------------------------------------------
-
+# --- the API's queries ----------------------------------------------------------------------------
 
 def get_document(session: Session, owner_id: uuid.UUID | None, document_id: uuid.UUID) -> Document | None:
     return session.scalars(
-        select(Document).where(Document.id == document_id, _owned(Document, owner_id))).one_or_none()
+        select(Document).where(Document.id == document_id, owned(Document, owner_id))).one_or_none()
 
 
 def find_by_sha256(session: Session, owner_id: uuid.UUID | None, sha256: str) -> Document | None:
     return session.scalars(
-        select(Document).where(Document.sha256 == sha256, _owned(Document, owner_id))
+        select(Document).where(Document.sha256 == sha256, owned(Document, owner_id))
         .order_by(Document.created_at).limit(1)).first()
 
 
 def find_by_idempotency_key(session: Session, owner_id: uuid.UUID | None, key: str) -> Document | None:
     return session.scalars(
-        select(Document).where(Document.idempotency_key == key, _owned(Document, owner_id))
+        select(Document).where(Document.idempotency_key == key, owned(Document, owner_id))
         .order_by(Document.created_at).limit(1)).first()
 
 
 def list_documents(session: Session, owner_id: uuid.UUID | None, *, limit: int,
                    cursor: str | None = None) -> ResultPage[Document]:
-    return _paginate(session, select(Document).where(_owned(Document, owner_id)), Document, limit, cursor)
+    return paginate(session, select(Document).where(owned(Document, owner_id)), Document, limit, cursor)
 
 
 def reset_for_reparse(document: Document) -> None:
@@ -149,68 +89,6 @@ def delete_document(session: Session, document: Document) -> tuple[list[uuid.UUI
     return active, remaining == 0
 
 
-# --- jobs --------------------------------------------------------------------------------
-
-
-def add_job(session: Session, document: Document, task: str, params: dict[str, Any]) -> Job:
-    job = Job(document_id=document.id, owner_id=document.owner_id, task=TaskName(task), params=params,
-              status=JobStatus.queued)
-    session.add(job)
-    return job
-
-
-def get_job(session: Session, owner_id: uuid.UUID | None, job_id: uuid.UUID) -> Job | None:
-    return session.scalars(select(Job).where(Job.id == job_id, _owned(Job, owner_id))).one_or_none()
-
-
-def _job_view_statement(owned: ColumnElement[bool]) -> Select:
-    jobs, results = Job.__table__, Result.__table__
-    return (select(*(jobs.c[name] for name in JOB_VIEW_COLUMNS), results.c.payload.label("result"))
-            .select_from(jobs.outerjoin(results, results.c.job_id == jobs.c.id))
-            .where(jobs.c.id == bindparam("job_id"), owned))
-
-
-# What a poll returns: the jobs columns JobPublic shows, plus the result payload (NULL until succeeded).
-JOB_VIEW_COLUMNS = ("id", "document_id", "task", "params", "status", "progress", "stage", "error_code",
-                    "error_message", "attempts", "created_at", "updated_at", "started_at", "finished_at")
-# Built once: a statement object reused as is skips SQLAlchemy's per-call where-clause construction
-# and result-column matching, which cost more CPU than the query itself (bench/api_load.py).
-_JOB_VIEW_OWNED = _job_view_statement(Job.__table__.c.owner_id == bindparam("owner_id"))
-_JOB_VIEW_UNOWNED = _job_view_statement(Job.__table__.c.owner_id.is_(None))
-
-
-async def get_job_view(reads: HotReads, owner_id: uuid.UUID | None, job_id: uuid.UUID) -> Mapping[str, Any] | None:
-    """The poll path: the job's shown columns and its result payload (key "result") in one SELECT,
-    no ORM, no session (storage/hot_reads.py). "task" and "status" may be plain str values."""
-    if owner_id is None:
-        return await reads.fetch_one(_JOB_VIEW_UNOWNED, {"job_id": job_id})
-    return await reads.fetch_one(_JOB_VIEW_OWNED, {"job_id": job_id, "owner_id": owner_id})
-
-
-def list_jobs(session: Session, owner_id: uuid.UUID | None, *, limit: int, cursor: str | None = None,
-              document_id: uuid.UUID | None = None, status: JobStatus | None = None) -> ResultPage[Job]:
-    stmt = select(Job).options(joinedload(Job.result)).where(_owned(Job, owner_id))
-    if document_id is not None:
-        stmt = stmt.where(Job.document_id == document_id)
-    if status is not None:
-        stmt = stmt.where(Job.status == status)
-    return _paginate(session, stmt, Job, limit, cursor)
-
-
-def cancel_job(session: Session, job: Job) -> bool:
-    """Atomically move a queued/running job to canceled; False if it was already terminal.
-
-    A conditional UPDATE, so a worker finishing the job at the same moment cannot be overwritten.
-    """
-    now = utcnow()
-    result = session.execute(
-        update(Job).where(Job.id == job.id, Job.status.in_(NON_TERMINAL))
-        .values(status=JobStatus.canceled, finished_at=now, updated_at=now, lease_until=None)
-        .execution_options(synchronize_session=False))
-    session.refresh(job)
-    return result.rowcount == 1
-
-
 def release_blob(session: Session, blobs: BlobStore, sha256: str) -> bool:
     """Delete the blob if no document uses it any more (own transaction, under the content lock).
 
@@ -222,3 +100,74 @@ def release_blob(session: Session, blobs: BlobStore, sha256: str) -> bool:
     deleted = blobs.delete(sha256) if used == 0 else False
     session.commit()
     return deleted
+
+
+# --- the parse's lease on a document --------------------------------------------------------------
+
+def claim_document(session: Session, document_id: uuid.UUID, lease_s: float, *, reparse: bool = False) -> int | None:
+    """uploaded -> parsing with a lease; returns the attempt number (fencing token), None if not claimable.
+
+    reparse=True also claims a parsed or failed document (an explicit re-parse of the same bytes).
+    """
+    claimable = [DocumentStatus.uploaded]
+    if reparse:
+        claimable += [DocumentStatus.parsed, DocumentStatus.failed]
+    return lease.claim(session, LEASE, document_id, lease_s, claimable=claimable)
+
+
+def extend_document_lease(session: Session, document_id: uuid.UUID, attempt: int, lease_s: float) -> bool:
+    """Heartbeat; False when the claim is no longer ours (reaped, deleted)."""
+    return lease.extend(session, LEASE, document_id, attempt, lease_s)
+
+
+def store_parsed_document(session: Session, document_id: uuid.UUID, attempt: int, parsed: ParsedDocument,
+                          text: DocumentText) -> bool:
+    """parsing -> parsed, replacing pages and chunks, in the caller's one transaction.
+
+    False (and nothing written) when the claim is no longer ours.
+    """
+    if not lease.settle(session, LEASE, document_id, attempt, status=DocumentStatus.parsed,
+                        media_type=parsed.media_type, pages=len(parsed.pages), needs_ocr_pages=parsed.needs_ocr_pages,
+                        tokens=text.token_count, warnings=list(parsed.warnings), error_code=None,
+                        error_message=None, updated_at=utcnow()):
+        return False
+    replace_text(session, document_id, parsed, text)
+    return True
+
+
+def fail_document(session: Session, document_id: uuid.UUID, attempt: int | None, code: str, message: str) -> bool:
+    """-> failed with {code, message}. attempt=None fails it from any non-terminal state."""
+    return lease.fail(session, LEASE, document_id, attempt, code, message,
+                      unclaimed=[DocumentStatus.uploaded, DocumentStatus.parsing])
+
+
+def release_document(session: Session, document_id: uuid.UUID, attempt: int) -> bool:
+    """parsing -> uploaded (give the claim back, e.g. before a transient-error retry)."""
+    return lease.release(session, LEASE, document_id, attempt)
+
+
+# --- the reaper and the reconciler ------------------------------------------------------------------
+
+def reap_expired_documents(session: Session, max_attempts: int,
+                           now: datetime | None = None) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Parsing documents whose lease expired: back to uploaded, or failed `worker_lost` after
+    max_attempts claims, failing their queued jobs too. Returns (requeued ids, failed ids)."""
+    def fail_jobs(document_id: uuid.UUID, message: str) -> None:
+        fail_queued_jobs(session, document_id, lease.WORKER_LOST, f"document failed to parse: {message}")
+
+    return lease.reap_expired(
+        session, LEASE, max_attempts, now or utcnow(), on_fail=fail_jobs,
+        gave_up="the worker parsing this document vanished {attempts} time(s) (lease expired); giving up")
+
+
+def stale_uploaded_documents(session: Session, grace_s: float, now: datetime | None = None) -> list[uuid.UUID]:
+    """Uploaded documents untouched for grace_s: the broker may have lost their parse message.
+    Their updated_at is bumped, so each is re-sent at most once per grace period."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=grace_s)
+    doc_ids = list(session.scalars(select(Document.id).where(
+        Document.status == DocumentStatus.uploaded, Document.updated_at < cutoff)))
+    if doc_ids:
+        session.execute(update(Document).where(Document.id.in_(doc_ids), Document.status == DocumentStatus.uploaded)
+                        .values(updated_at=now))
+    return doc_ids

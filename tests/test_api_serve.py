@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text
 from api.schemas import JobPublic, job_public_json
 from config.settings import Settings, get_settings
 from longdoc.cli import main as longdoc_main
-from storage import documents as repo
+from storage import jobs as repo
 from storage import keys, migrate
 from storage.db import session_scope
 from storage.hot_reads import HotReads

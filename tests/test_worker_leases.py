@@ -1,4 +1,4 @@
-"""storage.jobs on real Postgres: claims are exclusive, writes are fenced by the attempt, the reaper
+"""storage.documents / storage.jobs (the fenced lease, storage/lease.py) on real Postgres: claims are exclusive, writes are fenced by the attempt, the reaper
 re-queues then fails `worker_lost`, a result is written once. These are the guarantees the worker
 kill tests rely on, checked row by row."""
 
@@ -12,9 +12,9 @@ from sqlalchemy import func, select
 
 from pipeline.types import Chunk as PipelineChunk
 from pipeline.types import DocumentText, PageSpan, PageText, ParsedDocument
-from storage import jobs as q
-from storage import migrate
+from storage import documents, jobs, migrate
 from storage.db import get_engine, session_scope
+from storage.document_text import load_document_text
 from storage.models import Document, DocumentStatus, Job, JobStatus, Result, utcnow
 
 
@@ -52,21 +52,21 @@ def _parsed_pair() -> tuple[ParsedDocument, DocumentText]:
 def test_document_claim_is_exclusive_and_reparse_replaces_rows(db: str) -> None:
     doc_id = _document(db)
     with session_scope(db) as s:
-        first = q.claim_document(s, doc_id, 60)
+        first = documents.claim_document(s, doc_id, 60)
     with session_scope(db) as s:
-        assert q.claim_document(s, doc_id, 60) is None  # a duplicate message wins nothing
+        assert documents.claim_document(s, doc_id, 60) is None  # a duplicate message wins nothing
     parsed, text = _parsed_pair()
     with session_scope(db) as s:
-        assert q.store_parsed_document(s, doc_id, first, parsed, text)
+        assert documents.store_parsed_document(s, doc_id, first, parsed, text)
     with session_scope(db) as s:  # explicit re-parse of the same bytes: same rows, not twice as many
-        second = q.claim_document(s, doc_id, 60, reparse=True)
+        second = documents.claim_document(s, doc_id, 60, reparse=True)
         assert second == first + 1
-        assert not q.store_parsed_document(s, doc_id, first, parsed, text)  # stale attempt is fenced off
-        assert q.store_parsed_document(s, doc_id, second, parsed, text)
+        assert not documents.store_parsed_document(s, doc_id, first, parsed, text)  # stale attempt is fenced off
+        assert documents.store_parsed_document(s, doc_id, second, parsed, text)
     with session_scope(db) as s:
         doc = s.get(Document, doc_id)
         assert (doc.status, doc.pages, doc.tokens, len(doc.page_rows), len(doc.chunks)) == ("parsed", 2, 8, 2, 2)
-        rebuilt = q.load_document_text(s, doc_id)
+        rebuilt = load_document_text(s, doc_id)
     assert rebuilt.full_text == text.full_text
     assert rebuilt.page_spans == text.page_spans and rebuilt.chunks == text.chunks
 
@@ -75,21 +75,21 @@ def test_job_claim_waits_for_parse_and_result_is_written_once(db: str) -> None:
     doc_id = _document(db)
     job_id = _job(db, doc_id)
     with session_scope(db) as s:
-        assert q.claim_job(s, job_id, "w1", 60) is None  # document not parsed yet: stays queued
+        assert jobs.claim_job(s, job_id, "w1", 60) is None  # document not parsed yet: stays queued
     with session_scope(db) as s:
         s.get(Document, doc_id).status = DocumentStatus.parsed
     with session_scope(db) as s:
-        attempt = q.claim_job(s, job_id, "w1", 60)
+        attempt = jobs.claim_job(s, job_id, "w1", 60)
     assert attempt == 1
     with session_scope(db) as s:
-        assert q.claim_job(s, job_id, "w2", 60) is None
-        assert q.heartbeat_job(s, job_id, attempt, 60, 0.5, "reading")
-        assert not q.heartbeat_job(s, job_id, attempt + 1, 60)
-        assert not q.complete_job(s, job_id, attempt + 1, {"x": 1})
+        assert jobs.claim_job(s, job_id, "w2", 60) is None
+        assert jobs.heartbeat_job(s, job_id, attempt, 60, 0.5, "reading")
+        assert not jobs.heartbeat_job(s, job_id, attempt + 1, 60)
+        assert not jobs.complete_job(s, job_id, attempt + 1, {"x": 1})
     with session_scope(db) as s:
-        assert q.complete_job(s, job_id, attempt, {"summary": "ok"})
+        assert jobs.complete_job(s, job_id, attempt, {"summary": "ok"})
     with session_scope(db) as s:
-        assert not q.complete_job(s, job_id, attempt, {"summary": "again"})  # already terminal
+        assert not jobs.complete_job(s, job_id, attempt, {"summary": "again"})  # already terminal
         job = s.get(Job, job_id)
         assert (job.status, job.progress, job.result.payload) == ("succeeded", 1.0, {"summary": "ok"})
         assert s.scalar(select(func.count()).select_from(Result)) == 1
@@ -99,12 +99,12 @@ def test_canceled_job_cannot_be_completed(db: str) -> None:
     doc_id = _document(db, DocumentStatus.parsed)
     job_id = _job(db, doc_id)
     with session_scope(db) as s:
-        attempt = q.claim_job(s, job_id, "w1", 60)
+        attempt = jobs.claim_job(s, job_id, "w1", 60)
     with session_scope(db) as s:  # what the API's DELETE /v1/jobs/{id} does
         s.get(Job, job_id).status = JobStatus.canceled
     with session_scope(db) as s:
-        assert not q.heartbeat_job(s, job_id, attempt, 60)
-        assert not q.complete_job(s, job_id, attempt, {"late": True})
+        assert not jobs.heartbeat_job(s, job_id, attempt, 60)
+        assert not jobs.complete_job(s, job_id, attempt, {"late": True})
     with session_scope(db) as s:
         assert s.get(Job, job_id).status == "canceled"
         assert s.scalar(select(func.count()).select_from(Result)) == 0
@@ -115,15 +115,12 @@ def test_reaper_requeues_expired_leases_then_fails_worker_lost(db: str) -> None:
     job_id = _job(db, doc_id)
     for attempt in (1, 2):
         with session_scope(db) as s:
-            assert q.claim_job(s, job_id, f"w{attempt}", 60) == attempt
+            assert jobs.claim_job(s, job_id, f"w{attempt}", 60) == attempt
         with session_scope(db) as s:  # not expired yet: untouched
-            assert q.reap_expired(s, max_attempts=2).requeued_jobs == []
+            assert jobs.reap_expired_jobs(s, max_attempts=2) == ([], [])
         with session_scope(db) as s:
-            report = q.reap_expired(s, max_attempts=2, now=utcnow() + timedelta(seconds=120))
-        if attempt == 1:
-            assert report.requeued_jobs == [job_id]
-        else:
-            assert report.failed_jobs == [job_id]
+            requeued, failed = jobs.reap_expired_jobs(s, max_attempts=2, now=utcnow() + timedelta(seconds=120))
+        assert (requeued, failed) == (([job_id], []) if attempt == 1 else ([], [job_id]))
     with session_scope(db) as s:
         job = s.get(Job, job_id)
         assert (job.status, job.error_code, job.attempts) == ("failed", "worker_lost", 2)
@@ -134,14 +131,14 @@ def test_reaper_fails_a_document_and_its_jobs_after_max_attempts(db: str) -> Non
     job_id = _job(db, doc_id)
     later = utcnow() + timedelta(seconds=120)
     with session_scope(db) as s:
-        q.claim_document(s, doc_id, 60)
+        documents.claim_document(s, doc_id, 60)
     with session_scope(db) as s:
-        assert q.reap_expired(s, max_attempts=2, now=later).requeued_documents == [doc_id]
+        assert documents.reap_expired_documents(s, max_attempts=2, now=later) == ([doc_id], [])
         assert s.get(Document, doc_id).status == "uploaded"
     with session_scope(db) as s:
-        q.claim_document(s, doc_id, 60)
+        documents.claim_document(s, doc_id, 60)
     with session_scope(db) as s:
-        assert q.reap_expired(s, max_attempts=2, now=later).failed_documents == [doc_id]
+        assert documents.reap_expired_documents(s, max_attempts=2, now=later) == ([], [doc_id])
     with session_scope(db) as s:
         doc, job = s.get(Document, doc_id), s.get(Job, job_id)
         assert (doc.status, doc.error_code) == ("failed", "worker_lost")
@@ -155,9 +152,12 @@ def test_reconciler_resends_stale_work_once_per_grace_period(db: str) -> None:
     waiting_job = _job(db, uploaded)  # its document is not parsed: the parse releases it, not the reconciler
     later = utcnow() + timedelta(seconds=120)
     with session_scope(db) as s:
-        assert q.stale_work(s, 60) == ([], [])  # fresh rows are the broker's business
+        # fresh rows are the broker's business
+        assert (documents.stale_uploaded_documents(s, 60), jobs.stale_queued_jobs(s, 60)) == ([], [])
     with session_scope(db) as s:
-        docs, jobs = q.stale_work(s, 60, now=later)
-    assert docs == [uploaded] and jobs == [job_id] and waiting_job not in jobs
-    with session_scope(db) as s:
-        assert q.stale_work(s, 60, now=later + timedelta(seconds=1)) == ([], [])  # bumped: not re-sent yet
+        stale_docs = documents.stale_uploaded_documents(s, 60, now=later)
+        stale_jobs = jobs.stale_queued_jobs(s, 60, now=later)
+    assert stale_docs == [uploaded] and stale_jobs == [job_id] and waiting_job not in stale_jobs
+    with session_scope(db) as s:  # bumped: not re-sent yet
+        again = later + timedelta(seconds=1)
+        assert (documents.stale_uploaded_documents(s, 60, again), jobs.stale_queued_jobs(s, 60, again)) == ([], [])

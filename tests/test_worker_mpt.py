@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from storage.db import session_scope
-from storage.documents import add_job
+from storage.jobs import add_job
 from storage.models import Document
 from tests.fixtures_workers import ServiceSetup, api_client, poll_document, poll_job, upload
 

@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError as BrokerOperationalError
 from config.settings import Settings
 from pipeline.parse.supervisor import ParserUnavailable
 from pipeline.types import DocumentText, ParsedDocument, PipelineError
-from storage import jobs as q
+from storage import documents, jobs
 from storage.blobs import BlobStore
 from storage.db import session_scope
 from storage.models import Document, DocumentStatus
@@ -62,7 +62,7 @@ def parse_document(settings: Settings, document_id: uuid.UUID | str, password: s
     document_id = _uuid(document_id)
     url = settings.effective_database_url
     with session_scope(url) as s:
-        attempt = q.claim_document(s, document_id, settings.job_lease_s, reparse=reparse)
+        attempt = documents.claim_document(s, document_id, settings.job_lease_s, reparse=reparse)
         doc = s.get(Document, document_id)
         if doc is None:
             log.info("parse %s: no such document (deleted?)", document_id)
@@ -78,14 +78,14 @@ def parse_document(settings: Settings, document_id: uuid.UUID | str, password: s
 
     log.info("parse %s (%s) attempt %d", document_id, filename, attempt)
     what = f"parse {document_id}"
-    with Lease(lambda: _with_session(url, q.extend_document_lease, document_id, attempt, settings.job_lease_s),
+    with Lease(lambda: _with_session(url, documents.extend_document_lease, document_id, attempt, settings.job_lease_s),
                settings.job_lease_s, what):
         try:
             parsed, text = _parse_and_chunk(settings, BlobStore(settings.effective_blob_dir).path(sha256), password)
         except PipelineError as exc:
             return _finish_failed_parse(settings, document_id, attempt, exc.code, exc.message)
         except TRANSIENT_ERRORS:
-            _give_back(url, q.release_document, document_id, attempt)
+            _give_back(url, documents.release_document, document_id, attempt)
             raise
         except Exception as exc:
             log.exception("parse %s: unexpected error", document_id)
@@ -93,9 +93,9 @@ def parse_document(settings: Settings, document_id: uuid.UUID | str, password: s
                                         f"{type(exc).__name__}: {exc}")
     try:
         with session_scope(url) as s:
-            stored = q.store_parsed_document(s, document_id, attempt, parsed, text)
+            stored = documents.store_parsed_document(s, document_id, attempt, parsed, text)
     except TRANSIENT_ERRORS:
-        _give_back(url, q.release_document, document_id, attempt)
+        _give_back(url, documents.release_document, document_id, attempt)
         raise
     if not stored:
         log.warning("parse %s: claim lost before storing; result dropped", document_id)
@@ -131,9 +131,9 @@ def _parse_and_chunk(settings: Settings, path: Path, password: str | None) -> tu
 def _finish_failed_parse(settings: Settings, document_id: uuid.UUID, attempt: int, code: str, message: str) -> str:
     log.info("parse %s failed: %s: %s", document_id, code, message)
     with session_scope(settings.effective_database_url) as s:
-        if not q.fail_document(s, document_id, attempt, code, message):
+        if not documents.fail_document(s, document_id, attempt, code, message):
             return "lost"
-        q.fail_queued_jobs(s, document_id, code, f"document failed to parse: {message}")
+        jobs.fail_queued_jobs(s, document_id, code, f"document failed to parse: {message}")
     return str(DocumentStatus.failed)
 
 
@@ -144,10 +144,10 @@ def _release_jobs(settings: Settings, document_id: uuid.UUID) -> None:
         if doc is None:
             return
         if doc.status == DocumentStatus.failed:
-            q.fail_queued_jobs(s, document_id, doc.error_code or "parse_error",
+            jobs.fail_queued_jobs(s, document_id, doc.error_code or "parse_error",
                                f"document failed to parse: {doc.error_message or doc.error_code}")
             return
-        job_ids = q.queued_job_ids(s, document_id)
+        job_ids = jobs.queued_job_ids(s, document_id)
     if job_ids:
         # One message per document: its body claims every queued job of the document, so they run
         # together on one gpu worker and share the document's prefill.

@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from config.settings import Settings
 from pipeline.types import DocumentText, PipelineError
-from storage import jobs as q
+from storage import document_text, jobs
 from storage.db import session_scope
 from storage.models import Document, DocumentStatus, Job, JobStatus
 from workers.bodies import INTERNAL_ERROR, TRANSIENT_ERRORS, JobAborted, _give_back, _uuid, _with_session
@@ -85,7 +85,7 @@ def run_job(settings: Settings, job_id: uuid.UUID | str) -> str:
         job_status, document_id, doc_status, doc_code, doc_message = row
         if doc_status == DocumentStatus.failed:
             if job_status == JobStatus.queued:
-                q.fail_job(s, job_id, None, doc_code or "parse_error", f"document failed to parse: {doc_message}")
+                jobs.fail_job(s, job_id, None, doc_code or "parse_error", f"document failed to parse: {doc_message}")
                 return str(JobStatus.failed)
             return str(job_status)
         if doc_status != DocumentStatus.parsed:
@@ -99,10 +99,10 @@ def run_job(settings: Settings, job_id: uuid.UUID | str) -> str:
              ", ".join(f"{c.task} {c.job_id} #{c.attempt}" for c in claims))
     try:
         with session_scope(url) as s:
-            doc_text = q.load_document_text(s, document_id)
+            doc_text = document_text.load_document_text(s, document_id)
     except TRANSIENT_ERRORS:
         for c in claims:
-            _give_back(url, q.requeue_job, c.job_id, c.attempt)
+            _give_back(url, jobs.requeue_job, c.job_id, c.attempt)
         raise
     with ThreadPoolExecutor(len(claims), thread_name_prefix="longdoc-task") as pool:
         futures = {c.job_id: pool.submit(_run_claimed, settings, c, doc_text) for c in claims}
@@ -115,14 +115,14 @@ def _claim_document_jobs(settings: Settings, document_id: uuid.UUID, *, first: u
     whose result is already stored (a crash after the result commit) is completed without running."""
     claims: list[Claim] = []
     with session_scope(settings.effective_database_url) as s:
-        ids = q.queued_job_ids(s, document_id)
+        ids = jobs.queued_job_ids(s, document_id)
         ordered = [first, *[i for i in ids if i != first]] if first in ids else ids
         for jid in ordered:
-            attempt = q.claim_job(s, jid, worker_id(), settings.job_lease_s)
+            attempt = jobs.claim_job(s, jid, worker_id(), settings.job_lease_s)
             if attempt is None:
                 continue
-            if q.has_result(s, jid):
-                q.complete_job(s, jid, attempt, None)
+            if jobs.has_result(s, jid):
+                jobs.complete_job(s, jid, attempt, None)
                 continue
             task, params = s.execute(select(Job.task, Job.params).where(Job.id == jid)).one()
             claims.append(Claim(jid, str(task), dict(params or {}), attempt))
@@ -134,7 +134,7 @@ def _run_claimed(settings: Settings, claim: Claim, doc_text: DocumentText) -> st
     url = settings.effective_database_url
     job_id, attempt = claim.job_id, claim.attempt
     what = f"job {job_id}"
-    with Lease(lambda: _with_session(url, q.heartbeat_job, job_id, attempt, settings.job_lease_s),
+    with Lease(lambda: _with_session(url, jobs.heartbeat_job, job_id, attempt, settings.job_lease_s),
                settings.job_lease_s, what) as lease:
         try:
             progress = _progress_writer(url, job_id, attempt, settings.job_lease_s, lease)
@@ -149,16 +149,16 @@ def _run_claimed(settings: Settings, claim: Claim, doc_text: DocumentText) -> st
         except PipelineError as exc:
             return _finish_failed_job(url, job_id, attempt, exc.code, exc.message)
         except TRANSIENT_ERRORS:
-            _give_back(url, q.requeue_job, job_id, attempt)
+            _give_back(url, jobs.requeue_job, job_id, attempt)
             raise
         except Exception as exc:
             log.exception("%s: unexpected error", what)
             return _finish_failed_job(url, job_id, attempt, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
     try:
         with session_scope(url) as s:
-            done = q.complete_job(s, job_id, attempt, payload)
+            done = jobs.complete_job(s, job_id, attempt, payload)
     except TRANSIENT_ERRORS:
-        _give_back(url, q.requeue_job, job_id, attempt)
+        _give_back(url, jobs.requeue_job, job_id, attempt)
         raise
     if not done:
         log.info("%s: claim lost before completion (canceled?); result dropped", what)
@@ -180,7 +180,7 @@ def _progress_writer(url: str, job_id: uuid.UUID, attempt: int, lease_s: float,
         if now - last_write < PROGRESS_WRITE_INTERVAL_S and fraction < 1.0:
             return
         last_write = now
-        if not _with_session(url, q.heartbeat_job, job_id, attempt, lease_s, fraction, stage):
+        if not _with_session(url, jobs.heartbeat_job, job_id, attempt, lease_s, fraction, stage):
             lease.lost.set()
             raise JobAborted(str(job_id))
 
@@ -190,4 +190,4 @@ def _progress_writer(url: str, job_id: uuid.UUID, attempt: int, lease_s: float,
 def _finish_failed_job(url: str, job_id: uuid.UUID, attempt: int, code: str, message: str) -> str:
     log.info("job %s failed: %s: %s", job_id, code, message)
     with session_scope(url) as s:
-        return str(JobStatus.failed) if q.fail_job(s, job_id, attempt, code, message) else "aborted"
+        return str(JobStatus.failed) if jobs.fail_job(s, job_id, attempt, code, message) else "aborted"

@@ -16,8 +16,9 @@ import logging
 import threading
 
 from config.settings import Settings
-from storage import jobs as q
+from storage import documents, jobs
 from storage.db import session_scope
+from storage.models import utcnow
 from workers import dispatch
 
 log = logging.getLogger(__name__)
@@ -26,18 +27,23 @@ log = logging.getLogger(__name__)
 def tick(settings: Settings) -> dict[str, int]:
     """One reap + reconcile pass; sends the recovered work after its DB changes are committed."""
     with session_scope(settings.effective_database_url) as s:
-        report = q.reap_expired(s, settings.max_attempts)
+        now = utcnow()
+        requeued_jobs, failed_jobs = jobs.reap_expired_jobs(s, settings.max_attempts, now)
+        requeued_docs, failed_docs = documents.reap_expired_documents(s, settings.max_attempts, now)
     with session_scope(settings.effective_database_url) as s:
-        stale_docs, stale_jobs = q.stale_work(s, settings.reconcile_grace_s)
-    for doc_id in [*report.requeued_documents, *stale_docs]:
+        now = utcnow()
+        stale_docs = documents.stale_uploaded_documents(s, settings.reconcile_grace_s, now)
+        stale_jobs = jobs.stale_queued_jobs(s, settings.reconcile_grace_s, now)
+        jobs.fail_jobs_of_failed_documents(s)
+    for doc_id in [*requeued_docs, *stale_docs]:
         # The password of a protected PDF is never stored, so a re-sent parse of one fails
         # `password_required`; every other document parses as before.
         dispatch.enqueue_parse(settings, doc_id)
-    for job_id in [*report.requeued_jobs, *stale_jobs]:
+    for job_id in [*requeued_jobs, *stale_jobs]:
         dispatch.enqueue_job(settings, job_id)
     counts = {
-        "requeued_jobs": len(report.requeued_jobs), "failed_jobs": len(report.failed_jobs),
-        "requeued_documents": len(report.requeued_documents), "failed_documents": len(report.failed_documents),
+        "requeued_jobs": len(requeued_jobs), "failed_jobs": len(failed_jobs),
+        "requeued_documents": len(requeued_docs), "failed_documents": len(failed_docs),
         "resent_documents": len(stale_docs), "resent_jobs": len(stale_jobs),
     }
     if any(counts.values()):

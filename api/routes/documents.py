@@ -38,8 +38,10 @@ from pipeline.tasks.schemas import (
 )
 from pipeline.types import PipelineError
 from storage import documents as repo
+from storage import jobs as job_repo
 from storage.blobs import BlobStore, TooLarge
 from storage.models import Document, DocumentStatus, Job
+from storage.paging import InvalidCursor
 from workers import dispatch
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ def _attach_jobs(session: Session, doc: Document, specs: list[tuple[str, dict]])
     if specs and doc.status == DocumentStatus.failed:
         raise ApiError(409, "document_failed",
                        f"document {doc.id} failed to parse ({doc.error_code}); jobs cannot run on it")
-    return [repo.add_job(session, doc, task, params) for task, params in specs]
+    return [job_repo.add_job(session, doc, task, params) for task, params in specs]
 
 
 def _store_upload(settings: Settings, session: Session, blobs: BlobStore, owner: uuid.UUID | None,
@@ -239,7 +241,7 @@ def list_documents(session: ReadSessionDep, owner: OwnerDep, limit: Annotated[in
     """Newest first. Follow `next_cursor` until it is null."""
     try:
         page = repo.list_documents(session, owner, limit=limit, cursor=cursor)
-    except repo.InvalidCursor as exc:
+    except InvalidCursor as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from exc
     return DocumentListPublic(items=[DocumentPublic.of(d) for d in page.items], next_cursor=page.next_cursor)
 

@@ -19,8 +19,10 @@ from api.schemas import (
     JobPublic,
     job_public_json,
 )
-from storage import documents as repo
+from storage import documents as document_repo
+from storage import jobs as repo
 from storage.models import Job, JobStatus
+from storage.paging import InvalidCursor
 from workers import dispatch
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -55,11 +57,11 @@ def list_jobs(session: ReadSessionDep, owner: OwnerDep, document_id: uuid.UUID |
               status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               cursor: CursorQuery = None) -> JobListPublic:
     """Newest first, optionally for one document and/or one status. Follow `next_cursor`."""
-    if document_id is not None and repo.get_document(session, owner, document_id) is None:
+    if document_id is not None and document_repo.get_document(session, owner, document_id) is None:
         raise ApiError(404, "not_found", f"document {document_id} not found")
     try:
         page = repo.list_jobs(session, owner, limit=limit, cursor=cursor, document_id=document_id, status=status)
-    except repo.InvalidCursor as exc:
+    except InvalidCursor as exc:
         raise ApiError(400, "invalid_cursor", str(exc)) from exc
     return JobListPublic(items=[JobPublic.of(j, j.result.payload if j.result else None) for j in page.items], next_cursor=page.next_cursor)
 
