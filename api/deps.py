@@ -6,14 +6,13 @@ which is a measurable share of a job poll (bench/api_load.py).
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
@@ -21,7 +20,7 @@ from api.key_cache import CurrentKey, KeyCache
 from config.settings import Settings
 from storage import keys
 from storage.blobs import BlobStore
-from storage.db import get_read_engine, get_sessionmaker
+from storage.db import get_read_sessionmaker, get_sessionmaker
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `longdoc keys create NAME`.")
 
@@ -50,15 +49,10 @@ async def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> A
             session.close()
 
 
-@functools.lru_cache(maxsize=8)
-def _read_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_read_engine(url), expire_on_commit=False)
-
-
 async def get_read_session(settings: Annotated[Settings, Depends(get_settings)]) -> AsyncIterator[Session]:
     """A session for GET routes: each SELECT runs in autocommit, so there is no BEGIN/ROLLBACK round
     trip, and closing it does no I/O (it stays on the event loop). Used by the job poll, the hot path."""
-    session = _read_sessionmaker(settings.effective_database_url)()
+    session = get_read_sessionmaker(settings.effective_database_url)()
     try:
         yield session
     finally:

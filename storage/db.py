@@ -57,9 +57,19 @@ def _autocommit(engine: Engine) -> Engine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
-@functools.lru_cache(maxsize=8)
 def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+    return _sessionmaker(get_engine(url))
+
+
+def get_read_sessionmaker(url: str) -> sessionmaker[Session]:
+    """Sessions on the autocommit engine: each SELECT runs alone, with no BEGIN/ROLLBACK round trips."""
+    return _sessionmaker(get_read_engine(url))
+
+
+@functools.lru_cache(maxsize=16)
+def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    # Keyed by the engine, so both factories follow get_engine.cache_clear() (forked workers).
+    return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager

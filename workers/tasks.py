@@ -21,10 +21,9 @@ log = logging.getLogger(__name__)
 @worker_process_init.connect
 def _fresh_db_pool(**_kwargs: object) -> None:
     # A forked pool process must not reuse connections opened in its parent.
-    from storage.db import get_engine, get_sessionmaker
+    from storage.db import get_engine
 
-    get_engine.cache_clear()
-    get_sessionmaker.cache_clear()
+    get_engine.cache_clear()  # the session factories are keyed by the engine: they follow
 
 
 def register_tasks(app: Celery) -> None:
