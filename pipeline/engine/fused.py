@@ -16,14 +16,13 @@ rows; a CUDA graph keeps what was on when it was captured.
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from pipeline.engine.triton_lazy import runs_on, triton_kernels
 
 
 @dataclass
@@ -43,15 +42,9 @@ class FusedKernels:
 KERNELS = FusedKernels()
 
 
-@functools.cache
-def _triton() -> Any:
+@triton_kernels
+def _triton(triton: Any, tl: Any) -> Any:
     """The jitted kernels, or None when Triton is not installed."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        log.debug("triton not installed: decode uses the unfused torch ops")
-        return None
 
     @triton.jit
     def add_layer_norm(
@@ -102,7 +95,7 @@ def _triton() -> Any:
 
 
 def _runs_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and not torch.compiler.is_compiling() and _triton() is not None
+    return runs_on(x, _triton)
 
 
 def add_layer_norm(

@@ -24,8 +24,6 @@ triton.autotune: the call is captured in a CUDA graph, and autotuning with one w
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.engine.fused import KERNELS, triton_next_power_of_2
-
-log = logging.getLogger(__name__)
+from pipeline.engine.triton_lazy import runs_on, triton_kernels
 
 MAX_ROWS = 8  # rows of x one program keeps in registers; more and a GEMM does better anyway
 STATS_ELEMENTS = 4096  # x elements per LayerNorm-statistics load (all rows): one load for MPT-7B at M = 1
@@ -81,15 +78,9 @@ def default_config(n: int, k: int) -> GemvConfig:
                       num_warps=4, num_stages=1)
 
 
-@functools.cache
-def _triton() -> Any:
+@triton_kernels
+def _triton(triton: Any, tl: Any) -> Any:
     """The jitted kernel, or None when Triton is not installed."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        log.debug("triton not installed: gemv runs the unfused torch ops")
-        return None
 
     # Triton resolves a kernel's callees among its module's globals (not a closure's cells), so the
     # helpers are bound there; defined here, not at import, so that importing this module never
@@ -230,7 +221,7 @@ def _triton() -> Any:
 
 
 def _runs_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and not torch.compiler.is_compiling() and _triton() is not None
+    return runs_on(x, _triton)
 
 
 def fusable_gemv(

@@ -8,24 +8,18 @@ projection) -> [H] float32, max over b, t of ||x[b, t, h, :]||. On CUDA one Trit
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from pipeline.engine.fused import triton_next_power_of_2
+from pipeline.engine.triton_lazy import triton_kernels
 
 BLOCK_T = 64
 
 
-@functools.cache
-def _kernel() -> Any:
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@triton_kernels
+def _kernel(triton: Any, tl: Any) -> Any:
     @triton.jit
     def norm_sq_max(
         x_ptr, out_ptr, T, stride_b, stride_t, stride_h,

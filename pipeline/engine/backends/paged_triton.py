@@ -24,7 +24,6 @@ of two, prefix_lens multiples of block_size (the prefix kernel reads whole tiles
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from pipeline.engine.metadata import CascadeMeta
+from pipeline.engine.triton_lazy import available_on, triton_kernels
 
 MERGE_CHUNK = 32  # partials merged per iteration: [32, D] fp32
 
@@ -57,17 +57,11 @@ DEFAULT = PagedConfig()
 
 
 def is_available(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available() and _kernels() is not None
+    return available_on(device, _kernels)
 
 
-@functools.cache
-def _kernels() -> Any:
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@triton_kernels
+def _kernels(triton: Any, tl: Any) -> Any:
     @triton.jit
     def merge_row(
         m_ptr, l_ptr, acc_ptr, out_ptr, bh, b, h, n_pref, prefix_splits, n_own, n_slots, stride_ob,

@@ -13,12 +13,13 @@ not the whole preallocated capacity, or every step reads the empty tail too.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.engine.triton_lazy import runs_on, triton_kernels
 
 NAME = "sdpa"
 _memo: dict[str, Any] = {}
@@ -37,7 +38,7 @@ def alibi_bias_row(
     and the torch-ops version is ~7 kernels per layer); torch ops on CPU and inside torch.compile,
     where Inductor fuses them itself.
     """
-    if lengths.is_cuda and not torch.compiler.is_compiling() and _triton_kernel() is not None:
+    if runs_on(lengths, _triton_kernel):
         return _bias_triton(slopes, lengths, length, dtype)
     return _bias_torch(slopes, lengths, length, dtype)
 
@@ -54,14 +55,8 @@ def _bias_torch(slopes: torch.Tensor, lengths: torch.Tensor, length: int, dtype:
 _BLOCK = 1024
 
 
-@functools.cache
-def _triton_kernel() -> Any:
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@triton_kernels
+def _triton_kernel(triton: Any, tl: Any) -> Any:
     @triton.jit
     def alibi_row(out_ptr, slopes_ptr, lengths_ptr, L, H, BLOCK: tl.constexpr):
         row = tl.program_id(0)  # b * H + h

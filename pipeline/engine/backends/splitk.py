@@ -20,12 +20,13 @@ call time, so the first call of a shape is the only compile. First in DECODE_ORD
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from pipeline.engine.triton_lazy import available_on, triton_kernels
 
 NAME = "splitk"
 MERGE_CHUNK = 32  # splits merged per iteration: [32, D] fp32, one L2 round trip for up to 32 splits
@@ -60,17 +61,11 @@ def config_for(length: int) -> SplitConfig:
 
 
 def is_available(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available() and _kernels() is not None
+    return available_on(device, _kernels)
 
 
-@functools.cache
-def _kernels() -> Any:
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+@triton_kernels
+def _kernels(triton: Any, tl: Any) -> Any:
     @triton.jit
     def merge_head(
         m_ptr, l_ptr, acc_ptr, out_ptr, bh, b, h, n_live, n_splits, stride_ob,
