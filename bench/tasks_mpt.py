@@ -26,10 +26,15 @@ right after setup, with natural lengths last, since it needs what ours generated
 Bounded: --deadline-s (230 s from the start) cuts every budget; a stage that runs out of time stops
 starting documents, and documents still in flight --grace-s later are given up on (reported).
 
-H200 (wheels for pydantic, bm25s, PyStemmer carried in .whl/tasks_mpt; ~4 minutes):
+H200 (wheels for pydantic, bm25s, PyStemmer carried in .whl/tasks_mpt; ~6 minutes). Ours and HF run in
+two processes (run 1 ran them in one: after HF's stage ~105 GiB stayed in use outside the caching
+allocator, and our KV pool, sized from free memory, got 13.9 GiB): --stages, then --merge:
   source bench/h200_env.sh; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-      .whl/tasks_mpt/*.whl && PYTHONPATH=/tmp/site:$PYTHONPATH:. python3 bench/tasks_mpt.py --out $OUT \
-      --tokenizer .tok --corpus-json .corpus-text/corpus.json
+      .whl/tasks_mpt/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH:. && A="--tokenizer .tok \
+      --corpus-json .corpus-text/corpus.json" && mkdir -p $OUT/ours && \
+  python3 bench/tasks_mpt.py $A --out $OUT/ours --stages setup,warmup,ours,ours_subset && \
+  python3 bench/tasks_mpt.py $A --out $OUT --stages setup,hf --merge $OUT/ours/tasks_mpt.json
+Each stage's device memory (free, allocator-held, outside the allocator) lands in "memory".
 CPU:   PYTHONPATH=. python bench/tasks_mpt.py --cpu-smoke --out /tmp   (tiny model, 3 documents, < 1 minute)
 """
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import random
@@ -302,6 +308,18 @@ def summary(b: TasksBench) -> dict:
     return out
 
 
+def memory_reading(b: Bench) -> dict[str, float] | None:
+    """Device memory after a stage: what the caching allocator holds, and what the device has free
+    (the pool is sized from the latter, so memory held outside the allocator shows as the gap)."""
+    if b.device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(b.device)
+    return {"free_gib": round(free / GIB, 2), "total_gib": round(total / GIB, 2),
+            "allocated_gib": round(torch.cuda.memory_allocated(b.device) / GIB, 2),
+            "reserved_gib": round(torch.cuda.memory_reserved(b.device) / GIB, 2),
+            "outside_allocator_gib": round((total - free - torch.cuda.memory_reserved(b.device)) / GIB, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -321,6 +339,11 @@ def main() -> None:
     ap.add_argument("--hf-docs", type=int, default=3)
     ap.add_argument("--hf-max-tokens", type=int, default=8192)
     ap.add_argument("--hf-budget-s", type=float, default=60.0, help="no new HF document after this")
+    ap.add_argument("--stages", default=None,
+                    help="comma list of stages to run (default all); e.g. ours and HF in two processes, "
+                         "'setup,warmup,ours,ours_subset' then 'setup,hf' with --merge")
+    ap.add_argument("--merge", default="", help="comma list of earlier tasks_mpt.json files whose stages "
+                                                "the summary also reads (a stage run here wins)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     b = TasksBench(args.out, smoke=args.cpu_smoke)
@@ -335,12 +358,23 @@ def main() -> None:
     # natural lengths: HF needs what ours generated, so ours first, and its engine freed before HF
     ours_stages = [("warmup", warmup), ("ours", ours), ("ours_subset", ours_subset)]
     stages = [("setup", setup), *([("hf", hf), *ours_stages] if args.lengths == "full" else [*ours_stages, ("hf", hf)])]
+    if args.stages:
+        wanted = set(args.stages.split(","))
+        stages = [(n, fn) for n, fn in stages if n in wanted]
+    for path in filter(None, args.merge.split(",")):
+        earlier = json.loads(Path(path).read_text())
+        b.res.setdefault("merged_from", []).append(path)
+        for name in ("hf", "ours", "ours_subset", "warmup", "memory"):
+            if name in earlier:
+                b.res[f"{name}" if name != "memory" else "memory_merged"] = earlier[name]
     skip: set[str] = set()
     for name, fn in stages:
         if name in skip:
             b.res[name] = {"skipped": "an earlier stage failed"}
             continue
-        if b.stage(name, lambda fn=fn: fn(b, args)).get("error"):
+        result = b.stage(name, lambda fn=fn: fn(b, args))
+        b.res.setdefault("memory", {})[name] = memory_reading(b)
+        if result.get("error"):
             if name == "setup":  # nothing runs without a model
                 skip |= {n for n, _ in stages}
             elif name == "warmup":
