@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, description="Uploads over this answer 413.")
     secret_key: SecretStr | None = Field(
         default=None, description="Fernet key (urlsafe base64 of 32 bytes) that encrypts an upload's PDF password "
-                                  "in the database until its parse ends (storage/secrets.py); the API and every "
+                                  "in the database until its parse ends (storage/passwords.py); the API and every "
                                   "parse worker need the same one. Unset: embedded mode makes data_dir/secret.key "
                                   "on first use; service mode refuses passwords (400 secret_key_missing).")
     auth_cache_s: float = Field(

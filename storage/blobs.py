@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +29,15 @@ class TooLarge(Exception):
     def __init__(self, max_bytes: int) -> None:
         super().__init__(f"upload exceeds the limit of {max_bytes} bytes")
         self.max_bytes = max_bytes
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """An upload hashed into a temp file of the store, waiting for BlobStore.place."""
+
+    sha256: str
+    size: int
+    tmp_path: Path
 
 
 class BlobStore:
@@ -48,6 +58,17 @@ class BlobStore:
 
         Raises TooLarge as soon as more than max_bytes have been read; the temp file is removed.
         """
+        staged = self.stage(fileobj, max_bytes)
+        self.place(staged)
+        return staged.sha256, staged.size, self.path(staged.sha256)
+
+    def stage(self, fileobj: BinaryIO, max_bytes: int) -> StagedBlob:
+        """Stream fileobj into a temp file of the store (hashed, fsynced), not yet under its name.
+
+        The upload path stages first, then places the blob under the content lock just before its
+        rows commit, so an upload whose transaction fails before that leaves nothing behind.
+        Raises TooLarge as soon as more than max_bytes have been read; the temp file is removed.
+        """
         self._tmp.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
@@ -61,17 +82,31 @@ class BlobStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            sha256 = digest.hexdigest()
-            final = self.path(sha256)
-            final.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp_name, 0o644)
-            # Same content, same name: replacing an existing blob is harmless and keeps this atomic.
-            os.replace(tmp_name, final)
-            return sha256, size, final
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
+        return StagedBlob(digest.hexdigest(), size, Path(tmp_name))
+
+    def place(self, staged: StagedBlob) -> bool:
+        """Move a staged file to its name unless the blob is already there (then it is only dropped).
+
+        True when this call created the blob: the caller then owns removing it if its rows do not commit.
+        """
+        final = self.path(staged.sha256)
+        if final.is_file():
+            self.discard(staged)
+            return False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Same content, same name: were another upload to place it at the same moment, either copy is right.
+        os.replace(staged.tmp_path, final)
+        return True
+
+    def discard(self, staged: StagedBlob) -> None:
+        """Remove the staged temp file if it was not placed (idempotent)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged.tmp_path)
 
     def delete(self, sha256: str) -> bool:
         """Remove the blob; True if it existed. Empty fan-out directories are left (cheap, reused)."""

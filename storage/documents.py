@@ -22,8 +22,9 @@ from storage.jobs import NON_TERMINAL, fail_queued_jobs
 from storage.models import Document, DocumentStatus, Job, utcnow
 from storage.paging import ResultPage, owned, paginate
 
+# A stored PDF password (storage/passwords.py) is erased by whichever write ends the parse, done or failed.
 LEASE = lease.LeasedTable(Document, "parse_attempts", held=DocumentStatus.parsing, waiting=DocumentStatus.uploaded,
-                          failed=DocumentStatus.failed)
+                          failed=DocumentStatus.failed, on_end={"encrypted_password": None})
 
 
 def lock_content(session: Session, sha256: str) -> None:
@@ -66,11 +67,14 @@ def list_documents(session: Session, owner_id: uuid.UUID | None, *, limit: int,
     return paginate(session, select(Document).where(owned(Document, owner_id)), Document, limit, cursor)
 
 
-def reset_for_reparse(document: Document) -> None:
-    """A failed document goes back to `uploaded` (e.g. re-uploaded with the right password)."""
+def reset_for_reparse(document: Document, encrypted_password: str | None) -> None:
+    """A failed document goes back to `uploaded` (re-uploaded with the right password, stored encrypted
+    until the parse ends); the caller sends its parse after the commit."""
     document.status = DocumentStatus.uploaded
     document.error_code = document.error_message = None
     document.lease_until = None
+    document.encrypted_password = encrypted_password
+    document.enqueued_at = utcnow()
 
 
 def delete_document(session: Session, document: Document) -> tuple[list[uuid.UUID], bool]:
@@ -161,13 +165,15 @@ def reap_expired_documents(session: Session, max_attempts: int,
 
 
 def stale_uploaded_documents(session: Session, grace_s: float, now: datetime | None = None) -> list[uuid.UUID]:
-    """Uploaded documents untouched for grace_s: the broker may have lost their parse message.
-    Their updated_at is bumped, so each is re-sent at most once per grace period."""
+    """Uploaded documents whose parse message was last sent more than grace_s ago: the broker may have
+    lost it. Their enqueued_at is stamped (the caller sends after the commit), so each is re-sent at
+    most once per grace period, however often the reconciler runs (stale_queued_jobs says why the
+    row's last send and not a look into the broker)."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=grace_s)
     doc_ids = list(session.scalars(select(Document.id).where(
-        Document.status == DocumentStatus.uploaded, Document.updated_at < cutoff)))
+        Document.status == DocumentStatus.uploaded, Document.enqueued_at < cutoff)))
     if doc_ids:
         session.execute(update(Document).where(Document.id.in_(doc_ids), Document.status == DocumentStatus.uploaded)
-                        .values(updated_at=now))
+                        .values(enqueued_at=now))
     return doc_ids

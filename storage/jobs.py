@@ -9,7 +9,7 @@ every later write of that worker presents.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -94,6 +94,28 @@ def queued_job_ids(session: Session, document_id: uuid.UUID) -> list[uuid.UUID]:
                                                      Job.status == JobStatus.queued).order_by(Job.created_at)))
 
 
+def queued_jobs_to_send(session: Session, document_id: uuid.UUID) -> list[uuid.UUID]:
+    """The document's queued jobs, oldest first, stamped enqueued now: the caller sends one message for
+    them after the commit (the gpu body claims every queued job of the message's document)."""
+    job_ids = queued_job_ids(session, document_id)
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.queued)
+                        .values(enqueued_at=utcnow()))
+    return job_ids
+
+
+def requeue_jobs_failed_with(session: Session, document_id: uuid.UUID, codes: Collection[str]) -> int:
+    """Failed jobs of the document whose error is one of `codes` (its parse's password failures) go back
+    to queued, to be released by the document's next parse. `attempts` stays as it is: it only grows,
+    so a claim from before can never match the fence of the next one."""
+    now = utcnow()
+    result = session.execute(
+        update(Job).where(Job.document_id == document_id, Job.status == JobStatus.failed, Job.error_code.in_(codes))
+        .values(status=JobStatus.queued, error_code=None, error_message=None, finished_at=None, started_at=None,
+                lease_until=None, worker_id=None, progress=0.0, stage=None, updated_at=now, enqueued_at=now))
+    return result.rowcount
+
+
 def fail_queued_jobs(session: Session, document_id: uuid.UUID, code: str, message: str) -> int:
     """A document that failed to parse fails its waiting jobs with the document's error."""
     now = utcnow()
@@ -167,15 +189,31 @@ def reap_expired_jobs(session: Session, max_attempts: int,
 
 
 def stale_queued_jobs(session: Session, grace_s: float, now: datetime | None = None) -> list[uuid.UUID]:
-    """Queued jobs of parsed documents untouched for grace_s: the broker may have lost their message.
-    Their updated_at is bumped, so each is re-sent at most once per grace period."""
+    """Queued jobs of parsed documents whose message was last sent more than grace_s ago: the broker may
+    have lost it. Returns one job per such document (its message runs all of the document's queued
+    jobs) and stamps every queued job of those documents enqueued now, so the same work is re-sent at
+    most once per grace period however often the reconciler runs.
+
+    Why the row's last send, not a look into the broker: whether a message is really gone cannot be
+    read reliably from Redis (a worker holds prefetched and ETA messages in kombu's unacked hash; a
+    message is in neither place between BRPOP and that hash; the layout is kombu's, not an API), and
+    a duplicate is a no-op (its claim matches no row). So the cost of a message that was not lost is
+    bounded at one extra delivery per grace period; choose the grace longer than work usually waits.
+    """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=grace_s)
-    job_ids = list(session.scalars(select(Job.id).join(Document, Document.id == Job.document_id).where(
-        Job.status == JobStatus.queued, Job.updated_at < cutoff, Document.status == DocumentStatus.parsed)))
-    if job_ids:
-        session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.queued).values(updated_at=now))
-    return job_ids
+    stale = (select(Job.document_id).join(Document, Document.id == Job.document_id)
+             .where(Job.status == JobStatus.queued, Job.enqueued_at < cutoff,
+                    Document.status == DocumentStatus.parsed).distinct())
+    rows = session.execute(select(Job.document_id, Job.id).where(
+        Job.status == JobStatus.queued, Job.document_id.in_(stale)).order_by(Job.created_at)).all()
+    first: dict[uuid.UUID, uuid.UUID] = {}
+    for document_id, job_id in rows:
+        first.setdefault(document_id, job_id)
+    if first:
+        session.execute(update(Job).where(Job.document_id.in_(list(first)), Job.status == JobStatus.queued)
+                        .values(enqueued_at=now))
+    return list(first.values())
 
 
 def fail_jobs_of_failed_documents(session: Session) -> None:

@@ -37,6 +37,9 @@ class LeasedTable:
     failed: str
     # Columns cleared whenever a claim is handed back or re-queued (e.g. the job's worker_id).
     on_release: Mapping[str, Any] = field(default_factory=dict)
+    # Columns cleared whenever the row's work ends, done or failed (settle, fail, reap's give-up): e.g. the
+    # document's stored password, which only the parse needs.
+    on_end: Mapping[str, Any] = field(default_factory=dict)
     # Whether terminal writes (fail) also stamp `finished_at`.
     stamps_finish: bool = False
 
@@ -84,13 +87,18 @@ def extend(session: Session, table: LeasedTable, row_id: uuid.UUID, attempt: int
 def settle(session: Session, table: LeasedTable, row_id: uuid.UUID, attempt: int, **values: Any) -> bool:
     """The holder's outcome: set `values` and end the lease, fenced; False (nothing written) when the
     claim is no longer ours."""
-    return _update(session, table, fence(table, row_id, attempt), lease_until=None, **values)
+    return _update(session, table, fence(table, row_id, attempt), lease_until=None, **table.on_end, **values)
 
 
 def release(session: Session, table: LeasedTable, row_id: uuid.UUID, attempt: int, **values: Any) -> bool:
-    """held -> waiting: give the claim back (e.g. before a transient-error retry)."""
+    """held -> waiting: give the claim back (e.g. before a transient-error retry).
+
+    enqueued_at is stamped: the retry's message follows (Celery's retry; in embedded mode the reconciler's
+    re-send after the grace).
+    """
+    now = utcnow()
     return _update(session, table, fence(table, row_id, attempt), status=table.waiting, lease_until=None,
-                   updated_at=utcnow(), **table.on_release, **values)
+                   updated_at=now, enqueued_at=now, **table.on_release, **values)
 
 
 def fail(session: Session, table: LeasedTable, row_id: uuid.UUID, attempt: int | None, code: str, message: str,
@@ -101,7 +109,8 @@ def fail(session: Session, table: LeasedTable, row_id: uuid.UUID, attempt: int |
     where = (fence(table, row_id, attempt) if attempt is not None
              else (model.id == row_id, model.status.in_(unclaimed)))
     return _update(session, table, where, status=table.failed, error_code=code,
-                   error_message=message[:ERROR_MESSAGE_CHARS], lease_until=None, **_terminal_stamps(table, utcnow()))
+                   error_message=message[:ERROR_MESSAGE_CHARS], lease_until=None, **table.on_end,
+                   **_terminal_stamps(table, utcnow()))
 
 
 def reap_expired(session: Session, table: LeasedTable, max_attempts: int, now: datetime, *, gave_up: str,
@@ -124,11 +133,11 @@ def reap_expired(session: Session, table: LeasedTable, max_attempts: int, now: d
         if attempts >= max_attempts:
             message = gave_up.format(attempts=attempts)
             if _update(session, table, where, status=table.failed, error_code=WORKER_LOST, error_message=message,
-                       lease_until=None, **_terminal_stamps(table, now)):
+                       lease_until=None, **table.on_end, **_terminal_stamps(table, now)):
                 if on_fail is not None:
                     on_fail(row_id, message)
                 failed.append(row_id)
         elif _update(session, table, where, status=table.waiting, lease_until=None, updated_at=now,
-                     **table.on_release, **(requeue_values or {})):
+                     enqueued_at=now, **table.on_release, **(requeue_values or {})):  # the caller re-sends it
             requeued.append(row_id)
     return requeued, failed

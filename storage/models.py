@@ -102,7 +102,7 @@ class Document(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     parse_attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # A Fernet token of the upload's PDF password (storage/secrets.py), kept until the parse ends.
+    # A Fernet token of the upload's PDF password (storage/passwords.py), kept until the parse ends.
     encrypted_password: Mapped[str | None] = mapped_column(Text)
     # When a parse message was last sent for it: the reconciler re-sends only after reconcile_grace_s.
     enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -39,7 +40,8 @@ def api_redis_url() -> Iterator[str]:
 @pytest.fixture
 def api_settings(migrated_pg: str, api_redis_url: str, tmp_path: Path) -> Settings:
     return Settings(_env_file=None, data_dir=tmp_path / "data", database_url=migrated_pg, broker_url=api_redis_url,
-                    blob_dir=tmp_path / "blobs", auth_enabled=True, max_upload_bytes=2 * 1024 * 1024)
+                    blob_dir=tmp_path / "blobs", auth_enabled=True, max_upload_bytes=2 * 1024 * 1024,
+                    secret_key=Fernet.generate_key().decode())
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from config.settings import Settings
 
@@ -45,7 +46,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The LONGDOC_* environment that makes a subprocess build exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LONGDOC_")}
     for name, value in settings.model_dump(exclude_none=True).items():
-        env[f"LONGDOC_{name.upper()}"] = str(value)
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else value  # dumped as "****"
+        env[f"LONGDOC_{name.upper()}"] = str(secret)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

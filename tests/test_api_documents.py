@@ -8,11 +8,12 @@ import json
 import uuid
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 
 from storage.blobs import BlobStore
 from storage.db import session_scope
-from storage.models import Document, DocumentStatus, Job
+from storage.models import Document, DocumentStatus, Job, JobStatus, utcnow
+from storage.passwords import decrypt_password
 from tests.fixtures_api import upload
 
 
@@ -87,30 +88,89 @@ def test_upload_with_tasks_creates_queued_jobs(client, auth, pdf_bytes, api_sett
         assert s.scalar(select(func.count()).select_from(Job)) == 3
 
 
-def test_upload_password_is_never_stored(client, auth, corpus_dir, api_settings, api_redis_url):
+def test_upload_password_is_stored_encrypted_and_kept_out_of_the_message(client, auth, corpus_dir, api_settings,
+                                                                         api_redis_url):
     secret = "s3cret-pw-zz"
     data = (corpus_dir / "hostile-encrypted-aes256-userpw.pdf").read_bytes()
     assert upload(client, auth, data, data={"password": secret}).status_code == 201
     with session_scope(api_settings.effective_database_url) as s:
         row = s.scalars(select(Document)).one()
         assert secret not in repr({c.key: getattr(row, c.key) for c in Document.__table__.columns})
-    # it travels in the parse task message only
-    message = json.loads(redis.Redis.from_url(api_redis_url).lindex("parse", 0))
+        assert decrypt_password(api_settings, row.encrypted_password) == secret
+        doc_id = str(row.id)
+    raw = redis.Redis.from_url(api_redis_url).lindex("parse", 0)
+    message = json.loads(raw)
     assert message["properties"]["body_encoding"] == "base64"
-    _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-    assert kwargs["password"] == secret
+    args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    assert args == [doc_id] and kwargs == {}  # the parse reads the password from the row
+    assert secret.encode() not in raw
+
+
+def test_a_password_upload_without_a_secret_key_is_refused_before_anything_is_stored(
+        api_settings, make_client, auth, corpus_dir, api_redis_url):
+    client = make_client(api_settings.model_copy(update={"secret_key": None}))
+    data = (corpus_dir / "hostile-encrypted-aes256-userpw.pdf").read_bytes()
+    r = upload(client, auth, data, data={"password": "pw"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "secret_key_missing", r.text
+    assert "LONGDOC_SECRET_KEY" in r.json()["error"]["message"]
+    blobs = BlobStore(api_settings.effective_blob_dir)
+    assert not blobs.exists(hashlib.sha256(data).hexdigest())
+    with session_scope(api_settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Document)) == 0
+    assert _queued_messages(api_redis_url, "parse") == 0
+    assert upload(client, auth, data).status_code == 201  # without a password it is taken (and fails its parse)
 
 
 def test_failed_password_document_is_reparsed_when_uploaded_with_password(client, auth, corpus_dir, api_settings,
                                                                            api_redis_url):
     data = (corpus_dir / "hostile-encrypted-aes256-userpw.pdf").read_bytes()
-    doc_id = upload(client, auth, data).json()["id"]
+    first = upload(client, auth, data, data={"tasks": "summarize,classify"}).json()
+    doc_id, (summary, classify) = first["id"], (j["id"] for j in first["jobs"])
     with session_scope(api_settings.effective_database_url) as s:  # what the parse task would record
         doc = s.get(Document, uuid.UUID(doc_id))
         doc.status, doc.error_code, doc.error_message = DocumentStatus.failed, "password_required", "needs pw"
+        for job_id, code in ((summary, "password_required"), (classify, "internal_error")):
+            job = s.get(Job, uuid.UUID(job_id))
+            job.status, job.error_code, job.error_message, job.finished_at = JobStatus.failed, code, "x", utcnow()
     r = upload(client, auth, data, data={"password": "pw"})
     assert r.status_code == 200 and r.json()["status"] == "uploaded" and r.json()["error"] is None
     assert _queued_messages(api_redis_url, "parse") == 2
+    with session_scope(api_settings.effective_database_url) as s:
+        requeued, other = s.get(Job, uuid.UUID(summary)), s.get(Job, uuid.UUID(classify))
+        # The job that failed for the password waits for the new parse; the parse releases it.
+        assert (requeued.status, requeued.error_code, requeued.finished_at) == (JobStatus.queued, None, None)
+        assert (other.status, other.error_code) == (JobStatus.failed, "internal_error")  # not the password's
+    assert _queued_messages(api_redis_url, "gpu") == 0
+
+
+def _refuse_commits_of(url: str, filename: str) -> None:
+    """A deferred constraint trigger that fails COMMIT (SQLSTATE 08006, a connection failure) of a
+    document row with this filename: the transaction fails after everything before COMMIT succeeded."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                          "RAISE EXCEPTION 'refused at commit' USING ERRCODE = '08006'; END $$"))
+        conn.execute(text("CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT ON documents "
+                          "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+                          f"WHEN (NEW.filename = '{filename}') EXECUTE FUNCTION refuse_commit()"))
+    engine.dispose()
+
+
+def test_an_upload_whose_rows_fail_to_commit_leaves_no_orphan_blob(client, make_key, api_settings, pdf_bytes,
+                                                                    other_pdf_bytes):
+    alice, bob = make_key("alice"), make_key("bob")
+    assert upload(client, alice, pdf_bytes).status_code == 201
+    _refuse_commits_of(api_settings.effective_database_url, "refused.pdf")
+    blobs = BlobStore(api_settings.effective_blob_dir)
+    fresh = upload(client, bob, other_pdf_bytes, name="refused.pdf")
+    assert fresh.status_code == 503 and fresh.json()["error"]["code"] == "database_unavailable", fresh.text
+    assert not blobs.exists(hashlib.sha256(other_pdf_bytes).hexdigest())  # no row refers to it: removed
+    shared = upload(client, bob, pdf_bytes, name="refused.pdf")
+    assert shared.status_code == 503, shared.text
+    assert blobs.exists(hashlib.sha256(pdf_bytes).hexdigest())  # alice's document still uses these bytes
+    assert list((blobs.root / "tmp").iterdir()) == []  # no staged upload left behind either
+    with session_scope(api_settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Document)) == 1
 
 
 def test_list_documents_cursor_pagination(client, auth, corpus_dir):

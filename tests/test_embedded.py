@@ -44,6 +44,12 @@ def test_upload_parse_and_jobs_run_in_process(embedded_settings: Settings, corpu
         body = poll_document(client, h, failed["id"], timeout=60)
         assert body["status"] == "failed" and body["error"]["code"] == "password_required", body
         assert poll_job(client, h, failed["jobs"][0]["id"], timeout=30)["error"]["code"] == "password_required"
+        # The password again, with the file: embedded mode keeps it under its own key file until the
+        # parse, and the job that failed for the lack of it runs.
+        upload(client, h, corpus_dir / "hostile-encrypted-aes256-userpw.pdf", password="password")
+        assert poll_document(client, h, failed["id"], timeout=60)["status"] == "parsed"
+        assert poll_job(client, h, failed["jobs"][0]["id"], timeout=120)["status"] == "succeeded"
+        assert (embedded_settings.data_dir / "secret.key").is_file()
     assert dispatch.queue_depths(embedded_settings) == {"parse": 0, "gpu": 0}
 
 

@@ -27,6 +27,7 @@ from storage import documents, jobs
 from storage.blobs import BlobStore
 from storage.db import session_scope
 from storage.models import Document, DocumentStatus
+from storage.passwords import PASSWORD_UNREADABLE, PasswordUnreadable, decrypt_password
 from workers import dispatch
 from workers.lease import Lease
 
@@ -56,9 +57,12 @@ def _uuid(value: uuid.UUID | str) -> uuid.UUID:
 
 # --- parse ------------------------------------------------------------------------------------------
 
-def parse_document(settings: Settings, document_id: uuid.UUID | str, password: str | None = None, *,
-                   reparse: bool = False) -> str:
-    """uploaded -> parsing -> parsed|failed, then release the document's queued jobs. Returns the status."""
+def parse_document(settings: Settings, document_id: uuid.UUID | str, *, reparse: bool = False) -> str:
+    """uploaded -> parsing -> parsed|failed, then release the document's queued jobs. Returns the status.
+
+    A PDF password is read from the row (stored encrypted at upload, storage/passwords.py), so every
+    parse of the document has it, a re-sent one included; the write that ends the parse erases it.
+    """
     document_id = _uuid(document_id)
     url = settings.effective_database_url
     with session_scope(url) as s:
@@ -67,7 +71,7 @@ def parse_document(settings: Settings, document_id: uuid.UUID | str, password: s
         if doc is None:
             log.info("parse %s: no such document (deleted?)", document_id)
             return "missing"
-        status, sha256, filename = doc.status, doc.sha256, doc.filename
+        status, sha256, filename, stored_password = doc.status, doc.sha256, doc.filename, doc.encrypted_password
     if attempt is None:
         # A duplicate or redelivered message: the parse already happened (or is running elsewhere).
         # Re-sending the document's queued jobs is harmless and heals a release the broker lost.
@@ -81,7 +85,10 @@ def parse_document(settings: Settings, document_id: uuid.UUID | str, password: s
     with Lease(lambda: _with_session(url, documents.extend_document_lease, document_id, attempt, settings.job_lease_s),
                settings.job_lease_s, what):
         try:
+            password = decrypt_password(settings, stored_password) if stored_password else None
             parsed, text = _parse_and_chunk(settings, BlobStore(settings.effective_blob_dir).path(sha256), password)
+        except PasswordUnreadable as exc:  # this worker lacks the API's key: a deployment error, said plainly
+            return _finish_failed_parse(settings, document_id, attempt, PASSWORD_UNREADABLE, str(exc))
         except PipelineError as exc:
             return _finish_failed_parse(settings, document_id, attempt, exc.code, exc.message)
         except TRANSIENT_ERRORS:
@@ -147,7 +154,7 @@ def _release_jobs(settings: Settings, document_id: uuid.UUID) -> None:
             jobs.fail_queued_jobs(s, document_id, doc.error_code or "parse_error",
                                f"document failed to parse: {doc.error_message or doc.error_code}")
             return
-        job_ids = jobs.queued_job_ids(s, document_id)
+        job_ids = jobs.queued_jobs_to_send(s, document_id)
     if job_ids:
         # One message per document: its body claims every queued job of the document, so they run
         # together on one gpu worker and share the document's prefill.

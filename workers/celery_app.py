@@ -65,7 +65,8 @@ def _celery_for(broker_url: str, settings_json: str) -> Celery:
 
 def get_celery(settings: Settings) -> Celery:
     """A cached sending app for these settings (the API's dispatch path; no task bodies imported)."""
-    return _celery_for(settings.broker_url or "", settings.model_dump_json())
+    # The secret key is no broker setting, and dumped it is only "**********" (a SecretStr).
+    return _celery_for(settings.broker_url or "", settings.model_dump_json(exclude={"secret_key"}))
 
 
 def worker_app(settings: Settings | None = None) -> Celery:

@@ -33,23 +33,21 @@ def job_task_id(job_id: UUID) -> str:
     return f"job-{job_id}"
 
 
-def enqueue_parse(settings: Settings, document_id: UUID, password: str | None = None) -> None:
+def enqueue_parse(settings: Settings, document_id: UUID) -> None:
     """Parse the document (uploaded -> parsing -> parsed|failed), then release its queued jobs.
 
-    The password travels only in the task message (and the embedded pool's memory), never in the DB.
+    The message carries the id only: a PDF password is stored encrypted in the row until the parse
+    ends (storage/passwords.py), so a re-sent message parses as the first would.
     """
     if settings.embedded:
         from workers.embedded import get_runner
 
-        get_runner(settings).submit_parse(document_id, password)
+        get_runner(settings).submit_parse(document_id)
         return
     from workers.celery_app import get_celery
 
-    get_celery(settings).send_task(
-        PARSE_TASK, args=[str(document_id)], kwargs={"password": password},
-        # The kwargs repr travels in the message headers that monitoring tools (inspect, Flower) show.
-        kwargsrepr=repr({"password": "***" if password else None}),
-        queue=PARSE_QUEUE, task_id=f"parse-{document_id}-{uuid.uuid4().hex[:8]}")
+    get_celery(settings).send_task(PARSE_TASK, args=[str(document_id)], queue=PARSE_QUEUE,
+                                   task_id=f"parse-{document_id}-{uuid.uuid4().hex[:8]}")
 
 
 def enqueue_job(settings: Settings, job_id: UUID) -> None:

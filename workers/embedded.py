@@ -29,11 +29,10 @@ class EmbeddedRunner:
         self._reaper_stop: threading.Event | None = None
         self._reaper_thread: threading.Thread | None = None
 
-    def submit_parse(self, document_id: UUID, password: str | None = None) -> Future:
+    def submit_parse(self, document_id: UUID) -> Future:
         from workers import bodies
 
-        return self._submit(self._parse_pool, "parse", bodies.parse_document, self.settings, document_id,
-                            password=password)
+        return self._submit(self._parse_pool, "parse", bodies.parse_document, self.settings, document_id)
 
     def submit_job(self, job_id: UUID) -> Future:
         from workers import document_jobs

@@ -2,9 +2,11 @@
 
 - reap: running jobs / parsing documents whose lease expired (their worker vanished) are re-queued
   and re-sent, or failed with `worker_lost` after settings.max_attempts claims;
-- reconcile: queued jobs of parsed documents and uploaded documents untouched for
-  settings.reconcile_grace_s are re-sent (the broker may have lost the message); duplicates are
-  harmless because every task claims its row first.
+- reconcile: uploaded documents and queued jobs of parsed documents whose message was last sent
+  more than settings.reconcile_grace_s ago are re-sent (the broker may have lost it), one message per
+  document's jobs, and their send time is stamped, so the same work is re-sent at most once per grace
+  period however short the tick interval (storage.jobs.stale_queued_jobs says why the DB and not the
+  broker decides); duplicates are harmless because every task claims its row first.
 
 Runs as the Celery beat task `longdoc.reap` (workers.tasks) in service mode and as a daemon thread
 (run_periodically) in embedded mode.
@@ -35,9 +37,7 @@ def tick(settings: Settings) -> dict[str, int]:
         stale_docs = documents.stale_uploaded_documents(s, settings.reconcile_grace_s, now)
         stale_jobs = jobs.stale_queued_jobs(s, settings.reconcile_grace_s, now)
         jobs.fail_jobs_of_failed_documents(s)
-    for doc_id in [*requeued_docs, *stale_docs]:
-        # The password of a protected PDF is never stored, so a re-sent parse of one fails
-        # `password_required`; every other document parses as before.
+    for doc_id in [*requeued_docs, *stale_docs]:  # a PDF password is read from the row by the parse
         dispatch.enqueue_parse(settings, doc_id)
     for job_id in [*requeued_jobs, *stale_jobs]:
         dispatch.enqueue_job(settings, job_id)

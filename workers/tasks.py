@@ -30,8 +30,10 @@ def register_tasks(app: Celery) -> None:
     @app.task(name=PARSE_TASK, bind=True, queue=PARSE_QUEUE, acks_late=True, reject_on_worker_lost=True,
               max_retries=MAX_TRANSIENT_RETRIES)
     def parse_document(self: Task, document_id: str, password: str | None = None) -> str:
+        # `password` is accepted and ignored: messages sent before migration 0002 carried it; the body now
+        # reads it from the row (such a document fails password_required, and a re-upload with it parses).
         try:
-            return bodies.parse_document(get_settings(), document_id, password)
+            return bodies.parse_document(get_settings(), document_id)
         except bodies.TRANSIENT_ERRORS as exc:
             log.warning("parse %s: transient error, retry %d: %s", document_id, self.request.retries + 1, exc)
             raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc

@@ -5,7 +5,7 @@ Revises: 0001
 Create Date: 2026-12-02
 
 encrypted_password holds an upload's PDF password as a Fernet token until its parse ends
-(storage/secrets.py), so a parse re-sent by the reaper or the reconciler can still open the file.
+(storage/passwords.py), so a parse re-sent by the reaper or the reconciler can still open the file.
 enqueued_at is when a message was last sent for the row: the reconciler re-sends only rows whose
 last send is older than reconcile_grace_s. Existing rows take their updated_at.
 """

@@ -42,6 +42,7 @@ from storage import jobs as job_repo
 from storage.blobs import BlobStore, TooLarge
 from storage.models import Document, DocumentStatus, Job
 from storage.paging import InvalidCursor
+from storage.passwords import PASSWORD_UNREADABLE, SecretKeyMissing, encrypt_password
 from workers import dispatch
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ router = APIRouter(prefix="/v1", tags=["documents"])
 
 SNIFF_BYTES = 8192
 MAX_FORM_FIELD_BYTES = 64 * 1024
-REPARSE_ON_PASSWORD = {"password_required", "wrong_password"}
+# A document that failed on one of these parses again (and its jobs that failed with it run) when the
+# same bytes come with a password.
+REPARSE_ON_PASSWORD = {"password_required", "wrong_password", PASSWORD_UNREADABLE}
 
 # The form's rules as JSON Schema (what _requested_jobs enforces): task names from the registry; each
 # question non-blank and within the qa limits; labels blank or at least two. The rest is said in the
@@ -72,7 +75,8 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
         "labels": {"type": "string", "pattern": _LABEL_LIST, "description": f"Comma list of {MIN_LABELS} to {MAX_LABELS} distinct labels "
                                                     "for classify (blank: the document types); implies classify."},
         "password": {"type": "string", "format": "password",
-                     "description": "Password of an encrypted PDF; passed to the parser, never stored."},
+                     "description": "Password of an encrypted PDF: kept encrypted until the parse ends, then "
+                                    "erased (400 `secret_key_missing` where the service has no key for it)."},
     }}}}}}
 
 
@@ -124,50 +128,82 @@ def _attach_jobs(session: Session, doc: Document, specs: list[tuple[str, dict]])
     return [job_repo.add_job(session, doc, task, params) for task, params in specs]
 
 
+def _encrypted(settings: Settings, password: str | None) -> str | None:
+    """The password as the row keeps it until the parse ends; refused (before the file is read) when
+    this service has no key to keep it with."""
+    if password is None:
+        return None
+    try:
+        return encrypt_password(settings, password)
+    except SecretKeyMissing as exc:
+        raise ApiError(400, "secret_key_missing", str(exc)) from exc
+
+
 def _store_upload(settings: Settings, session: Session, blobs: BlobStore, owner: uuid.UUID | None,
                   upload: UploadFile, specs: list[tuple[str, dict]], password: str | None,
                   idempotency_key: str | None) -> tuple[Document, list[Job], bool, bool]:
-    """Blob first (outside any transaction), then one transaction for rows. Returns
-    (document, new jobs, created, parse_needed)."""
+    """The file is staged (hashed into a temp file of the blob store) outside any transaction; then one
+    transaction takes the content lock, finds or inserts the rows, places the blob under its name and
+    commits. Until that placement only the temp file exists, so an upload whose transaction fails (the
+    database down, a conflict) leaves no blob that no row refers to; a commit that fails after it
+    removes the blob it placed when no document uses it. Returns (document, new jobs, created, parse_needed)."""
     media_type = _sniff(upload.file)
+    encrypted_password = _encrypted(settings, password)
     try:
-        sha256, size, _ = blobs.put_stream(upload.file, settings.max_upload_bytes)
+        staged = blobs.stage(upload.file, settings.max_upload_bytes)
     except TooLarge as exc:
         raise ApiError(413, "too_large", f"the file exceeds the upload limit of {exc.max_bytes} bytes") from exc
-
-    for attempt in (1, 2):  # a concurrent upload of the same bytes can win the unique index once
-        try:
-            repo.lock_content(session, sha256)
-            if not blobs.exists(sha256):  # a concurrent delete released it before we took the lock
-                upload.file.seek(0)
-                blobs.put_stream(upload.file, settings.max_upload_bytes)
-            doc = repo.find_by_idempotency_key(session, owner, idempotency_key) if idempotency_key else None
-            if doc is not None and doc.sha256 != sha256:
-                raise ApiError(409, "idempotency_key_reused",
-                               "this Idempotency-Key was already used for a different file")
-            doc = doc or repo.find_by_sha256(session, owner, sha256)
-            created = doc is None
-            parse_needed = created
-            if doc is None:
-                doc = Document(owner_id=owner, filename=_clean_filename(upload.filename), sha256=sha256, bytes=size,
-                               media_type=media_type, status=DocumentStatus.uploaded, idempotency_key=idempotency_key)
-                session.add(doc)
+    sha256, placed = staged.sha256, False
+    try:
+        for attempt in (1, 2):  # a concurrent upload of the same bytes can win the unique index once
+            try:
+                repo.lock_content(session, sha256)
+                doc = repo.find_by_idempotency_key(session, owner, idempotency_key) if idempotency_key else None
+                if doc is not None and doc.sha256 != sha256:
+                    raise ApiError(409, "idempotency_key_reused",
+                                   "this Idempotency-Key was already used for a different file")
+                doc = doc or repo.find_by_sha256(session, owner, sha256)
+                created = doc is None
+                parse_needed = created
+                if doc is None:
+                    doc = Document(owner_id=owner, filename=_clean_filename(upload.filename), sha256=sha256,
+                                   bytes=staged.size, media_type=media_type, status=DocumentStatus.uploaded,
+                                   idempotency_key=idempotency_key, encrypted_password=encrypted_password)
+                    session.add(doc)
+                    session.flush()
+                elif doc.status == DocumentStatus.failed and password and doc.error_code in REPARSE_ON_PASSWORD:
+                    repo.reset_for_reparse(doc, encrypted_password)
+                    # Its jobs failed for the same reason: they wait for this parse, which releases them.
+                    job_repo.requeue_jobs_failed_with(session, doc.id, REPARSE_ON_PASSWORD)
+                    parse_needed = True
+                jobs = _attach_jobs(session, doc, specs)
                 session.flush()
-            elif doc.status == DocumentStatus.failed and password and doc.error_code in REPARSE_ON_PASSWORD:
-                repo.reset_for_reparse(doc)
-                parse_needed = True
-            jobs = _attach_jobs(session, doc, specs)
-            session.commit()
-            return doc, jobs, created, parse_needed
-        except IntegrityError:
-            session.rollback()
-            if attempt == 2:
-                raise
-        except ApiError:
-            session.rollback()
-            repo.release_blob(session, blobs, sha256)  # bytes nobody references (e.g. idempotency conflict)
-            raise
+                # Under the content lock, last before the commit (a delete cannot release it in between).
+                placed = blobs.place(staged) or placed
+                session.commit()
+                return doc, jobs, created, parse_needed
+            except IntegrityError:
+                session.rollback()
+                if attempt == 2:
+                    raise
+    except BaseException:
+        session.rollback()
+        if placed:
+            _release_unused_blob(session, blobs, sha256)
+        raise
+    finally:
+        blobs.discard(staged)
     raise AssertionError("unreachable")
+
+
+def _release_unused_blob(session: Session, blobs: BlobStore, sha256: str) -> None:
+    """After a failed commit: remove the blob this upload placed, unless a document uses it. With the
+    database still unreachable that cannot be checked, and the blob stays (a leak, never a loss)."""
+    try:
+        repo.release_blob(session, blobs, sha256)
+    except Exception as exc:  # the upload's own error is the one to answer with
+        session.rollback()
+        log.warning("blob %s placed by a failed upload stays (cannot check its use now): %s", sha256, exc)
 
 
 def _enqueue_jobs_if_parsed(settings: Settings, session: Session, doc: Document, jobs: list[Job]) -> None:
@@ -184,7 +220,8 @@ def _enqueue_jobs_if_parsed(settings: Settings, session: Session, doc: Document,
 @router.post("/documents", status_code=201, response_model=DocumentUploadPublic, openapi_extra=_UPLOAD_BODY,
              responses={**ERROR_RESPONSES,
                         200: {"model": DocumentUploadPublic, "description": "the same bytes were already uploaded"},
-                        400: {"model": ErrorPublic, "description": "empty file or malformed form"},
+                        400: {"model": ErrorPublic, "description": "empty file, malformed form, or a password "
+                                                                   "this service cannot keep (`secret_key_missing`)"},
                         409: {"model": ErrorPublic, "description": "Idempotency-Key reused, or document failed"},
                         413: {"model": ErrorPublic, "description": "over the upload limit"},
                         415: {"model": ErrorPublic, "description": "unsupported file type"},
@@ -212,7 +249,7 @@ async def create_document(
 
     def after_commit() -> DocumentUploadPublic:  # DB and broker I/O: off the event loop
         if parse_needed:
-            dispatch.enqueue_parse(settings, doc.id, password)
+            dispatch.enqueue_parse(settings, doc.id)
         _enqueue_jobs_if_parsed(settings, session, doc, jobs)
         return DocumentUploadPublic(**DocumentPublic.of(doc).model_dump(), created=created,
                                     jobs=[JobPublic.of(j) for j in jobs])
