@@ -24,12 +24,12 @@ from typing import Any
 from sqlalchemy import select
 
 from config.settings import Settings
-from pipeline.types import DocumentText, PipelineError
+from pipeline.types import DocumentText
 from storage import document_text, jobs
 from storage.db import session_scope
 from storage.models import Document, DocumentStatus, Job, JobStatus
-from workers.bodies import INTERNAL_ERROR, TRANSIENT_ERRORS, JobAborted, _give_back, _uuid, _with_session
-from workers.lease import Lease, worker_id
+from workers.failures import TRANSIENT_ERRORS, JobAborted
+from workers.lease import Lease, LeasedRow, as_uuid, give_back, run_leased, with_session, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Claim:
 
 def run_job(settings: Settings, job_id: uuid.UUID | str) -> str:
     """Run `job_id` and its document's other queued jobs. Returns the status of `job_id` itself."""
-    job_id = _uuid(job_id)
+    job_id = as_uuid(job_id)
     url = settings.effective_database_url
     with session_scope(url) as s:
         row = s.execute(select(Job.status, Job.document_id, Document.status, Document.error_code,
@@ -102,7 +102,7 @@ def run_job(settings: Settings, job_id: uuid.UUID | str) -> str:
             doc_text = document_text.load_document_text(s, document_id)
     except TRANSIENT_ERRORS:
         for c in claims:
-            _give_back(url, jobs.requeue_job, c.job_id, c.attempt)
+            give_back(url, lambda s, c=c: jobs.requeue_job(s, c.job_id, c.attempt), f"job {c.job_id}")
         raise
     with ThreadPoolExecutor(len(claims), thread_name_prefix="longdoc-task") as pool:
         futures = {c.job_id: pool.submit(_run_claimed, settings, c, doc_text) for c in claims}
@@ -131,40 +131,28 @@ def _claim_document_jobs(settings: Settings, document_id: uuid.UUID, *, first: u
 
 def _run_claimed(settings: Settings, claim: Claim, doc_text: DocumentText) -> str:
     """One claimed job: lease + heartbeat, the task, the fenced final write."""
-    url = settings.effective_database_url
+    url, lease_s = settings.effective_database_url, settings.job_lease_s
     job_id, attempt = claim.job_id, claim.attempt
-    what = f"job {job_id}"
-    with Lease(lambda: _with_session(url, jobs.heartbeat_job, job_id, attempt, settings.job_lease_s),
-               settings.job_lease_s, what) as lease:
-        try:
-            progress = _progress_writer(url, job_id, attempt, settings.job_lease_s, lease)
-            progress(0.0, "loading engine")
-            engine = task_engine(settings)
-            from pipeline.tasks import run_task
+    row = LeasedRow(
+        f"job {job_id}", url, lease_s,
+        extend=lambda s: jobs.heartbeat_job(s, job_id, attempt, lease_s),
+        give_back=lambda s: jobs.requeue_job(s, job_id, attempt),
+        fail=lambda code, message: _finish_failed_job(url, job_id, attempt, code, message),
+        lost="aborted")
 
-            payload = run_task(engine, claim.task, claim.params, doc_text, progress)
-        except JobAborted:
-            log.info("%s: aborted (canceled or taken over)", what)
-            return "aborted"
-        except PipelineError as exc:
-            return _finish_failed_job(url, job_id, attempt, exc.code, exc.message)
-        except TRANSIENT_ERRORS:
-            _give_back(url, jobs.requeue_job, job_id, attempt)
-            raise
-        except Exception as exc:
-            log.exception("%s: unexpected error", what)
-            return _finish_failed_job(url, job_id, attempt, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-    try:
-        with session_scope(url) as s:
-            done = jobs.complete_job(s, job_id, attempt, payload)
-    except TRANSIENT_ERRORS:
-        _give_back(url, jobs.requeue_job, job_id, attempt)
-        raise
-    if not done:
-        log.info("%s: claim lost before completion (canceled?); result dropped", what)
-        return "aborted"
-    log.info("%s: succeeded", what)
-    return str(JobStatus.succeeded)
+    def work(lease: Lease) -> dict[str, Any]:
+        progress = _progress_writer(url, job_id, attempt, lease_s, lease)
+        progress(0.0, "loading engine")
+        engine = task_engine(settings)
+        from pipeline.tasks import run_task
+
+        return run_task(engine, claim.task, claim.params, doc_text, progress)
+
+    def succeeded(_payload: dict[str, Any]) -> str:
+        log.info("job %s: succeeded", job_id)
+        return str(JobStatus.succeeded)
+
+    return run_leased(row, work, lambda s, payload: jobs.complete_job(s, job_id, attempt, payload), succeeded)
 
 
 def _progress_writer(url: str, job_id: uuid.UUID, attempt: int, lease_s: float,
@@ -180,7 +168,7 @@ def _progress_writer(url: str, job_id: uuid.UUID, attempt: int, lease_s: float,
         if now - last_write < PROGRESS_WRITE_INTERVAL_S and fraction < 1.0:
             return
         last_write = now
-        if not _with_session(url, jobs.heartbeat_job, job_id, attempt, lease_s, fraction, stage):
+        if not with_session(url, lambda s: jobs.heartbeat_job(s, job_id, attempt, lease_s, fraction, stage)):
             lease.lost.set()
             raise JobAborted(str(job_id))
 

@@ -1,4 +1,5 @@
-"""The lease a task body holds on its row, renewed by a heartbeat thread while the body works."""
+"""The lease a body holds on its claimed row: renewed by a heartbeat thread while the body works, and
+the one block both bodies (parse, job) run under it (run_leased)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,43 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sqlalchemy.orm import Session
+
+from pipeline.types import PipelineError
+from storage.db import session_scope
+from workers.failures import INTERNAL_ERROR, TRANSIENT_ERRORS, JobAborted
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def worker_id() -> str:
     """host:pid:thread, recorded on a claimed job so an operator can find the process that holds it."""
     return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
+
+
+def as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+    """A message carries ids as strings."""
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+def with_session(url: str, fn: Callable[[Session], T]) -> T:
+    """fn in its own unit of work (committed on return)."""
+    with session_scope(url) as s:
+        return fn(s)
+
+
+def give_back(url: str, fn: Callable[[Session], bool], what: str) -> None:
+    """Hand a claim back before a retry; if the DB is down too, the lease expiry lets the reaper do it."""
+    try:
+        with_session(url, fn)
+    except Exception as exc:
+        log.warning("could not hand back claim on %s (the reaper will): %s", what, exc)
 
 
 class Lease:
@@ -42,3 +72,52 @@ class Lease:
                     return
             except Exception as exc:  # a DB blip: keep trying; the lease covers a few missed beats
                 log.warning("%s: heartbeat failed: %s", self._what, exc)
+
+
+@dataclass(frozen=True)
+class LeasedRow:
+    """A row this worker holds, and what each outcome writes under its fencing token."""
+
+    what: str  # "parse <id>" / "job <id>": the log prefix
+    url: str
+    lease_s: float
+    extend: Callable[[Session], bool]  # the heartbeat: False once the claim is gone
+    give_back: Callable[[Session], bool]  # before a transient-error retry
+    fail: Callable[[str, str], str]  # records {code, message}; returns the status to report
+    lost: str  # the status to report when the claim is gone
+
+
+def run_leased(row: LeasedRow, work: Callable[[Lease], T], store: Callable[[Session, T], bool],
+               stored: Callable[[T], str]) -> str:
+    """work(lease) under a heartbeat, then store(session, result) fenced in one transaction, then
+    stored(result) (after the commit). Returns the status to report.
+
+    PipelineError -> row.fail(code, message); TRANSIENT_ERRORS -> the claim is handed back and the
+    error re-raised (the transport retries); JobAborted, or a store that matches no row -> row.lost;
+    anything else is logged and fails with INTERNAL_ERROR.
+    """
+    with Lease(lambda: with_session(row.url, row.extend), row.lease_s, row.what) as lease:
+        try:
+            result = work(lease)
+        except JobAborted:
+            log.info("%s: aborted (canceled or taken over)", row.what)
+            return row.lost
+        except PipelineError as exc:
+            return row.fail(exc.code, exc.message)
+        except TRANSIENT_ERRORS:
+            give_back(row.url, row.give_back, row.what)
+            raise
+        except Exception as exc:
+            log.exception("%s: unexpected error", row.what)
+            return row.fail(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+    try:
+        with session_scope(row.url) as s:
+            done = store(s, result)
+    except TRANSIENT_ERRORS:
+        give_back(row.url, row.give_back, row.what)
+        raise
+    if not done:
+        log.warning("%s: claim lost before its result was stored (canceled, re-queued or deleted); "
+                    "result dropped", row.what)
+        return row.lost
+    return stored(result)
