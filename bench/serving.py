@@ -4,12 +4,14 @@ tokenizer) against today's single-batch path (DenseGenerator) in the same run.
 Stages (JSON rewritten after each):
   check      greedy tokens of shared-prefix requests through the engine vs each run alone (dense)
   document   one 32K-token document + 6 continuations (one of 256 tokens, five of 64) vs the same
-             document's prefill + 256 greedy steps alone; KV memory used vs one document's
+             document's prefill + 256 greedy steps alone; KV memory used vs one document's; the same
+             on another document with synchronous steps (EngineConfig.async_scheduling off)
   group      8 requests sharing one 32K prefix decoding together: step time vs one request's step
   batch32    32 sequences of 4K context decoding together: tokens/s vs the bandwidth floor
   stream     documents of 2K-60K tokens arriving at random, 3-5 tasks each: documents/hour, busy
              fraction, time to first token, vs the same stream one request at a time (dense)
-  regress    65,536-token prefill and batch-1 decode at 4K through the engine
+  regress    65,536-token prefill and batch-1 decode at 4K through the engine (async and synchronous
+             steps), and the dense path's graph-decode step at 4K (same run)
 
 H200:  PYTHONPATH=. python bench/serving.py --out $OUT --tokenizer .tok
 CPU:   PYTHONPATH=. python bench/serving.py --cpu-smoke --tokenizer ../shared/tokenizers/gpt-neox-20b
@@ -32,7 +34,7 @@ import torch
 
 from bench.engine import COPY_TBPS, Bench
 from pipeline.engine.core.requests import GenerateRequest, SamplingParams
-from pipeline.engine.generate import DenseGenerator
+from pipeline.engine.generate import DenseGenerator, prefill_chunked
 from pipeline.engine.paged_cache import bytes_per_token
 from pipeline.engine.serving import EngineConfig, ServingEngine
 from pipeline.engine.tokenizer import Tokenizer
@@ -115,6 +117,11 @@ def document(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator
     reqs = [GenerateRequest(prompt_ids=doc + corpus.task(i), params=greedy(m), on_token=watch)
             for i, m in enumerate(lengths)]
     _, ours = run(eng, reqs)
+    eng.async_scheduling = False  # the same on another document, each step's tokens read before the next plan
+    doc2 = corpus.doc(n)
+    _, ours_sync = run(eng, [GenerateRequest(prompt_ids=doc2 + corpus.task(i), params=greedy(m))
+                             for i, m in enumerate(lengths)])
+    eng.async_scheduling = True
     dense.generate_ids([doc + corpus.task(0)], greedy(8))  # warm-up
     b.sync()
     t0 = time.perf_counter()
@@ -125,6 +132,7 @@ def document(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator
     used = peak * eng.cache.size.bytes_per_block
     return {"doc_tokens": n, "ours_s": round(ours, 3), "alone_prefill_plus_256_s": round(alone, 3),
             "time_ratio": round(ours / alone, 3), "goal_time_ratio": 1.15,
+            "ours_sync_s": round(ours_sync, 3), "sync_time_ratio": round(ours_sync / alone, 3),
             "kv_peak_bytes": used, "kv_one_document_bytes": one_doc, "kv_ratio": round(used / one_doc, 3),
             "goal_kv_ratio": 1.05}
 
@@ -226,7 +234,7 @@ def stream(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator, 
             "preemptions": stats["preemptions"]}
 
 
-def regress(b: Bench, eng: ServingEngine, corpus: Corpus) -> dict:
+def regress(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator) -> dict:
     n = 1024 if b.smoke else 65536
     run(eng, [GenerateRequest(prompt_ids=corpus.doc(n // 4), params=greedy(1))])  # warm-up
     prefill = []
@@ -234,10 +242,33 @@ def regress(b: Bench, eng: ServingEngine, corpus: Corpus) -> dict:
         _, s = run(eng, [GenerateRequest(prompt_ids=corpus.doc(n - 8), params=greedy(1))])
         prefill.append(s)
     ctx = 256 if b.smoke else 4096
-    ms = _decode_step_ms(b, eng, [GenerateRequest(prompt_ids=corpus.doc(ctx), params=greedy(1000))],
-                         8 if b.smoke else 100)
+    steps = 8 if b.smoke else 100
+    ms = _decode_step_ms(b, eng, [GenerateRequest(prompt_ids=corpus.doc(ctx), params=greedy(1000))], steps)
+    eng.async_scheduling = False
+    sync_ms = _decode_step_ms(b, eng, [GenerateRequest(prompt_ids=corpus.doc(ctx), params=greedy(1000))], steps)
+    eng.async_scheduling = True
+    dense_ms = _dense_decode_ms(b, dense, corpus.doc(ctx), steps)
     return {"prefill_tokens": n, "prefill_s": round(min(prefill), 3), "goal_prefill_s": 2.6,
-            "decode_b1_context": ctx, "decode_b1_ms": round(ms, 3), "goal_decode_ms": 4.5}
+            "decode_b1_context": ctx, "decode_b1_ms": round(ms, 3), "goal_decode_ms": 4.5,
+            "decode_b1_sync_ms": round(sync_ms, 3), "dense_graph_b1_ms": round(dense_ms, 3)}
+
+
+def _dense_decode_ms(b: Bench, dense: DenseGenerator, prompt: list[int], steps: int) -> float:
+    """Today's dense path at batch 1: its decode step (a CUDA graph on CUDA) with the greedy pick on the
+    device, the host never reading a token (the floor of what per-step host work can cost)."""
+    model = dense.model
+    cache = dense.new_cache(1, len(prompt) + steps + 8)
+    logits = prefill_chunked(model, prompt, cache, chunk_size=dense.chunk_size)
+    step = dense.decode_step(cache, pick=lambda x: x.argmax(dim=-1), capture_pick=True)
+    step.start(logits.argmax(dim=-1)[None], torch.tensor([len(prompt)], device=model.device))
+    for _ in range(3):
+        step.advance()  # capture
+    b.sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step.advance()
+    b.sync()
+    return (time.perf_counter() - t0) / steps * 1000
 
 
 def main() -> None:
@@ -258,7 +289,7 @@ def main() -> None:
     eng = engine(b, model, tok)
     stages = {
         "check": lambda: check(b, eng, corpus, dense),
-        "regress": lambda: regress(b, eng, corpus),
+        "regress": lambda: regress(b, eng, corpus, dense),
         "document": lambda: document(b, eng, corpus, dense),
         "group": lambda: group(b, eng, corpus),
         "batch32": lambda: batch32(b, eng, corpus),

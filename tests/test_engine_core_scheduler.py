@@ -18,6 +18,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,12 +51,29 @@ def alone(prompt: list[int], max_new: int, score_from: int | None) -> tuple[list
 
 
 @dataclass
+class Launched:
+    """What one launched step will tell the host: sampled tokens and scores, per sequence object."""
+
+    out: SchedulerOutput
+    sampled: list[tuple[Sequence, int]] = field(default_factory=list)
+    scores: list[tuple[Sequence, int, list[float]]] = field(default_factory=list)  # (seq, its epoch, values)
+
+
+@dataclass
 class FakeEngine:
+    """`behind`: the host learns each step's tokens one step late, as the serving engine's async steps
+    do: the next step is planned (and launched) first, its placeholder tokens read from the fake
+    device's last sampled tokens, and only then are the previous step's tokens applied."""
+
     sched: Scheduler
+    behind: bool = False
     store: dict[tuple[int, int], int] = field(default_factory=dict)  # (block, offset) -> token "K/V"
     results: dict[str, tuple[list[int], str, list[float]]] = field(default_factory=dict)
     scores: dict[str, list[float]] = field(default_factory=dict)
     steps: int = 0
+    pending: Launched | None = None
+    device_tokens: dict[str, int] = field(default_factory=dict)  # the last step's sampled tokens, "on device"
+    in_flight_preempted: int = 0  # preempted while a token of theirs was in flight
 
     def add(self, seq_id: str, prompt: list[int], max_new: int, score_from: int | None = None) -> Sequence:
         seq = Sequence(seq_id=seq_id, token_ids=list(prompt), prompt_len=len(prompt),
@@ -67,6 +85,9 @@ class FakeEngine:
         bs = self.sched.block_size
         return [self.store.get((seq.block_ids[p // bs], p % bs), -1) for p in range(upto)]
 
+    def has_work(self) -> bool:
+        return self.sched.has_work() or self.pending is not None
+
     def step(self) -> SchedulerOutput:
         s = self.sched
         out = s.schedule()
@@ -77,38 +98,52 @@ class FakeEngine:
             self.results[seq.seq_id] = ([], seq.finish_reason or "?", [])
         for sid in out.preempted:  # its recompute scores every scored position again (the hit stops before)
             self.scores.pop(sid, None)
-        sampled: dict[str, int] = {}
+            self.in_flight_preempted += s.get(sid).num_placeholders > 0  # type: ignore[union-attr]
+        launched = Launched(out)
         bs = s.block_size
         for plan in (*out.decodes, *out.prefills):
             seq, end = plan.seq, plan.start + plan.num_tokens
-            for p in range(plan.start, end):  # write this chunk's K/V
-                self.store[(seq.block_ids[p // bs], p % bs)] = seq.token_ids[p]
+            for p in range(plan.start, end):  # write this chunk's K/V; a placeholder comes from the device
+                tok = seq.token_ids[p] if p < len(seq.token_ids) else self.device_tokens[seq.seq_id]
+                self.store[(seq.block_ids[p // bs], p % bs)] = tok
             if seq.score_from is not None:
                 hist = self.read(seq, end)
                 lo, hi = max(plan.start, seq.score_from), min(end, len(seq.token_ids) - 1)
-                self.scores.setdefault(seq.seq_id, []).extend(
-                    score(hist[: p + 1], seq.token_ids[p + 1]) for p in range(lo, hi))
-            elif end == len(seq.token_ids):
-                sampled[seq.seq_id] = next_token(self.read(seq, end))
+                launched.scores.append((seq, seq.num_preemptions, [
+                    score(hist[: p + 1], seq.token_ids[p + 1]) for p in range(lo, hi)]))
+            elif plan.samples:
+                launched.sampled.append((seq, next_token(self.read(seq, end))))
         s.update(out)
-        for sid, tok in sampled.items():
-            seq = s.get(sid)
-            if seq is None:
-                continue
-            s.append_token(sid, tok)
-            gen = seq.token_ids[seq.prompt_len:]
-            if tok == EOS or len(gen) >= seq.max_new_tokens:
-                s.finish(sid, "eos" if tok == EOS else "length")
-                self.results[sid] = (gen, seq.finish_reason or "?", [])
-        for plan in out.prefills:
-            seq = plan.seq
-            if seq.finish_reason == "scored" and seq.seq_id not in self.results:
-                self.results[seq.seq_id] = ([], "scored", self.scores.get(seq.seq_id, []))
+        self.device_tokens = {seq.seq_id: tok for seq, tok in launched.sampled}
+        if self.behind:
+            if self.pending is not None:
+                self.apply(self.pending)
+            self.pending = launched if (out.decodes or out.prefills) else None
+        else:
+            self.apply(launched)
         s.kv.pool.check()
         return out
 
+    def apply(self, launched: Launched) -> None:
+        s = self.sched
+        for seq, epoch, values in launched.scores:
+            if epoch == seq.num_preemptions:  # scores of a run since preempted come again
+                self.scores.setdefault(seq.seq_id, []).extend(values)
+        for seq, tok in launched.sampled:
+            if s.get(seq.seq_id) is not seq:  # finished (canceled, ended a step late) meanwhile: dropped
+                continue
+            s.append_token(seq.seq_id, tok)
+            gen = seq.token_ids[seq.prompt_len:]
+            if tok == EOS or len(gen) >= seq.max_new_tokens:
+                s.finish(seq.seq_id, "eos" if tok == EOS else "length")
+                self.results[seq.seq_id] = (gen, seq.finish_reason or "?", [])
+        for plan in launched.out.prefills:
+            seq = plan.seq
+            if seq.finish_reason == "scored" and seq.seq_id not in self.results:
+                self.results[seq.seq_id] = ([], "scored", self.scores.get(seq.seq_id, []))
+
     def run(self, max_steps: int = 20_000) -> None:
-        while self.sched.has_work():
+        while self.has_work():
             self.step()
             assert self.steps < max_steps, "the scheduler stopped making progress"
 
@@ -121,8 +156,9 @@ def check_plan(s: Scheduler, out: SchedulerOutput) -> None:
     seen = [p.seq.seq_id for p in (*out.decodes, *out.prefills)]
     assert len(seen) == len(set(seen))
     assert not set(seen) & set(out.preempted)
-    for p in out.decodes:
-        assert p.num_tokens == 1 and p.start == len(p.seq.token_ids) - 1 == p.seq.num_computed
+    for p in out.decodes:  # its one token is known, or a placeholder the last step sampled
+        assert p.num_tokens == 1 and p.start == p.seq.num_tokens - 1 == p.seq.num_computed and p.samples
+        assert p.seq.num_placeholders <= 1 and p.seq.num_tokens - p.seq.prompt_len < p.seq.max_new_tokens
     for p in out.prefills:
         assert 1 <= p.num_tokens <= s.max_prefill_chunk and p.start == p.seq.num_computed
         assert p.start + p.num_tokens <= len(p.seq.token_ids)
@@ -175,14 +211,14 @@ seq_spec = st.tuples(
 @given(specs=st.lists(seq_spec, min_size=1, max_size=12), pool_tokens=st.one_of(st.integers(24, 64), st.integers(64, 160)),
        block_size=st.sampled_from([1, 2, 4]), budget=st.integers(1, 40),
        chunk=st.one_of(st.none(), st.integers(1, 9)), max_seqs=st.integers(1, 6),
-       caching=st.booleans(), min_shared=st.sampled_from([1, 4, 8]))
+       caching=st.booleans(), min_shared=st.sampled_from([1, 4, 8]), behind=st.booleans())
 def test_random_workloads_match_each_sequence_run_alone(
         specs: list, pool_tokens: int, block_size: int, budget: int, chunk: int | None, max_seqs: int,
-        caching: bool, min_shared: int) -> None:
+        caching: bool, min_shared: int, behind: bool) -> None:
     s = Scheduler(max(1, pool_tokens // block_size), block_size, max_model_len=48, max_num_batched_tokens=budget,
                   max_prefill_chunk=chunk, max_num_seqs=max_seqs, min_shared_tokens=min_shared,
                   enable_prefix_caching=caching)
-    eng = FakeEngine(s)
+    eng = FakeEngine(s, behind=behind)
     want: dict[str, tuple[list[int], int, int | None]] = {}
     arrivals: dict[int, list[str]] = {}
     cancels: dict[int, list[str]] = {}
@@ -198,7 +234,7 @@ def test_random_workloads_match_each_sequence_run_alone(
         if cancel_at is not None:
             cancels.setdefault(cancel_at, []).append(f"s{i}")
     canceled: set[str] = set()
-    while arrivals or s.has_work():
+    while arrivals or eng.has_work():
         for sid in arrivals.pop(eng.steps, []):
             prompt, max_new, score_from = want[sid]
             eng.add(sid, prompt, max_new, score_from)
@@ -206,7 +242,7 @@ def test_random_workloads_match_each_sequence_run_alone(
             if s.finish(sid, "canceled") is not None:
                 canceled.add(sid)
                 assert s.get(sid) is None and s.finish(sid, "canceled") is None
-        if s.has_work():
+        if eng.has_work():
             eng.step()
         else:
             eng.steps += 1
@@ -214,15 +250,18 @@ def test_random_workloads_match_each_sequence_run_alone(
     check_results(eng, want, canceled)
 
 
-def test_thousands_of_random_operations_under_a_tiny_pool() -> None:
+@pytest.mark.parametrize("behind", [False, True])
+def test_thousands_of_random_operations_under_a_tiny_pool(behind: bool) -> None:
     """Seeded long runs: many overlapping requests on shared documents, a pool that forces
-    preemption, random cancels; every step checked, no leak at the end."""
-    total = {"preemptions": 0, "prefix_hit_tokens": 0, "steps": 0, "groups": 0}
+    preemption, random cancels; every step checked, no leak at the end. Behind: the host learns each
+    step's tokens one step late (async steps): preemptions and cancels then hit sequences whose token
+    is in flight."""
+    total = {"preemptions": 0, "prefix_hit_tokens": 0, "steps": 0, "groups": 0, "in_flight_preempted": 0}
     for seed in range(6):
         rng = random.Random(seed)
         s = Scheduler(14, 4, max_model_len=48, max_num_batched_tokens=rng.choice([8, 16, 32]),
                       max_prefill_chunk=rng.choice([None, 4, 8]), max_num_seqs=5, min_shared_tokens=8)
-        eng = FakeEngine(s)
+        eng = FakeEngine(s, behind=behind)
         want: dict[str, tuple[list[int], int, int | None]] = {}
         canceled: set[str] = set()
         for i in range(80):
@@ -235,20 +274,23 @@ def test_thousands_of_random_operations_under_a_tiny_pool() -> None:
                 want[sid] = (doc + own, rng.randrange(1, 14), None)
             eng.add(sid, *want[sid])
             for _ in range(rng.randrange(0, 4)):
-                if s.has_work():
+                if eng.has_work():
                     out = eng.step()
                     total["groups"] += len(out.prefix_groups)
+
             if rng.random() < 0.1:
                 victim = f"{seed}-{rng.randrange(i + 1)}"
                 if s.finish(victim, "canceled") is not None:
                     canceled.add(victim)
         eng.run()
         check_results(eng, want, canceled)
+        total["in_flight_preempted"] += eng.in_flight_preempted
         for k in ("preemptions", "prefix_hit_tokens"):
             total[k] += s.stats()[k]
         total["steps"] += eng.steps
     assert total["preemptions"] > 0 and total["prefix_hit_tokens"] > 0 and total["groups"] > 0, total
     assert total["steps"] > 1000, total
+    assert (total["in_flight_preempted"] > 0) == behind, total
 
 
 def test_second_sequence_on_the_same_tokens_hits_the_cache_after_the_first_finished() -> None:

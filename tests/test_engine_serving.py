@@ -94,13 +94,13 @@ def test_decode_rows_sharing_a_document_run_as_one_group(tiny_model, tiny_genera
     prompts = [doc + random_ids(rng, 3, model.config.vocab_size) for _ in range(3)]
     engine = make_engine(model, tokenizer, budget=512, chunk=512)
     seen_groups = []
-    execute = engine.runner.execute
+    launch = engine.runner.launch
 
     def spy(out, sampling):
         seen_groups.extend(out.prefix_groups)
-        return execute(out, sampling)
+        return launch(out, sampling)
 
-    monkeypatch.setattr(engine.runner, "execute", spy)
+    monkeypatch.setattr(engine.runner, "launch", spy)
     futures = [engine.submit(GenerateRequest(prompt_ids=p, params=greedy(8))) for p in prompts]
     engine.run_until_idle()
     assert any(len(g.seq_ids) == 3 and g.num_tokens == len(doc) // BLOCK * BLOCK for g in seen_groups)

@@ -6,6 +6,11 @@ paged cache. Decode inputs live in static buffers per batch-size bucket, so on C
 step is captured once into a CUDA graph and replayed (padded rows read and write the pool's scratch
 block). Decoding rows that share a document's blocks are handed to the attention kernel as groups
 (CascadeMeta): the shared prefix is read once per step for the whole group.
+
+`launch` only queues work on the device's stream and never waits for it (async scheduling): host
+inputs go through pinned buffers, the sampled tokens stay on the device, and a decode row whose
+token the host has not read yet (a scheduler placeholder) takes it from the previous launch's
+sampled tokens on the device. The results come back through a StepReadback (readback.py).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +28,7 @@ from pipeline.engine.core.scheduler import PrefixGroup, ScheduledSeq, SchedulerO
 from pipeline.engine.metadata import CascadeMeta, DecodeMeta, PrefillMeta
 from pipeline.engine.model import Mpt
 from pipeline.engine.paged_cache import PagedKVCache
+from pipeline.engine.readback import StepReadback, StepResult, to_device
 from pipeline.engine.sampling import select_next
 
 log = logging.getLogger(__name__)
@@ -37,12 +43,6 @@ class SamplingState:
 
     params: SamplingParams
     generator: torch.Generator | None = None
-
-
-@dataclass
-class StepResult:
-    sampled: dict[str, tuple[int, float]] = field(default_factory=dict)  # seq id -> (token, its log p)
-    scored: dict[str, list[float]] = field(default_factory=dict)  # seq id -> log p of targets computed now
 
 
 def buckets_for(max_num_seqs: int) -> list[int]:
@@ -93,36 +93,46 @@ class ModelRunner:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._inputs: dict[tuple[int, bool], _DecodeInputs] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        # the last launch's sampled tokens [N] on the device, and which sequence each row belongs to
+        self._last_sampled: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, sampling: Mapping[str, SamplingState]) -> StepResult:
-        result = StepResult()
+    def launch(self, out: SchedulerOutput, sampling: Mapping[str, SamplingState]) -> StepReadback:
+        """Queue the step on the device; its results arrive through the returned readback."""
         pending: list[tuple[str, torch.Tensor]] = []  # (seq id, logits [V]) to sample from
+        scored: list[tuple[str, torch.Tensor]] = []
         if out.decodes:
             logits = self._decode(out.decodes, out.prefix_groups)  # [B, V]
             pending.extend((s.seq.seq_id, logits[i]) for i, s in enumerate(out.decodes))
         for chunk in out.prefills:
-            last = self._prefill(chunk, result)
+            last = self._prefill(chunk, scored)
             if last is not None:
                 pending.append((chunk.seq.seq_id, last))
+        tokens = logprobs = None
         if pending:
-            self._sample(pending, sampling, result)
-        return result
+            tokens, logprobs = self._sample(pending, sampling)
+        self._last_sampled = tokens
+        self._last_rows = {sid: i for i, (sid, _) in enumerate(pending)}
+        return StepReadback([sid for sid, _ in pending], tokens, logprobs, scored)
+
+    def execute(self, out: SchedulerOutput, sampling: Mapping[str, SamplingState]) -> StepResult:
+        """launch + wait (scripts and tests that step synchronously)."""
+        return self.launch(out, sampling).result()
 
     # --- prefill ------------------------------------------------------------------------------
 
-    def _prefill(self, chunk: ScheduledSeq, result: StepResult) -> torch.Tensor | None:
+    def _prefill(self, chunk: ScheduledSeq, scored: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
         """One chunk of one sequence. Returns the last position's logits [V] when the chunk completes a
-        generating sequence's prompt (its first token is sampled from them); scoring chunks add the
-        log p of their target tokens to result.scored."""
+        generating sequence's prompt (its first token is sampled from them); a scoring chunk appends
+        (seq id, log p of its target tokens, on the device) to `scored`."""
         seq, s, n = chunk.seq, chunk.start, chunk.num_tokens
         e = s + n
         ids = seq.token_ids
-        tokens = torch.tensor(ids[s:e], dtype=torch.long, device=self.device)[None]  # [1, T]
+        tokens = to_device(np.asarray(ids[s:e], dtype=np.int64), self.device)[None]  # [1, T]
         meta = PrefillMeta(start=s, num_tokens=n, block_ids=tuple(seq.block_ids))
         if seq.score_from is None:
-            done = e == len(ids)
-            logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=-1 if done else None)
+            logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=-1 if chunk.samples else None)
             return logits[0, -1] if logits is not None else None
         lo, hi = max(s, seq.score_from), min(e, len(ids) - 1)  # positions whose next token is a target
         if lo >= hi:
@@ -130,8 +140,8 @@ class ModelRunner:
             return None
         logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=lo - s)  # [1, e - lo, V]
         logp = torch.log_softmax(logits[0, : hi - lo], dim=-1)  # [hi - lo, V]
-        targets = torch.tensor(ids[lo + 1 : hi + 1], dtype=torch.long, device=self.device)
-        result.scored[seq.seq_id] = logp.gather(-1, targets[:, None])[:, 0].double().tolist()
+        targets = to_device(np.asarray(ids[lo + 1 : hi + 1], dtype=np.int64), self.device)
+        scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
         return None
 
     # --- decode -------------------------------------------------------------------------------
@@ -160,20 +170,30 @@ class ModelRunner:
 
     def _fill(self, inputs: _DecodeInputs, decodes: Sequence[ScheduledSeq], groups: Sequence[PrefixGroup]) -> None:
         """Host-side step inputs (tokens, positions, block tables; padded rows -> scratch block), copied
-        into the static buffers. Lengths and slots are derived on the device (`_body`)."""
-        bucket, scratch = inputs.batch, self.cache.scratch_block
+        into the static buffers. Lengths and slots are derived on the device (`_body`). A token the host
+        has not read yet is taken from the previous launch's sampled tokens, on the device."""
+        bucket, scratch, dev = inputs.batch, self.cache.scratch_block, self.device
         tokens = np.zeros(bucket, dtype=np.int64)
         positions = np.zeros(bucket, dtype=np.int64)
         table = np.full((bucket, self.max_blocks), scratch, dtype=np.int32)
+        on_device: list[tuple[int, int]] = []  # (row, index into the last launch's sampled tokens)
         row_of: dict[str, int] = {}
         for row, chunk in enumerate(decodes):
             seq = chunk.seq
-            tokens[row], positions[row] = seq.token_ids[chunk.start], chunk.start
+            if chunk.start < len(seq.token_ids):
+                tokens[row] = seq.token_ids[chunk.start]
+            else:  # a placeholder: sampled by the last launch (the scheduler plans one step ahead at most)
+                on_device.append((row, self._last_rows[seq.seq_id]))
+            positions[row] = chunk.start
             table[row, : len(seq.block_ids)] = seq.block_ids
             row_of[seq.seq_id] = row
-        inputs.tokens.copy_(torch.from_numpy(tokens), non_blocking=True)
-        inputs.positions.copy_(torch.from_numpy(positions), non_blocking=True)
-        inputs.block_tables.copy_(torch.from_numpy(table), non_blocking=True)
+        inputs.tokens.copy_(to_device(tokens, dev), non_blocking=True)
+        if on_device:
+            assert self._last_sampled is not None
+            rows, src = to_device(np.array(on_device, dtype=np.int64).T, dev)  # [2, n]
+            inputs.tokens.index_copy_(0, rows, self._last_sampled.index_select(0, src))
+        inputs.positions.copy_(to_device(positions, dev), non_blocking=True)
+        inputs.block_tables.copy_(to_device(table, dev), non_blocking=True)
         if inputs.cascade is not None:
             self._fill_cascade(inputs.cascade, groups, row_of, bucket)
 
@@ -202,7 +222,7 @@ class ModelRunner:
             group_rows[g, : len(rows)] = rows
         for dst, src in ((cascade.prefix_block_tables, tables), (cascade.prefix_lens, lens),
                          (cascade.row_group, row_group), (cascade.group_rows, group_rows)):
-            dst.copy_(torch.from_numpy(src), non_blocking=True)
+            dst.copy_(to_device(src, self.device), non_blocking=True)
 
     def _capture(self, inputs: _DecodeInputs) -> None:
         """Capture the step of this bucket with the first real inputs in the buffers. The warm-up runs
@@ -224,20 +244,22 @@ class ModelRunner:
 
     # --- sampling -----------------------------------------------------------------------------
 
-    def _sample(self, pending: list[tuple[str, torch.Tensor]], sampling: Mapping[str, SamplingState],
-                result: StepResult) -> None:
+    def _sample(self, pending: list[tuple[str, torch.Tensor]],
+                sampling: Mapping[str, SamplingState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next tokens [N] and their log p [N], on the device (nothing read back here)."""
         logits = torch.stack([row for _, row in pending])  # [N, V] float32
         logp = torch.log_softmax(logits, dim=-1)
-        picks: list[torch.Tensor] = []
+        states = [sampling[seq_id] for seq_id, _ in pending]
         greedy = logits.argmax(dim=-1)  # [N]
-        for i, (seq_id, _) in enumerate(pending):
-            state = sampling[seq_id]
-            if state.params.is_greedy:
-                picks.append(greedy[i : i + 1])
-            else:
-                gens = [state.generator] if state.generator is not None else None
-                picks.append(select_next(logits[i : i + 1], state.params, gens))
-        tokens = torch.cat(picks)  # [N]
-        chosen = logp.gather(-1, tokens[:, None])[:, 0]
-        for (seq_id, _), tok, lp in zip(pending, tokens.tolist(), chosen.tolist(), strict=True):
-            result.sampled[seq_id] = (tok, lp)
+        if all(state.params.is_greedy for state in states):
+            tokens = greedy
+        else:
+            picks: list[torch.Tensor] = []
+            for i, state in enumerate(states):
+                if state.params.is_greedy:
+                    picks.append(greedy[i : i + 1])
+                else:
+                    gens = [state.generator] if state.generator is not None else None
+                    picks.append(select_next(logits[i : i + 1], state.params, gens))
+            tokens = torch.cat(picks)  # [N]
+        return tokens, logp.gather(-1, tokens[:, None])[:, 0]

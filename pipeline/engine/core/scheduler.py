@@ -9,6 +9,14 @@ the cache a step later: one prefill per document), without holding up the queue 
 running sequence cannot get a block, the newest-arrived running sequence is preempted (its blocks
 freed, recomputed later from the prefix cache where possible), never the oldest: the oldest always
 progresses, so the schedule cannot livelock, and a sequence that fits an empty pool always runs.
+
+Steps may be planned one ahead of the host's knowledge (async scheduling, as vLLM v1's
+vllm/v1/core/sched/async_scheduler.py): `update` runs as soon as a step is launched and counts one
+placeholder per token that step samples, so the next plan already decodes that token (its id stays on
+the device); `append_token` replaces the placeholder with the id once the host has read it. Blocks are
+registered by content only over known tokens; a preempted sequence whose token is still in flight is
+re-admitted once the token is known; a sequence whose last allowed token is in flight is not decoded
+again.
 """
 
 from __future__ import annotations
@@ -47,6 +55,12 @@ class Sequence:
     arrival: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
+    num_placeholders: int = 0  # tokens sampled by a launched step whose ids the host has not read yet
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens plus placeholders: the length the next step extends."""
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def logits_from(self) -> int:
@@ -56,14 +70,19 @@ class Sequence:
     @property
     def is_decode(self) -> bool:
         """Generated at least once and all but the newest token computed: one token this step."""
-        return len(self.token_ids) > self.prompt_len and self.num_computed == len(self.token_ids) - 1
+        return self.num_tokens > self.prompt_len and self.num_computed == self.num_tokens - 1
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
     start: int  # compute positions [start, start + num_tokens): token ids seq.token_ids[start:...]
-    num_tokens: int
+    num_tokens: int  # (a decode's one token may be a placeholder: start == len(seq.token_ids))
+    samples: bool = False  # the step samples the sequence's next token from its last position
+
+
+def _plan(seq: Sequence, start: int, n: int) -> ScheduledSeq:
+    return ScheduledSeq(seq, start, n, samples=seq.score_from is None and start + n == seq.num_tokens)
 
 
 @dataclass
@@ -116,11 +135,17 @@ class Scheduler:
         self._waiting.append(seq)
 
     def append_token(self, seq_id: str, token: int) -> None:
+        """The host read a sampled token: it replaces the oldest placeholder (or extends the sequence),
+        and the block it completes, if computed, becomes findable by content."""
         seq = self._seqs.get(seq_id)
         if seq is None:  # finished meanwhile (canceled, failed): nothing to extend
             log.debug("token for finished sequence %s dropped", seq_id)
             return
+        known = len(seq.token_ids)
         seq.token_ids.append(token)
+        seq.num_placeholders = max(0, seq.num_placeholders - 1)
+        if seq.status is SeqStatus.RUNNING:
+            self.kv.commit(seq, min(seq.num_computed, known), min(seq.num_computed, known + 1))
 
     def finish(self, seq_id: str, reason: str) -> Sequence | None:
         """End a waiting or running sequence now; its blocks return to the pool (cached ones stay
@@ -173,13 +198,15 @@ class Scheduler:
                 out.finished.append(seq)
                 continue
             decode = seq.is_decode
-            left = len(seq.token_ids) - seq.num_computed
+            left = seq.num_tokens - seq.num_computed
             if left <= 0:  # prompt done, waiting for its sampled token: nothing to compute
                 continue
+            if decode and seq.num_tokens - seq.prompt_len >= seq.max_new_tokens:
+                continue  # its last allowed token is in flight: the host ends it once read
             n = 1 if decode else min(left, self.max_prefill_chunk, self._budget)
             if not self._allocate(seq, seq.num_computed + n, out):
                 continue
-            (self._dec if decode else self._pre)[seq.seq_id] = ScheduledSeq(seq, seq.num_computed, n)
+            (self._dec if decode else self._pre)[seq.seq_id] = _plan(seq, seq.num_computed, n)
             self._budget -= n
         if not out.preempted:  # blocks ran short this step: admitting more would only thrash
             self._admit(out)
@@ -225,6 +252,9 @@ class Scheduler:
                 self._finish(seq, "too_long")
                 out.finished.append(seq)
                 continue
+            if seq.num_placeholders:  # preempted with a sampled token in flight: re-admitted once it is read
+                skipped.append(self._waiting.popleft())
+                continue
             limit = min(seq.logits_from, len(seq.token_ids) - 1)
             hit = self.kv.cached_prefix(seq, limit)
             k = len(hit)
@@ -239,21 +269,26 @@ class Scheduler:
             seq.status, seq.num_cached = SeqStatus.RUNNING, start
             self._counters["prefix_hit_tokens"] += start
             bisect.insort(self._running, seq, key=lambda s: s.arrival)
-            self._pre[seq.seq_id] = ScheduledSeq(seq, start, n)
+            self._pre[seq.seq_id] = _plan(seq, start, n)
             self._budget -= n
             if self.kv.enable_prefix_caching:
                 pending.update(self.kv.block_keys(seq)[k:])
         self._waiting.extendleft(reversed(skipped))
 
     def update(self, out: SchedulerOutput) -> None:
-        """The runner ran `out`: advance the computed counts, register newly full blocks by content, and
-        end scoring sequences whose tokens are all computed ("scored")."""
+        """The runner launched (or ran) `out`: advance the computed counts, register newly full blocks
+        whose tokens are known by content, count a placeholder per sampled token, and end scoring
+        sequences whose tokens are all computed ("scored"). K/V still being written by the device may be
+        planned against: the next step runs after this one on the same stream."""
         for planned in (*out.decodes, *out.prefills):
             seq = planned.seq
             if seq.status is not SeqStatus.RUNNING or seq.num_computed != planned.start:
                 continue  # finished (or preempted and re-planned) since this plan was made
             end = planned.start + planned.num_tokens
             seq.num_computed = end
-            self.kv.commit(seq, planned.start, end)
+            known = len(seq.token_ids)
+            self.kv.commit(seq, min(planned.start, known), min(end, known))
+            if planned.samples:
+                seq.num_placeholders += 1
             if seq.score_from is not None and end >= len(seq.token_ids):
                 self._finish(seq, "scored")
