@@ -15,6 +15,7 @@ from storage.db import session_scope
 from storage.models import Document, DocumentStatus, Job, JobStatus, utcnow
 from storage.passwords import decrypt_password
 from tests.fixtures_api import upload
+from tests.fixtures_workers import free_port
 
 
 def _queued_messages(api_redis_url: str, queue: str) -> int:
@@ -141,6 +142,17 @@ def test_failed_password_document_is_reparsed_when_uploaded_with_password(client
         assert (requeued.status, requeued.error_code, requeued.finished_at) == (JobStatus.queued, None, None)
         assert (other.status, other.error_code) == (JobStatus.failed, "internal_error")  # not the password's
     assert _queued_messages(api_redis_url, "gpu") == 0
+
+
+def test_an_upload_while_the_database_is_down_leaves_no_blob(api_settings, make_client, pdf_bytes):
+    # Auth off: with it on, the key lookup fails first (the key cache is off while its listener is down).
+    down = api_settings.model_copy(update={
+        "database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/down", "auth_enabled": False})
+    r = upload(make_client(down), {}, pdf_bytes)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable", r.text
+    blobs = BlobStore(api_settings.effective_blob_dir)
+    assert not blobs.exists(hashlib.sha256(pdf_bytes).hexdigest())
+    assert list((blobs.root / "tmp").iterdir()) == []
 
 
 def _refuse_commits_of(url: str, filename: str) -> None:
