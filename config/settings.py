@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     broker_key_prefix: str = Field(
         default="", description="Prefix for every broker key (several deployments or test runs on one Redis).")
     reconcile_grace_s: float = Field(
-        default=300.0, description="Queued jobs / uploaded documents untouched this long are re-sent to the broker.")
+        default=300.0, description="Queued jobs / uploaded documents whose last message is this old are re-sent "
+                                   "to the broker, at most once per this period (storage/jobs.py stale_queued_jobs).")
 
     @field_validator("secret_key")
     @classmethod
