@@ -95,7 +95,8 @@ class Settings(BaseSettings):
     @classmethod
     def _is_a_fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
         # Checked here, so a mistyped key stops the process at start-up, not the first password upload.
-        if value is None:
+        # Empty (`LONGDOC_SECRET_KEY=`, compose's `${VAR:-}`) means unset.
+        if value is None or not value.get_secret_value():
             return None
         try:
             ok = len(base64.urlsafe_b64decode(value.get_secret_value().encode("ascii"))) == 32
