@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     engine_prefill_chunk: int = Field(default=16384, description="Prompt tokens of one sequence per step at most.")
     gpu_documents_in_flight: int = Field(
         default=4, ge=1, description="Documents a gpu worker runs at once (their tasks share one engine batch).")
+    worker_metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of a gpu worker's Prometheus /metrics (engine counters, "
+                                               "workers/engine_metrics.py); 0 = off. One port per worker process.")
+    worker_metrics_host: str = Field(default="0.0.0.0", description="Address the gpu worker's /metrics binds.")
 
     # --- jobs and queue --------------------------------------------------------------------
     job_lease_s: int = Field(default=900, description="A running job whose lease expires is re-queued by the reaper.")

@@ -9,7 +9,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -137,12 +138,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         argv += ["--beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]
     log.info("starting celery %s", " ".join(argv))
     if "gpu" in args.queues and pool in ("solo", "threads"):
-        _preload_engine(settings)
+        from workers.engine_metrics import start_engine_metrics
+
+        metrics = start_engine_metrics(settings)  # this process's engine counters; None when the port is 0
+        _preload_engine(settings, on_loaded=metrics.attach if metrics is not None else None)
     worker_app(settings).worker_main(argv)
     return 0
 
 
-def _preload_engine(settings: Settings) -> None:
+def _preload_engine(settings: Settings, on_loaded: Callable[[Any], None] | None = None) -> None:
     """Load the engine in the background while the worker connects, so the first job does not pay for it
     (a job arriving earlier waits on the same load). A load error is logged; each job then fails with it."""
     import threading
@@ -151,7 +155,9 @@ def _preload_engine(settings: Settings) -> None:
 
     def load() -> None:
         try:
-            task_engine(settings)
+            engine = task_engine(settings)
+            if on_loaded is not None:
+                on_loaded(engine)
         except Exception as exc:
             log.error("engine %s failed to load at startup: %s", settings.engine, exc)
 

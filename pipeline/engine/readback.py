@@ -55,9 +55,6 @@ class StepReadback:
         if self._event is not None:
             self._event.record()
 
-    def ready(self) -> bool:
-        return self._event is None or self._event.query()
-
     def result(self) -> StepResult:
         if self._event is not None:
             self._event.synchronize()
