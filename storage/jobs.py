@@ -216,6 +216,19 @@ def stale_queued_jobs(session: Session, grace_s: float, now: datetime | None = N
     return list(first.values())
 
 
+def one_job_per_document(session: Session, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """The first of `job_ids` (in their order) of each document: a message for it runs all of that
+    document's queued jobs, so the others' messages would only be no-ops."""
+    if not job_ids:
+        return []
+    document_of = dict(session.execute(select(Job.id, Job.document_id).where(Job.id.in_(job_ids))).all())
+    first: dict[uuid.UUID, uuid.UUID] = {}
+    for job_id in job_ids:
+        if job_id in document_of:
+            first.setdefault(document_of[job_id], job_id)
+    return list(first.values())
+
+
 def fail_jobs_of_failed_documents(session: Session) -> None:
     """Queued jobs whose document failed (a release the parse did not get to) fail with its error."""
     failed_docs = session.execute(select(Document.id, Document.error_code, Document.error_message).where(

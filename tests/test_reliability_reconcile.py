@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import redis
 from sqlalchemy import select
 
 from storage.db import session_scope
-from storage.models import Document, Job, utcnow
+from storage.models import Document, DocumentStatus, Job, JobStatus, utcnow
 from tests.fixtures_workers import ServiceSetup, api_client, poll_document, upload
 from workers import reaper
 
@@ -77,3 +77,28 @@ def test_the_reconciler_resends_a_documents_jobs_once_per_grace_period(service: 
         # ... and the work is still re-sent once per grace while it stays queued (its message may be lost).
         assert len(gaps) >= 2, (doc_id, gaps)
     assert seen <= len(SOURCES) * 4, seen  # 3 documents, 9 jobs: 3 releases + at most 3 re-sends each
+
+
+def test_jobs_reaped_from_one_document_are_resent_as_one_message(service: ServiceSetup) -> None:
+    """A gpu worker killed while it ran a document's jobs: the reaper re-queues each, and sends one
+    message for the document (its body claims them all), not one per job."""
+    settings = service.settings
+    expired = utcnow() - timedelta(seconds=60)
+    with session_scope(settings.effective_database_url) as s:
+        doc = Document(filename="a.pdf", sha256="0" * 64, bytes=1, status=DocumentStatus.parsed)
+        s.add(doc)
+        s.flush()
+        held = [Job(document_id=doc.id, task="summarize", params={}, status=JobStatus.running, attempts=1,
+                    lease_until=expired) for _ in range(3)]
+        s.add_all(held)
+        s.flush()
+        job_ids = {j.id for j in held}
+    counts = reaper.tick(settings)
+    assert counts["requeued_jobs"] == 3, counts
+    client = redis.Redis.from_url(settings.broker_url)
+    messages = client.lrange(f"{settings.broker_key_prefix}gpu", 0, -1)
+    client.close()
+    assert len(messages) == 1, messages
+    assert uuid.UUID(json.loads(messages[0])["headers"]["id"].removeprefix("job-")) in job_ids
+    with session_scope(settings.effective_database_url) as s:
+        assert {s.get(Job, j).status for j in job_ids} == {JobStatus.queued}

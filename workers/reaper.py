@@ -37,9 +37,11 @@ def tick(settings: Settings) -> dict[str, int]:
         stale_docs = documents.stale_uploaded_documents(s, settings.reconcile_grace_s, now)
         stale_jobs = jobs.stale_queued_jobs(s, settings.reconcile_grace_s, now)
         jobs.fail_jobs_of_failed_documents(s)
+        # One message per document: its gpu body claims all of the document's queued jobs.
+        job_messages = jobs.one_job_per_document(s, [*requeued_jobs, *stale_jobs])
     for doc_id in [*requeued_docs, *stale_docs]:  # a PDF password is read from the row by the parse
         dispatch.enqueue_parse(settings, doc_id)
-    for job_id in [*requeued_jobs, *stale_jobs]:
+    for job_id in job_messages:
         dispatch.enqueue_job(settings, job_id)
     counts = {
         "requeued_jobs": len(requeued_jobs), "failed_jobs": len(failed_jobs),
