@@ -28,7 +28,7 @@ from pipeline.engine.core.scheduler import PrefixGroup, ScheduledSeq, SchedulerO
 from pipeline.engine.metadata import CascadeMeta, DecodeMeta, PrefillMeta
 from pipeline.engine.model import Mpt
 from pipeline.engine.paged_cache import PagedKVCache
-from pipeline.engine.readback import StepReadback, StepResult, to_device
+from pipeline.engine.readback import StepReadback, StepResult, host_tensor, to_device
 from pipeline.engine.sampling import select_next
 
 log = logging.getLogger(__name__)
@@ -187,13 +187,17 @@ class ModelRunner:
             positions[row] = chunk.start
             table[row, : len(seq.block_ids)] = seq.block_ids
             row_of[seq.seq_id] = row
-        inputs.tokens.copy_(to_device(tokens, dev), non_blocking=True)
+        inputs.tokens.copy_(host_tensor(tokens, dev), non_blocking=True)
         if on_device:
             assert self._last_sampled is not None
-            rows, src = to_device(np.array(on_device, dtype=np.int64).T, dev)  # [2, n]
-            inputs.tokens.index_copy_(0, rows, self._last_sampled.index_select(0, src))
-        inputs.positions.copy_(to_device(positions, dev), non_blocking=True)
-        inputs.block_tables.copy_(to_device(table, dev), non_blocking=True)
+            n = len(on_device)
+            if all(r == i == j for i, (r, j) in enumerate(on_device)):  # steady decoding: rows as sampled
+                inputs.tokens[:n].copy_(self._last_sampled[:n])
+            else:
+                rows, src = to_device(np.array(on_device, dtype=np.int64).T, dev)  # [2, n]
+                inputs.tokens.index_copy_(0, rows, self._last_sampled.index_select(0, src))
+        inputs.positions.copy_(host_tensor(positions, dev), non_blocking=True)
+        inputs.block_tables.copy_(host_tensor(table, dev), non_blocking=True)
         if inputs.cascade is not None:
             self._fill_cascade(inputs.cascade, groups, row_of, bucket)
 
@@ -222,7 +226,7 @@ class ModelRunner:
             group_rows[g, : len(rows)] = rows
         for dst, src in ((cascade.prefix_block_tables, tables), (cascade.prefix_lens, lens),
                          (cascade.row_group, row_group), (cascade.group_rows, group_rows)):
-            dst.copy_(to_device(src, self.device), non_blocking=True)
+            dst.copy_(host_tensor(src, self.device), non_blocking=True)
 
     def _capture(self, inputs: _DecodeInputs) -> None:
         """Capture the step of this bucket with the first real inputs in the buffers. The warm-up runs
