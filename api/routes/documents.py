@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -25,8 +24,8 @@ from api.schemas import (
     JobCreateBody,
     JobPublic,
 )
+from api.upload import attach_jobs, store_upload
 from config.settings import Settings
-from pipeline.parse import sniff_media_type
 from pipeline.tasks import TASKS, validate_params
 from pipeline.tasks.schemas import (
     MAX_LABELS,
@@ -38,21 +37,14 @@ from pipeline.tasks.schemas import (
 )
 from pipeline.types import PipelineError
 from storage import documents as repo
-from storage import jobs as job_repo
-from storage.blobs import BlobStore, TooLarge
 from storage.models import Document, DocumentStatus, Job
 from storage.paging import InvalidCursor
-from storage.passwords import PASSWORD_UNREADABLE, SecretKeyMissing, encrypt_password
 from workers import dispatch
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["documents"])
 
-SNIFF_BYTES = 8192
 MAX_FORM_FIELD_BYTES = 64 * 1024
-# A document that failed on one of these parses again (and its jobs that failed with it run) when the
-# same bytes come with a password.
-REPARSE_ON_PASSWORD = {"password_required", "wrong_password", PASSWORD_UNREADABLE}
 
 # The form's rules as JSON Schema (what _requested_jobs enforces): task names from the registry; each
 # question non-blank and within the qa limits; labels blank or at least two. The rest is said in the
@@ -103,109 +95,6 @@ def _requested_jobs(tasks: str | None, questions: list[str], labels: str | None)
     return [(name, _validated(name, params[name])) for name in dict.fromkeys(names)]
 
 
-def _sniff(fileobj: BinaryIO) -> str:
-    head = fileobj.read(SNIFF_BYTES)
-    fileobj.seek(0)
-    if not head:
-        raise ApiError(400, "empty_file", "the uploaded file is empty")
-    media_type = sniff_media_type(head)
-    if media_type is None:
-        raise ApiError(415, "unsupported_media_type",
-                       "unsupported file type (detected from its bytes): send a PDF, text, Markdown, HTML or DOCX file")
-    return media_type
-
-
-def _clean_filename(name: str | None) -> str:
-    # NUL: Postgres text cannot hold it.
-    base = (name or "").replace("\x00", "").replace("\\", "/").rsplit("/", 1)[-1].strip()
-    return base[:512] or "upload"
-
-
-def _attach_jobs(session: Session, doc: Document, specs: list[tuple[str, dict]]) -> list[Job]:
-    if specs and doc.status == DocumentStatus.failed:
-        raise ApiError(409, "document_failed",
-                       f"document {doc.id} failed to parse ({doc.error_code}); jobs cannot run on it")
-    return [job_repo.add_job(session, doc, task, params) for task, params in specs]
-
-
-def _encrypted(settings: Settings, password: str | None) -> str | None:
-    """The password as the row keeps it until the parse ends; refused (before the file is read) when
-    this service has no key to keep it with."""
-    if password is None:
-        return None
-    try:
-        return encrypt_password(settings, password)
-    except SecretKeyMissing as exc:
-        raise ApiError(400, "secret_key_missing", str(exc)) from exc
-
-
-def _store_upload(settings: Settings, session: Session, blobs: BlobStore, owner: uuid.UUID | None,
-                  upload: UploadFile, specs: list[tuple[str, dict]], password: str | None,
-                  idempotency_key: str | None) -> tuple[Document, list[Job], bool, bool]:
-    """The file is staged (hashed into a temp file of the blob store) outside any transaction; then one
-    transaction takes the content lock, finds or inserts the rows, places the blob under its name and
-    commits. Until that placement only the temp file exists, so an upload whose transaction fails (the
-    database down, a conflict) leaves no blob that no row refers to; a commit that fails after it
-    removes the blob it placed when no document uses it. Returns (document, new jobs, created, parse_needed)."""
-    media_type = _sniff(upload.file)
-    encrypted_password = _encrypted(settings, password)
-    try:
-        staged = blobs.stage(upload.file, settings.max_upload_bytes)
-    except TooLarge as exc:
-        raise ApiError(413, "too_large", f"the file exceeds the upload limit of {exc.max_bytes} bytes") from exc
-    sha256, placed = staged.sha256, False
-    try:
-        for attempt in (1, 2):  # a concurrent upload of the same bytes can win the unique index once
-            try:
-                repo.lock_content(session, sha256)
-                doc = repo.find_by_idempotency_key(session, owner, idempotency_key) if idempotency_key else None
-                if doc is not None and doc.sha256 != sha256:
-                    raise ApiError(409, "idempotency_key_reused",
-                                   "this Idempotency-Key was already used for a different file")
-                doc = doc or repo.find_by_sha256(session, owner, sha256)
-                created = doc is None
-                parse_needed = created
-                if doc is None:
-                    doc = Document(owner_id=owner, filename=_clean_filename(upload.filename), sha256=sha256,
-                                   bytes=staged.size, media_type=media_type, status=DocumentStatus.uploaded,
-                                   idempotency_key=idempotency_key, encrypted_password=encrypted_password)
-                    session.add(doc)
-                    session.flush()
-                elif doc.status == DocumentStatus.failed and password and doc.error_code in REPARSE_ON_PASSWORD:
-                    repo.reset_for_reparse(doc, encrypted_password)
-                    # Its jobs failed for the same reason: they wait for this parse, which releases them.
-                    job_repo.requeue_jobs_failed_with(session, doc.id, REPARSE_ON_PASSWORD)
-                    parse_needed = True
-                jobs = _attach_jobs(session, doc, specs)
-                session.flush()
-                # Under the content lock, last before the commit (a delete cannot release it in between).
-                placed = blobs.place(staged) or placed
-                session.commit()
-                return doc, jobs, created, parse_needed
-            except IntegrityError:
-                session.rollback()
-                if attempt == 2:
-                    raise
-    except BaseException:
-        session.rollback()
-        if placed:
-            _release_unused_blob(session, blobs, sha256)
-        raise
-    finally:
-        blobs.discard(staged)
-    raise AssertionError("unreachable")
-
-
-def _release_unused_blob(session: Session, blobs: BlobStore, sha256: str) -> None:
-    """After a failed commit: remove the blob this upload placed, unless a document uses it. With the
-    database still unreachable that cannot be checked, and the blob stays (a leak, never a loss)."""
-    try:
-        repo.release_blob(session, blobs, sha256)
-    except Exception as exc:  # the upload's own error is the one to answer with
-        session.rollback()
-        log.warning("blob %s placed by a failed upload stays (cannot check its use now): %s", sha256, exc)
-
-
 def _enqueue_jobs_if_parsed(settings: Settings, session: Session, doc: Document, jobs: list[Job]) -> None:
     """After the commit: jobs on a parsed document go now; otherwise the parse task releases them.
     The status is re-read so a parse that finished during our transaction cannot strand a job."""
@@ -245,7 +134,7 @@ async def create_document(
                                 next(iter(fields["labels"]), None))
         password = next(iter(fields["password"]), None) or None
         doc, jobs, created, parse_needed = await run_in_threadpool(
-            _store_upload, settings, session, blobs, owner, upload, specs, password, idempotency_key)
+            store_upload, settings, session, blobs, owner, upload, specs, password, idempotency_key)
 
     def after_commit() -> DocumentUploadPublic:  # DB and broker I/O: off the event loop
         if parse_needed:
@@ -310,7 +199,7 @@ def create_job(document_id: uuid.UUID, body: JobCreateBody, response: Response, 
     """Queue a task on the document; it runs once the document is parsed. Poll the Location."""
     doc = _owned_document(session, owner, document_id)
     params = _validated(body.task.value, body.params)
-    (job,) = _attach_jobs(session, doc, [(body.task.value, params)])
+    (job,) = attach_jobs(session, doc, [(body.task.value, params)])
     session.commit()
     _enqueue_jobs_if_parsed(settings, session, doc, [job])
     response.headers["Location"] = f"/v1/jobs/{job.id}"
