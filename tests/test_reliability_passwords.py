@@ -27,6 +27,7 @@ from storage.models import Document, DocumentStatus, utcnow
 from storage.passwords import PasswordUnreadable, decrypt_password, encrypt_password
 from tests.fixtures_workers import ServiceSetup, api_client, poll_document, poll_job, upload
 from workers import reaper
+from workers.transport import get_dispatcher
 
 SOURCES = ("contract-galera-joint-filing.pdf", "report-ntsb-accident-nyc08ca055.pdf")
 
@@ -125,7 +126,7 @@ def test_a_parse_resent_by_the_reaper_or_the_reconciler_still_opens_the_pdf(keye
             # ... the second one has waited past the grace since its message was sent.
             s.execute(update(Document).where(Document.id == uuid.UUID(reconciled)).values(
                 updated_at=long_ago, enqueued_at=long_ago))
-        counts = reaper.tick(settings)
+        counts = reaper.tick(settings, dispatcher=get_dispatcher(settings))
         assert (counts["requeued_documents"], counts["resent_documents"]) == (1, 1), counts
         assert _parse_messages(settings) == 2
         assert password_a.encode() not in _broker_bytes(settings) and password_b.encode() not in _broker_bytes(settings)
@@ -156,6 +157,19 @@ def test_a_reupload_with_the_password_runs_the_jobs_that_failed_without_it(keyed
             done = poll_job(client, h, job["id"], timeout=180)
             assert done["status"] == "succeeded" and done["error"] is None and done["result"], done
             assert done["attempts"] == 1, done  # the password failure never claimed it; this run did once
+
+
+def test_a_parse_worker_without_the_apis_key_fails_the_document_password_unreadable(
+        keyed: ServiceSetup, corpus_dir: Path, tmp_path: Path) -> None:
+    path, password = _locked_pdf(corpus_dir, tmp_path, SOURCES[0])
+    keyed.start_worker(secret_key=None)  # a deployment mistake: the API has a key, this worker none
+    with api_client(keyed.settings) as client:
+        doc = upload(client, keyed.headers, path, password=password, tasks="summarize")
+        body = poll_document(client, keyed.headers, doc["id"], timeout=120)
+        assert body["status"] == "failed" and body["error"]["code"] == "password_unreadable", body
+        assert "LONGDOC_SECRET_KEY" in body["error"]["message"]
+        assert poll_job(client, keyed.headers, doc["jobs"][0]["id"], timeout=30)["error"]["code"] == "password_unreadable"
+    assert _stored_token(keyed.settings, doc["id"]) is None  # a failed parse erases it too
 
 
 def test_a_stored_password_needs_the_key_it_was_stored_with(tmp_path: Path) -> None:
