@@ -22,6 +22,9 @@ class PrefillMeta:
     num_tokens: int
     rows: slice = field(default_factory=lambda: slice(0, 1))
     block_ids: tuple[int, ...] | None = None
+    # the same ids on the device (int64), built once per chunk so that no layer copies them there with a
+    # host sync (a scattered table's gathers and slot writes)
+    block_index: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def end(self) -> int:

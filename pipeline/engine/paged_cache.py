@@ -127,6 +127,9 @@ class PagedLayer:
 
     def _slots(self, meta: PrefillMeta) -> torch.Tensor:
         bs = self.block_size
+        if meta.block_index is not None:  # on the device already: no host sync
+            pos = torch.arange(meta.start, meta.end, device=meta.block_index.device)
+            return meta.block_index[pos // bs] * bs + pos % bs
         ids = torch.tensor(meta.block_ids, dtype=torch.long)
         pos = torch.arange(meta.start, meta.end)
         return (ids[pos // bs] * bs + pos % bs).to(self.k.device)
@@ -148,7 +151,12 @@ class PagedLayer:
         assert meta.block_ids is not None
         n_blocks = -(-meta.end // self.block_size)
         ids = list(meta.block_ids[:n_blocks])
-        keys = paged.gather(self.k, ids, meta.end)  # [end, H, D]
+        if meta.block_index is not None and not consecutive_run(meta.block_ids, 0, n_blocks - 1):
+            index = meta.block_index[:n_blocks]  # gathered with the ids already on the device
+            keys = self.k.index_select(0, index).flatten(0, 1)[: meta.end]  # [end, H, D]
+            values = self.v.index_select(0, index).flatten(0, 1)[: meta.end]
+            return keys[None], values[None]
+        keys = paged.gather(self.k, ids, meta.end)  # [end, H, D]: a view when consecutive
         values = paged.gather(self.v, ids, meta.end)
         return keys[None], values[None]
 

@@ -130,7 +130,8 @@ class ModelRunner:
         e = s + n
         ids = seq.token_ids
         tokens = to_device(np.asarray(ids[s:e], dtype=np.int64), self.device)[None]  # [1, T]
-        meta = PrefillMeta(start=s, num_tokens=n, block_ids=tuple(seq.block_ids))
+        meta = PrefillMeta(start=s, num_tokens=n, block_ids=tuple(seq.block_ids),
+                           block_index=to_device(np.asarray(seq.block_ids, dtype=np.int64), self.device))
         if seq.score_from is None:
             logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=-1 if chunk.samples else None)
             return logits[0, -1] if logits is not None else None
