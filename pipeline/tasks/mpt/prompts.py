@@ -19,10 +19,12 @@ classification labels) and the serving engine shares their KV blocks.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -124,10 +126,39 @@ def resolve_family(model_name: str, override: str | None = None) -> Family:
     return FAMILY_SPECS[detect_family(model_name)]
 
 
-@functools.lru_cache(maxsize=8)
-def _encode_cached(tokenizer: TokenizerLike, text: str) -> tuple[int, ...]:
-    # Several tasks of one document (separate run() calls) tokenize the same text: do it once.
-    return tuple(tokenizer.encode(text))
+class _DocumentIds:
+    """The last few documents' ids per (tokenizer, text), each computed once even when several tasks
+    of one document (separate threads) ask at the same moment: the first computes, the others wait
+    for it (an lru_cache lets all of them miss and tokenize the same 14K-65K-token text at once)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[TokenizerLike, str], Future] = OrderedDict()
+
+    def get(self, tokenizer: TokenizerLike, text: str) -> tuple[int, ...]:
+        key = (tokenizer, text)
+        with self._lock:
+            future = self._entries.get(key)
+            owner = future is None
+            if future is None:
+                future = self._entries[key] = Future()
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+            else:
+                self._entries.move_to_end(key)
+        if owner:
+            try:
+                future.set_result(tuple(tokenizer.encode(text)))
+            except BaseException as exc:  # the waiters see the same error; the next caller tries again
+                with self._lock:
+                    if self._entries.get(key) is future:
+                        del self._entries[key]
+                future.set_exception(exc)
+        return future.result()
+
+
+_DOCUMENT_IDS = _DocumentIds(size=8)
 
 
 def encode(tokenizer: TokenizerLike, text: str) -> list[int]:
@@ -154,7 +185,7 @@ class PromptBuilder:
 
     def document(self, text: str) -> list[int]:
         """A whole document's ids (cached: every task of the document asks for the same text)."""
-        return list(_encode_cached(self.tokenizer, text)) if text else []
+        return list(_DOCUMENT_IDS.get(self.tokenizer, text)) if text else []
 
     def context(self, text: str) -> list[int]:
         """Any other context (a window, packed passages, partial summaries): not cached."""
