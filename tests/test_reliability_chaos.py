@@ -224,6 +224,8 @@ def _check_final_state(url: str, doc_ids: dict[str, str]) -> None:
                 chunks = s.scalars(select(Chunk.index).where(Chunk.document_id == doc.id)).all()
                 if pages != doc.pages or sorted(chunks) != list(range(len(chunks))) or not chunks:
                     problems.append(f"{name}: {pages} page rows for {doc.pages} pages, chunks {sorted(chunks)[:5]}...")
+            if doc.lease_until is not None:
+                problems.append(f"{name}: {doc.status} and still holds a lease")
             reparsed += doc.parse_attempts > 1
         for job in jobs:
             doc = docs[str(job.document_id)]
