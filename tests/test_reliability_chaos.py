@@ -6,7 +6,7 @@ code, every job has exactly one result or a coded failure, nothing is left runni
 
 Recovery comes from the database side only: leases of 5 s, a reaper tick every second and a
 reconcile grace of 4 s (LONGDOC_* settings) re-queue what a dead worker held and re-send what the
-restarted Redis lost, so the whole test runs in about two minutes on a loaded 2-core box.
+restarted Redis lost, so the whole test runs in 55-90 s on a loaded 2-core box.
 """
 
 from __future__ import annotations
