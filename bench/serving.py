@@ -34,8 +34,9 @@ import torch
 
 from bench.engine import COPY_TBPS, Bench
 from pipeline.engine.core.requests import GenerateRequest, SamplingParams
-from pipeline.engine.generate import DenseGenerator, prefill_chunked
+from pipeline.engine.generate import DenseGenerator
 from pipeline.engine.paged_cache import bytes_per_token
+from pipeline.engine.prefill import prefill_chunked
 from pipeline.engine.serving import EngineConfig, ServingEngine
 from pipeline.engine.tokenizer import Tokenizer
 
