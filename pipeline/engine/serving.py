@@ -230,8 +230,9 @@ class ServingEngine:
                 self.book.accept(seq_id, tracked, token, logprob)
         for chunk in launched.out.prefills:  # scoring sequences whose last chunk this was
             seq, tracked = chunk.seq, launched.owners[chunk.seq.seq_id]
-            if (seq.score_from is not None and tracked is not None and seq.num_preemptions == launched.scoring[seq.seq_id][1]
-                    and chunk.start + chunk.num_tokens >= len(seq.token_ids)):
+            if seq.score_from is None or tracked is None or chunk.start + chunk.num_tokens < len(seq.token_ids):
+                continue
+            if seq.num_preemptions == launched.scoring[seq.seq_id][1]:
                 self.book.score_done(seq, tracked)
 
     def _drain_inbox(self) -> None:
