@@ -277,3 +277,34 @@ def test_aligned_plans_start_groups_on_the_grid_only():
         assert all(a.stop == b.start for a, b in zip(groups, groups[1:], strict=False))
         for g in groups:  # each group's window covers its heads' windows
             assert g.window is None or g.window >= max(windows[g.start:g.stop])
+
+
+def test_windows_pay_for_a_full_prefill_as_before_and_not_for_a_short_tail():
+    for t in (1, 4095, 4096, 4097, 65536):  # a full prefill: the old rule, keys >= WINDOW_MIN_KEYS
+        assert fa4.windows_pay(t, t) == (t >= fa4.WINDOW_MIN_KEYS)
+    assert fa4.windows_pay(16384, 32768)  # the second chunk of a long document
+    assert not fa4.windows_pay(250, 14336)  # a task's prompt tail after a cached 14K-token document
+    assert fa4.windows_pay(250, 65536)  # ... after a 64K-token one: enough work to plan again
+
+
+def test_fa4_short_chunk_on_a_long_prefix_is_one_plain_call_without_a_host_sync(monkeypatch):
+    torch.manual_seed(3)
+    h, d, t = 8, 16, 640
+    slopes = alibi_slopes(h, 16.0)
+    fake = FakeFlashAttn(fa4.geometric_step(slopes))
+    monkeypatch.setattr(fa4, "_flash_attn_module", lambda: fake)
+    monkeypatch.setattr(fa4, "score_mod", lambda name, step=None, head_offset=0: (name, step, head_offset))
+    monkeypatch.setattr(fa4, "WINDOW_MIN_KEYS", 256)  # windows pay from 256 x 257 / 2 score elements
+    monkeypatch.setattr(alibi_window, "CALL_COST_ELEMENTS", 1000.0)
+    planned: list[int] = []
+    real_async = alibi_window.head_windows_async
+    monkeypatch.setattr(alibi_window, "head_windows_async",
+                        lambda *a, **kw: planned.append(1) or real_async(*a, **kw))
+    q, k, v = (torch.randn(1, t, h, d, dtype=torch.float64) * 0.5 for _ in range(3))
+    tail = slice(t - 16, t)  # 16 queries x 640 keys: less work than a 256-token prefill
+    out = fa4.prefill(q[:, tail], k, v, slopes, scale=d**-0.5, variant="exp2")
+    assert [(c["heads"], c["window"]) for c in fake.calls] == [(h, None)] and not planned
+    torch.testing.assert_close(out, dense_reference(q[:, tail], k, v, slopes, scale=d**-0.5), rtol=1e-10, atol=1e-10)
+    fake.calls.clear()
+    fa4.prefill(q[:, t - 200:], k, v, slopes, scale=d**-0.5, variant="exp2")  # 200 x 640: planned
+    assert planned and any(c["window"] is not None for c in fake.calls)

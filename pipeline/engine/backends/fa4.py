@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from pipeline.engine.backends import fa4_fused
-from pipeline.engine.backends.alibi_window import HeadGroup, always_full_from, window_groups
+from pipeline.engine.backends.alibi_window import HeadGroup, always_full_from, causal_work, window_groups
 from pipeline.engine.backends.fa4_score_mods import score_mod
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ NAME = "fa4"
 VARIANTS = ("exp2", "fast", "kvonly", "aux", "fused")
 # variants that can run a head group starting past head 0 (a compile-time head offset, or aux slopes)
 GROUPABLE = ("exp2", "fused", "aux")
-# below this many keys a windowed plan cannot pay for its norm pass and host sync
+# a windowed plan pays for its norm pass and host sync from a full prefill of this many tokens on;
+# for a later chunk, from the same causal work (windows_pay)
 WINDOW_MIN_KEYS = 4096
 
 
@@ -155,7 +156,7 @@ def prefill(
     call = functools.partial(_call, interface, variant=variant, step=step, scale=scale, options=kernel_options)
 
     heads, tk = q.shape[2], k.shape[1]
-    if not (windows and tk >= WINDOW_MIN_KEYS and variant in GROUPABLE) or always_full_from(host_slopes, tk) == 0:
+    if not (windows and windows_pay(q.shape[1], tk) and variant in GROUPABLE) or always_full_from(host_slopes, tk) == 0:
         return call(q, k, v, slopes, HeadGroup(0, heads, None))
     out = torch.empty_like(q)
     # each group is launched as soon as it is known (the unplanned heads before the plan's host sync)
@@ -164,6 +165,16 @@ def prefill(
         hs = slice(group.start, group.stop)
         call(q[:, :, hs], k[:, :, hs], v[:, :, hs], slopes[hs], group, out=out[:, :, hs])
     return out
+
+
+def windows_pay(tq: int, tk: int) -> bool:
+    """Whether a windowed plan can pay for its norm pass and its host sync (which drains every step
+    queued before it): the call's causal work is at least a WINDOW_MIN_KEYS-token prefill's. What
+    windows save grows with queries x keys and the sync does not, so a short chunk on a long cached
+    prefix (a task's prompt tail after its document: ~20 such chunks per document in the tasks
+    path) runs as one plain call instead of syncing once per layer. Equal to tk >= WINDOW_MIN_KEYS
+    when tq == tk."""
+    return causal_work(None, tq, tk) >= causal_work(None, WINDOW_MIN_KEYS, WINDOW_MIN_KEYS)
 
 
 _FUSED_CHECKED: dict[tuple, bool] = {}
