@@ -153,11 +153,29 @@ def _decode_step_ms(b: Bench, eng: ServingEngine, reqs: list[GenerateRequest], s
         eng.step()
     b.sync()
     ms = (time.perf_counter() - t0) / steps * 1000
+    if b.device.type == "cuda":
+        log.info("host syncs per decode step (async %s): %.1f", eng.async_scheduling, _host_syncs(eng, 5))
     for r in reqs:
         eng.cancel(r.request_id)
     eng.run_until_idle()
     del futs
     return ms
+
+
+def _host_syncs(eng: ServingEngine, steps: int) -> float:
+    """Operations that made the host wait for the device per step, as CUDA's sync debug mode reports
+    them (the read-back's event wait is not one of them): 0 when a launch only queues work."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                eng.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen) / steps
 
 
 def _prefilling(eng: ServingEngine) -> bool:
