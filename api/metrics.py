@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from config.settings import Settings
 from storage.db import get_sessionmaker
 from storage.models import Job, JobStatus
-from workers import dispatch
+from workers.transport import get_dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class StateCollector(Collector):
         yield durations
         depth = GaugeMetricFamily("longdoc_queue_depth", "Messages waiting per queue (-1: broker down)",
                                   labels=["queue"])
-        for queue, n in dispatch.queue_depths(self.settings).items():
+        for queue, n in get_dispatcher(self.settings).queue_depths().items():
             depth.add_metric([queue], n)
         yield depth
 

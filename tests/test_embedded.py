@@ -23,13 +23,13 @@ from tests.fixtures_workers import (
     upload,
     wait_for,
 )
-from workers import dispatch
 from workers.embedded import get_runner
+from workers.transport import get_dispatcher
 
 
 def test_upload_parse_and_jobs_run_in_process(embedded_settings: Settings, corpus_dir: Path) -> None:
     h = {"Authorization": f"Bearer {make_api_key(embedded_settings)}"}
-    assert dispatch.broker_ok(embedded_settings)
+    assert get_dispatcher(embedded_settings).broker_ok()
     with api_client(embedded_settings) as client:
         doc = upload(client, h, corpus_dir / "contract-galera-joint-filing.pdf", tasks="summarize,qa",
                      question="Who are the parties to the agreement?")
@@ -50,7 +50,7 @@ def test_upload_parse_and_jobs_run_in_process(embedded_settings: Settings, corpu
         assert poll_document(client, h, failed["id"], timeout=60)["status"] == "parsed"
         assert poll_job(client, h, failed["jobs"][0]["id"], timeout=120)["status"] == "succeeded"
         assert (embedded_settings.data_dir / "secret.key").is_file()
-    assert dispatch.queue_depths(embedded_settings) == {"parse": 0, "gpu": 0}
+    assert get_dispatcher(embedded_settings).queue_depths() == {"parse": 0, "gpu": 0}
 
 
 def test_in_process_reaper_recovers_work_of_a_crashed_process(embedded_settings: Settings,

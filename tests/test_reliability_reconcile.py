@@ -21,6 +21,7 @@ from storage.db import session_scope
 from storage.models import Document, DocumentStatus, Job, JobStatus, utcnow
 from tests.fixtures_workers import ServiceSetup, api_client, poll_document, upload
 from workers import reaper
+from workers.transport import get_dispatcher
 
 GRACE_S = 3.0
 TICK_S = 0.25
@@ -60,7 +61,7 @@ def test_the_reconciler_resends_a_documents_jobs_once_per_grace_period(service: 
     seen = len(released)
     deadline = time.monotonic() + 2.5 * GRACE_S
     while time.monotonic() < deadline:
-        reaper.tick(settings)
+        reaper.tick(settings, dispatcher=get_dispatcher(settings))
         length = client.llen(gpu)
         new = client.lrange(gpu, 0, length - seen - 1) if length > seen else []  # kombu pushes at the head
         seen = length
@@ -93,7 +94,7 @@ def test_jobs_reaped_from_one_document_are_resent_as_one_message(service: Servic
         s.add_all(held)
         s.flush()
         job_ids = {j.id for j in held}
-    counts = reaper.tick(settings)
+    counts = reaper.tick(settings, dispatcher=get_dispatcher(settings))
     assert counts["requeued_jobs"] == 3, counts
     client = redis.Redis.from_url(settings.broker_url)
     messages = client.lrange(f"{settings.broker_key_prefix}gpu", 0, -1)

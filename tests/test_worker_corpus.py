@@ -16,7 +16,7 @@ from storage.keys import authenticate
 from storage.models import Document, DocumentStatus, Page
 from tests.corpus_expectations import EXPECTED, corpus_files
 from tests.fixtures_workers import ServiceSetup, api_client, poll_document, upload
-from workers import dispatch
+from workers.transport import get_dispatcher
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def _insert_behind_the_api(service: ServiceSetup, path: Path) -> str:
         s.add(doc)
         s.flush()
         doc_id = doc.id
-    dispatch.enqueue_parse(service.settings, doc_id)
+    get_dispatcher(service.settings).enqueue_parse(doc_id)
     return str(doc_id)
 
 

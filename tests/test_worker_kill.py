@@ -130,7 +130,7 @@ def test_a_database_outage_is_retried_with_backoff(service: ServiceSetup, corpus
     from storage.blobs import BlobStore
     from storage.keys import authenticate
     from tests.conftest import PG_ADMIN_URL
-    from workers import dispatch
+    from workers.transport import get_dispatcher
 
     url = service.settings.effective_database_url
     path = corpus_dir / "contract-galera-joint-filing.pdf"
@@ -150,7 +150,7 @@ def test_a_database_outage_is_retried_with_backoff(service: ServiceSetup, corpus
             conn.execute(text(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false'))
             conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                               "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": db_name})
-        dispatch.enqueue_parse(service.settings, doc_id)  # the broker is up; the database is not
+        get_dispatcher(service.settings).enqueue_parse(doc_id)  # the broker is up; the database is not
         wait_for(lambda: "transient error, retry" in worker.log(), 60, 0.2, what="a transient-error retry")
     finally:
         with admin.connect() as conn:

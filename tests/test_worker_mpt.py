@@ -68,12 +68,14 @@ def test_a_documents_jobs_prefill_it_once_and_a_rerun_hits_the_prefix_cache(serv
     """The gpu body in-process (the bodies a worker runs, on the same Postgres): one document, three
     qa jobs queued together; the engine's counters say its prefix was computed once."""
     from workers import bodies, document_jobs
+    from workers.transport import get_dispatcher
 
     settings = service.settings.model_copy(update=_mpt(service, tiny_mpt) | {"broker_url": None})
     with api_client(service.settings) as client:
         h = service.headers
         doc = upload(client, h, corpus_dir / REPORT)
-    bodies.parse_document(settings, doc["id"])  # no broker here: run the parse body ourselves
+    # no broker here: run the parse body ourselves (it releases no job: none exists yet)
+    bodies.parse_document(settings, doc["id"], dispatcher=get_dispatcher(settings))
     questions = ["Who was the pilot?", "When did it happen?", "What failed?"]
     with session_scope(settings.effective_database_url) as s:
         document = s.get(Document, uuid.UUID(doc["id"]))

@@ -13,8 +13,8 @@ import functools
 from celery import Celery
 from kombu import Exchange, Queue
 
-from config.settings import Settings, get_settings
-from workers.dispatch import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_QUEUE, REAP_TASK
+from config.settings import Settings
+from workers.names import GPU_QUEUE, JOB_TASK, PARSE_QUEUE, PARSE_TASK, REAP_QUEUE, REAP_TASK
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -64,16 +64,7 @@ def _celery_for(broker_url: str, settings_json: str) -> Celery:
 
 
 def get_celery(settings: Settings) -> Celery:
-    """A cached sending app for these settings (the API's dispatch path; no task bodies imported)."""
+    """A cached sending app for these settings (workers/celery_dispatch.py; no task bodies imported). The
+    app a worker runs, with the tasks registered, is workers/tasks.py worker_app."""
     # The secret key is no broker setting, and dumped it is only "**********" (a SecretStr).
     return _celery_for(settings.broker_url or "", settings.model_dump_json(exclude={"secret_key"}))
-
-
-def worker_app(settings: Settings | None = None) -> Celery:
-    """The app a `longdoc worker` process runs: the sending app plus the task definitions."""
-    settings = settings or get_settings()
-    app = create_celery(settings)
-    from workers.tasks import register_tasks
-
-    register_tasks(app)
-    return app

@@ -5,6 +5,8 @@ work already runs in a child process per document) and `gpu` with settings.gpu_d
 threads, as a gpu worker has: each runs one document's jobs (workers/document_jobs.py) against the
 process's one engine, so a short document never waits behind a long one.
 A reaper thread (workers.reaper) recovers work left by a crashed process sharing the same DB.
+The runner is embedded mode's Dispatcher (workers/dispatch.py; chosen by workers/transport.py): the
+parse body and the reaper it runs send their follow-up work back to it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from uuid import UUID
 
 from config.settings import Settings
+from workers import bodies, document_jobs, reaper
+from workers.failures import MAX_TRANSIENT_RETRIES, TRANSIENT_ERRORS, backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +33,22 @@ class EmbeddedRunner:
         self._reaper_stop: threading.Event | None = None
         self._reaper_thread: threading.Thread | None = None
 
-    def submit_parse(self, document_id: UUID) -> Future:
-        from workers import bodies
+    # --- the Dispatcher interface (workers/dispatch.py): the bodies run here are handed this runner ---
 
-        return self._submit(self._parse_pool, "parse", bodies.parse_document, self.settings, document_id)
+    def enqueue_parse(self, document_id: UUID) -> None:
+        self._submit(self._parse_pool, "parse", bodies.parse_document, self.settings, document_id, dispatcher=self)
 
-    def submit_job(self, job_id: UUID) -> Future:
-        from workers import document_jobs
+    def enqueue_job(self, job_id: UUID) -> None:
+        self._submit(self._gpu_pool, "gpu", document_jobs.run_job, self.settings, job_id)
 
-        return self._submit(self._gpu_pool, "gpu", document_jobs.run_job, self.settings, job_id)
+    def request_cancel(self, job_id: UUID) -> None:
+        """Nothing to drop: a queued job's body finds it canceled; a running one stops at its next heartbeat."""
+
+    def broker_ok(self) -> bool:
+        return True  # no broker: the pools are in this process
+
+    def queue_depths(self) -> dict[str, int]:
+        return self.pending()
 
     def pending(self) -> dict[str, int]:
         with self._lock:
@@ -45,14 +56,13 @@ class EmbeddedRunner:
 
     def start_reaper(self) -> None:
         """Run reap + reconcile every settings.reaper_interval_s in a daemon thread (idempotent)."""
-        from workers.reaper import run_periodically
-
         with self._lock:
             if self._reaper_thread is not None:
                 return
             self._reaper_stop = threading.Event()
             self._reaper_thread = threading.Thread(
-                target=run_periodically, args=(self.settings, self._reaper_stop), name="longdoc-reaper", daemon=True)
+                target=reaper.run_periodically, args=(self.settings, self._reaper_stop), kwargs={"dispatcher": self},
+                name="longdoc-reaper", daemon=True)
             self._reaper_thread.start()
 
     def shutdown(self, wait: bool = True) -> None:
@@ -65,8 +75,6 @@ class EmbeddedRunner:
 
     def _submit(self, pool: ThreadPoolExecutor, queue: str, fn, *args, retries: int = 0,  # noqa: ANN001
                 **kwargs) -> Future:
-        from workers.bodies import MAX_TRANSIENT_RETRIES, TRANSIENT_ERRORS, backoff_s
-
         with self._lock:
             self._pending[queue] += 1
 

@@ -100,7 +100,7 @@ def run_leased(row: LeasedRow, work: Callable[[Lease], T], store: Callable[[Sess
         try:
             result = work(lease)
         except JobAborted:
-            log.info("%s: aborted (canceled or taken over)", row.what)
+            log.info("%s: %s (canceled or taken over)", row.what, row.lost)
             return row.lost
         except PipelineError as exc:
             return row.fail(exc.code, exc.message)
@@ -117,7 +117,8 @@ def run_leased(row: LeasedRow, work: Callable[[Lease], T], store: Callable[[Sess
         give_back(row.url, row.give_back, row.what)
         raise
     if not done:
-        log.warning("%s: claim lost before its result was stored (canceled, re-queued or deleted); "
-                    "result dropped", row.what)
+        # Also how a cancel that lands after the work ended shows: the fenced store matches no row.
+        log.warning("%s: %s: the claim was lost before the result was stored (canceled, re-queued or "
+                    "deleted); result dropped", row.what, row.lost)
         return row.lost
     return stored(result)

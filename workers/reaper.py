@@ -21,12 +21,12 @@ from config.settings import Settings
 from storage import documents, jobs
 from storage.db import session_scope
 from storage.models import utcnow
-from workers import dispatch
+from workers.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
 
-def tick(settings: Settings) -> dict[str, int]:
+def tick(settings: Settings, *, dispatcher: Dispatcher) -> dict[str, int]:
     """One reap + reconcile pass; sends the recovered work after its DB changes are committed."""
     with session_scope(settings.effective_database_url) as s:
         now = utcnow()
@@ -40,9 +40,9 @@ def tick(settings: Settings) -> dict[str, int]:
         # One message per document: its gpu body claims all of the document's queued jobs.
         job_messages = jobs.one_job_per_document(s, [*requeued_jobs, *stale_jobs])
     for doc_id in [*requeued_docs, *stale_docs]:  # a PDF password is read from the row by the parse
-        dispatch.enqueue_parse(settings, doc_id)
+        dispatcher.enqueue_parse(doc_id)
     for job_id in job_messages:
-        dispatch.enqueue_job(settings, job_id)
+        dispatcher.enqueue_job(job_id)
     counts = {
         "requeued_jobs": len(requeued_jobs), "failed_jobs": len(failed_jobs),
         "requeued_documents": len(requeued_docs), "failed_documents": len(failed_docs),
@@ -53,11 +53,11 @@ def tick(settings: Settings) -> dict[str, int]:
     return counts
 
 
-def run_periodically(settings: Settings, stop: threading.Event) -> None:
+def run_periodically(settings: Settings, stop: threading.Event, *, dispatcher: Dispatcher) -> None:
     """Embedded mode: tick every reaper_interval_s until stop is set; a failed tick is logged, not fatal."""
     while True:
         try:
-            tick(settings)
+            tick(settings, dispatcher=dispatcher)
         except Exception:
             log.exception("reaper tick failed; retrying next interval")
         if stop.wait(settings.reaper_interval_s):

@@ -39,7 +39,7 @@ from pipeline.types import PipelineError
 from storage import documents as repo
 from storage.models import Document, DocumentStatus, Job
 from storage.paging import InvalidCursor
-from workers import dispatch
+from workers.transport import get_dispatcher
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["documents"])
@@ -103,7 +103,7 @@ def _enqueue_jobs_if_parsed(settings: Settings, session: Session, doc: Document,
     session.refresh(doc)
     if doc.status == DocumentStatus.parsed:
         for job in jobs:
-            dispatch.enqueue_job(settings, job.id)
+            get_dispatcher(settings).enqueue_job(job.id)
 
 
 @router.post("/documents", status_code=201, response_model=DocumentUploadPublic, openapi_extra=_UPLOAD_BODY,
@@ -138,7 +138,7 @@ async def create_document(
 
     def after_commit() -> DocumentUploadPublic:  # DB and broker I/O: off the event loop
         if parse_needed:
-            dispatch.enqueue_parse(settings, doc.id)
+            get_dispatcher(settings).enqueue_parse(doc.id)
         _enqueue_jobs_if_parsed(settings, session, doc, jobs)
         return DocumentUploadPublic(**DocumentPublic.of(doc).model_dump(), created=created,
                                     jobs=[JobPublic.of(j) for j in jobs])
@@ -184,7 +184,7 @@ def delete_document(document_id: uuid.UUID, settings: SettingsDep, session: Sess
     if unused:
         repo.release_blob(session, blobs, sha256)
     for job_id in active_jobs:
-        dispatch.request_cancel(settings, job_id)
+        get_dispatcher(settings).request_cancel(job_id)
     return Response(status_code=204)
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from api.deps import SettingsDep
 from api.errors import error_response
 from storage.db import get_sessionmaker
-from workers import dispatch
+from workers.transport import get_dispatcher
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -36,7 +36,7 @@ def _database_ok(url: str) -> bool:
 @router.get("/readyz", responses={503: {"description": "database or broker unreachable"}})
 def readyz(settings: SettingsDep) -> Response:
     """200 when the database and the broker answer, else 503 naming what is down."""
-    checks = {"database": _database_ok(settings.effective_database_url), "broker": dispatch.broker_ok(settings)}
+    checks = {"database": _database_ok(settings.effective_database_url), "broker": get_dispatcher(settings).broker_ok()}
     down = [name for name, ok in checks.items() if not ok]
     if down:
         return error_response(503, "not_ready", f"unreachable: {', '.join(down)}", {"Retry-After": "5"})

@@ -23,7 +23,7 @@ from storage import documents as document_repo
 from storage import jobs as repo
 from storage.models import Job, JobStatus
 from storage.paging import InvalidCursor
-from workers import dispatch
+from workers.transport import get_dispatcher
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -74,5 +74,5 @@ def cancel_job(job_id: uuid.UUID, settings: SettingsDep, session: SessionDep, ow
     if not repo.cancel_job(session, job):
         raise ApiError(409, "job_terminal", f"job {job_id} is already {job.status.value}")
     session.commit()
-    dispatch.request_cancel(settings, job.id)
+    get_dispatcher(settings).request_cancel(job.id)
     return JobPublic.of(job)

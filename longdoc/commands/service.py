@@ -107,7 +107,7 @@ def _worker_log_config(level: str) -> dict:
 def cmd_worker(args: argparse.Namespace) -> int:
     from config.settings import get_settings
     from storage import migrate
-    from workers.celery_app import worker_app
+    from workers.tasks import worker_app
 
     settings = get_settings()
     if settings.embedded:
@@ -119,7 +119,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except migrate.DatabaseNotMigrated as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    from workers.dispatch import REAP_QUEUE
+    from workers.names import REAP_QUEUE
 
     # gpu: a threads pool of gpu_documents_in_flight threads, each running one document's jobs against
     # the one engine of the process (its requests join the engine's continuous batch)
