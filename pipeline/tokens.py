@@ -39,11 +39,17 @@ class TokenCounter:
         return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def ids(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        return self._whole(text).ids
 
     def offsets(self, text: str) -> list[tuple[int, int]]:
         """(char_start, char_end) of every token of `text`, in order: one pass for a whole document."""
-        return self._tokenizer.encode(text, add_special_tokens=False).offsets
+        return self._whole(text).offsets
+
+    def _whole(self, text: str):  # -> tokenizers.Encoding
+        # a batch of one: `tokenizers` encodes a batch with the GIL released and a single text with it
+        # held (~3 us a token), which in one process with the serving engine (embedded mode) stops the
+        # engine's thread for a whole document's chunking
+        return self._tokenizer.encode_batch([text], add_special_tokens=False)[0]
 
     def __repr__(self) -> str:
         return f"TokenCounter({self.spec!r})"

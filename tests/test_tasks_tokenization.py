@@ -80,18 +80,17 @@ def test_a_failed_tokenization_is_not_cached(tokenizer: Tokenizer) -> None:
     assert counting.calls == 2
 
 
-def test_encoding_a_long_document_lets_other_threads_run(tokenizer: Tokenizer) -> None:
-    """While one thread tokenizes ~170K tokens, another thread (the engine's) keeps waking up: a
-    tokenizer holding the GIL throughout lets it wake at most once or twice."""
-    text = _long_text()
+def _wakeups_during(work) -> tuple[int, float, list]:
+    """How often this thread woke from 1 ms sleeps while `work` ran in another thread (it cannot
+    wake while that thread holds the GIL), the seconds it ran, and what it returned."""
     done = threading.Event()
-    ids: list[int] = []
+    out: list = []
 
-    def work() -> None:
-        ids.extend(tokenizer.encode(text))
+    def run() -> None:
+        out.append(work())
         done.set()
 
-    worker = threading.Thread(target=work)
+    worker = threading.Thread(target=run)
     wakeups = 0
     started = time.perf_counter()
     worker.start()
@@ -100,7 +99,27 @@ def test_encoding_a_long_document_lets_other_threads_run(tokenizer: Tokenizer) -
         wakeups += 1
     elapsed = time.perf_counter() - started
     worker.join()
+    return wakeups, elapsed, out[0]
+
+
+def test_encoding_a_long_document_lets_other_threads_run(tokenizer: Tokenizer) -> None:
+    """While one thread tokenizes ~170K tokens, another thread (the engine's) keeps waking up: a
+    tokenizer holding the GIL throughout lets it wake at most once or twice."""
+    text = _long_text()
+    wakeups, elapsed, ids = _wakeups_during(lambda: tokenizer.encode(text))
     assert len(ids) > 100_000
     assert elapsed > 0.05  # the encode took long enough for the count to mean something
     assert wakeups >= 10, f"{wakeups} wake-ups in {elapsed:.2f} s of tokenization"
     assert ids == tokenizer.inner.encode(text, add_special_tokens=False).ids
+
+
+def test_chunking_offsets_let_other_threads_run() -> None:
+    """The chunker's whole-document pass (embedded mode runs it in the engine's process)."""
+    from pipeline.tokens import load_tokenizer
+
+    counter = load_tokenizer(str(NEOX))
+    text = _long_text()
+    wakeups, elapsed, offsets = _wakeups_during(lambda: counter.offsets(text))
+    assert elapsed > 0.05 and wakeups >= 10, f"{wakeups} wake-ups in {elapsed:.2f} s of tokenization"
+    assert offsets == counter._tokenizer.encode(text, add_special_tokens=False).offsets
+    assert counter.ids(text[:5000]) == counter._tokenizer.encode(text[:5000], add_special_tokens=False).ids
