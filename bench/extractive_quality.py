@@ -38,6 +38,26 @@ CUAD_QUESTIONS = {
     "Non-Compete": "Is there a non-compete restriction?",
     "Exclusivity": "Is the arrangement exclusive?",
 }
+# Held out: plain questions for other CUAD categories, written once and never used to choose a rule,
+# a weight or an expansion (2026-12-02); their figure says whether a change generalizes beyond the
+# questions above, which QA was tuned on.
+CUAD_HELD_OUT = {
+    "Parties": "Who are the parties to the agreement?",
+    "Effective Date": "When does the agreement take effect?",
+    "Renewal Term": "Does the agreement renew automatically?",
+    "Termination For Convenience": "Can a party terminate the agreement without cause?",
+    "Change Of Control": "What happens if a party undergoes a change of control?",
+    "License Grant": "What license is granted under the agreement?",
+    "Ip Ownership Assignment": "Who owns the intellectual property created under the agreement?",
+    "Post-Termination Services": "What obligations continue after the agreement ends?",
+    "Minimum Commitment": "Is there a minimum purchase or order commitment?",
+    "Warranty Duration": "How long does the warranty last?",
+    "Non-Transferable License": "Is the license transferable?",
+    "Irrevocable Or Perpetual License": "Is the license perpetual or irrevocable?",
+    "Covenant Not To Sue": "Does a party agree not to sue or challenge the other's rights?",
+    "Uncapped Liability": "Is any liability unlimited?",
+    "Revenue/Profit Sharing": "Is revenue or profit shared between the parties?",
+}
 TENQ = {"2022 Q3 AAPL": "report-aapl-10q-2022q3.pdf", "2023 Q1 NVDA": "report-nvda-10q-2023q1.pdf"}
 # The figure (or phrase) of each annotated answer that evidence must hold, by question prefix.
 ANSWER_KEYS = {
@@ -72,7 +92,7 @@ def cuad_clauses() -> dict[str, dict[str, list[str]]]:
     source = {Path(r["source_path"]).name: r["file"] for r in manifest()}
     with open(CORPUS / "annotations" / "cuad-master-clauses-shared.csv", newline="") as f:
         rows = {source[r["Filename"]]: r for r in csv.DictReader(f) if r["Filename"] in source}
-    return {pdf: {c: [plain(x) for x in ast.literal_eval(row[c] or "[]")] for c in CUAD_QUESTIONS}
+    return {pdf: {c: [plain(x) for x in ast.literal_eval(row[c] or "[]")] for c in {**CUAD_QUESTIONS, **CUAD_HELD_OUT}}
             for pdf, row in rows.items()}
 
 
@@ -126,7 +146,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     r = Runner()
-    report: dict = {"classify": {}, "cuad": [], "tenq": [], "issue_cases": []}
+    report: dict = {"classify": {}, "cuad": [], "cuad_held_out": [], "tenq": [], "issue_cases": []}
     kinds = {row["file"]: row["kind"] for row in manifest() if row["file"].endswith(".pdf")
              and row["kind"] in ("contract", "report", "paper")}
     clauses = cuad_clauses()
@@ -135,13 +155,15 @@ def main() -> None:
         docs[pdf] = doc = r.doc(pdf)
         got = r.task("classify", {"labels": DEFAULT_LABELS}, doc)["label"]
         report["classify"][pdf] = [kind, got]
-        if pdf in clauses:
-            asked = [c for c in CUAD_QUESTIONS if clauses[pdf][c]]
-            result = r.task("qa", {"questions": [CUAD_QUESTIONS[c] for c in asked]}, doc)
+        for key, questions in (("cuad", CUAD_QUESTIONS), ("cuad_held_out", CUAD_HELD_OUT)):
+            if pdf not in clauses:
+                break
+            asked = [c for c in questions if clauses[pdf][c]]
+            result = r.task("qa", {"questions": [questions[c] for c in asked]}, doc)
             for category, answer in zip(asked, result["answers"], strict=True):
                 texts = [e["text"] for e in answer["evidence"]]
-                report["cuad"].append({"pdf": pdf, "category": category, "top1": in_clause(answer["answer"], clauses[pdf][category]),
-                                       "evidence": any(in_clause(t, clauses[pdf][category]) for t in texts)})
+                report[key].append({"pdf": pdf, "category": category, "top1": in_clause(answer["answer"], clauses[pdf][category]),
+                                    "evidence": any(in_clause(t, clauses[pdf][category]) for t in texts)})
         print(f"{pdf}: {kind} -> {got}", flush=True)
     for pdf, question, keys in tenq_rows():
         answer = r.task("qa", {"questions": [question]}, docs[pdf])["answers"][0]
@@ -157,6 +179,8 @@ def main() -> None:
         "classify_accuracy": f"{classify_ok}/{len(report['classify'])}",
         "cuad_top1": f"{sum(x['top1'] for x in report['cuad'])}/{len(report['cuad'])}",
         "cuad_evidence": f"{sum(x['evidence'] for x in report['cuad'])}/{len(report['cuad'])}",
+        "cuad_held_out_evidence": f"{sum(x['evidence'] for x in report['cuad_held_out'])}/{len(report['cuad_held_out'])}",
+        "cuad_held_out_top1": f"{sum(x['top1'] for x in report['cuad_held_out'])}/{len(report['cuad_held_out'])}",
         "tenq_evidence": f"{sum(x['evidence'] for x in report['tenq'])}/{len(report['tenq'])}",
         "issue_cases": f"{sum(x['ok'] for x in report['issue_cases'])}/{len(report['issue_cases'])}",
         "task_seconds": round(r.task_s, 1),

@@ -32,12 +32,14 @@ BM25_WEIGHT = 0.5
 RRF_K = 60  # the usual reciprocal-rank-fusion constant
 MAX_FALLBACK = 2000  # a query with no term in the document is compared with at most this many texts
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
+_COMPOUND = re.compile(r"[^\W\d_]+(?:[-\u2010\u2011][^\W\d_]+)+", re.UNICODE)  # "non-compete", "sub-license"
 _STOP_WORDS = (
     "a an and are as at be been by can could did do does for from had has have how i if in into is it its "
     "may might must no not of on or our shall should so such than that the their them then there these "
     "they this those to under upon was we were what when where which while who whom whose why will with "
     "would you your")
 _STOP = frozenset(_STOP_WORDS.split())
+_HYPHENS = re.compile(r"[-\u2010\u2011]")
 
 
 class Embedder(Protocol):
@@ -73,9 +75,14 @@ def _stemmer():  # noqa: ANN202 - PyStemmer's Stemmer
 
 def terms(text: str) -> list[str]:
     """BM25 terms: lowercased words without stop words, Snowball-stemmed ("governs", "governing" and
-    "governed" meet). Numbers stay: "30" and "2022" are often what a question is about."""
+    "governed" meet). Numbers stay: "30" and "2022" are often what a question is about. A hyphenated
+    compound is also one term of its own ("non-compete" -> "non", "compet", "noncompet"), so that it
+    matches itself more than the many "non-..." words it shares a part with."""
+    lowered = text.lower()
     # single letters are possessive "s", list markers and initials, not terms; single digits stay
-    words = [w for w in _TOKEN.findall(text.lower()) if w not in _STOP and (len(w) > 1 or w.isdigit())]
+    words = [w for w in _TOKEN.findall(lowered) if w not in _STOP and (len(w) > 1 or w.isdigit())]
+    if "-" in lowered or "\u2010" in lowered or "\u2011" in lowered:
+        words += [_HYPHENS.sub("", c) for c in _COMPOUND.findall(lowered)]
     return _stemmer().stemWords(words)
 
 

@@ -1,35 +1,39 @@
 """QA (extractive): for each question, the document sentence that best answers it, with its evidence.
 
-Candidates come from stemmed BM25 (pipeline/tasks/retrieval.py) over each sentence and over its
-window (the sentence with its neighbours, so a clause under a "Governing Law" heading carries the
-heading's terms); only those candidates are embedded. A candidate's score fuses
-- BM25 of the sentence and of its window, each relative to the question's best,
-- the embedding cosine between question and sentence,
+Every segment is first scored lexically, which costs no embedding (the per-document facts are in
+qa_facts.py):
+- BM25 of the sentence and of its window (the sentence, its neighbours and its section heading, so a
+  clause under "2.5 Non-Compete Covenant." carries the heading's terms), each relative to the best,
 - coverage: the share of the question's idf mass its window holds (all of "total revenue quarter",
   not just "revenue"),
-- a cross-check of the question's numbers and names (years, "Q3", "Delaware", "NVIDIA"): a sentence
-  that names a different one of the same kind loses; a question asking for an amount prefers a
-  sentence that states one, a question asking when (a date, a term) one that states a date or duration.
-Headings and fragments rank after every full sentence. The answer is the best sentence; evidence the
-best EVIDENCE sentences; "not stated in the document" when nothing shares a term or a meaning.
+- a cross-check of the question's numbers and names (years, "Q3", "Delaware"): a sentence that names
+  a different one of the same kind loses; a question asking for an amount prefers a sentence that
+  states one, a question asking when (a date, a term) one that states a date or duration.
+Only the best SHORTLIST by that score (and the opening sentences) are embedded; their cosine with
+the question completes the score. Headings, fragments and contents lines rank after every full
+sentence. The answer is the best sentence; evidence the best EVIDENCE distinct sentences; "not
+stated in the document" when nothing shares a term or a meaning.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.tasks.retrieval import Bm25, terms
+from pipeline.tasks.extractive import qa_facts
+from pipeline.tasks.extractive.qa_facts import QaFacts
+from pipeline.tasks.retrieval import terms
 from pipeline.tasks.schemas import NOT_STATED
 from pipeline.types import DocumentText
 
 EVIDENCE = 3
-SHORTLIST = 6  # sentences embedded per question from each of sentence and window BM25 (union)
+SHORTLIST = 4  # segments embedded per question: the best by lexical score (4 did as well as 12, bench/NOTES.md)
+MEANING_SAMPLE = 24  # no shared term: segments spread over the document, compared by meaning alone
 LEAD = 3  # the opening sentences are always candidates: parties and dates live in the preamble
-MIN_ANSWER_WORDS = 7  # shorter segments (headings, fragments) rank after every full sentence
 WEIGHTS = {"bm25": 0.2, "window": 0.15, "cosine": 0.3, "coverage": 0.35}
 ENTITY_PENALTY = 0.1  # per kind of name/number the sentence contradicts
 AMOUNT_BONUS = 0.05
@@ -43,24 +47,15 @@ EXPANSIONS = {  # question word -> how contracts and filings say it
 }
 NOT_STATED_BELOW = 0.25  # a best cosine this low with no shared term: the document does not say
 _AMOUNT_QUESTION = re.compile(r"^\s*(how (much|many)|what (was|were|is|are) (the )?(total|amount|number))", re.I)
-_AMOUNT = re.compile(r"\$\s?\d|\d[\d,.]*\s?(%|percent|million|billion|thousand|days|months|years)|\d{1,3}(,\d{3})+")
 _DATE_QUESTION = re.compile(r"^\s*when\b|\bdate\b|\bexpire|\bterm of\b", re.I)
-_MONTH = r"(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
-_DATE = re.compile(rf"\b{_MONTH}\s+\d{{1,2}}(st|nd|rd|th)?,?\s+\d{{4}}|\b\d{{1,2}}(st|nd|rd|th)?\s+(day\s+of\s+)?{_MONTH},?\s+\d{{4}}"
-                   r"|\b\d{1,2}/\d{1,2}/\d{2,4}\b|\b(\d+|one|two|three|four|five|ten)\s*(\(\d+\)\s*)?(year|month)s?\b", re.I)
-_MONEY = re.compile(r"\$\s?\d|\d\s?(million|billion|thousand)|\b\d{1,3}(,\d{3})+\b")
-_CALENDAR_DATE = re.compile(rf"\b{_MONTH}\s+\d{{1,2}}(st|nd|rd|th)?,?\s+\d{{4}}|\b\d{{1,2}}(st|nd|rd|th)?\s+(day\s+of\s+)?"
-                            rf"{_MONTH},?\s+\d{{4}}", re.I)
-_DATED_AS_OF = re.compile(r"\b(dated|entered into|made|effective|executed)\b[^.;]{0,40}?\b(as of|on|this)\b[^.;]{0,12}?("
-                         + _CALENDAR_DATE.pattern + ")", re.I)
-_YEAR = re.compile(r"\b(19|20)\d\d\b")
-_QUARTER = re.compile(r"\b(q[1-4]|first|second|third|fourth) quarter\b|\bq[1-4]\b", re.I)
-_STATES = ("alabama|alaska|arizona|arkansas|california|colorado|connecticut|delaware|florida|georgia|hawaii|"
-           "idaho|illinois|indiana|iowa|kansas|kentucky|louisiana|maine|maryland|massachusetts|michigan|"
-           "minnesota|mississippi|missouri|montana|nebraska|nevada|ohio|oklahoma|oregon|pennsylvania|"
-           "tennessee|texas|utah|vermont|virginia|washington|wisconsin|wyoming")
-_STATE = re.compile(r"\b(new york|new jersey|new hampshire|new mexico|north carolina|north dakota|south carolina|"
-                    r"south dakota|rhode island|west virginia|england|" + _STATES + r")\b", re.I)
+_END_QUESTION = re.compile(r"\b(expir\w*|terminat\w*|end|ends|until|renew\w*)\b|\bterm of\b", re.I)  # when it ends, not when made
+
+
+@dataclass
+class Plan:
+    query: str  # the question with its expansions
+    lexical: np.ndarray  # [S] the score without the cosine
+    candidates: list[int]  # what gets embedded
 
 
 def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str, Any]:  # noqa: ANN001
@@ -70,15 +65,15 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     sentences = index.sentences
     if not sentences:
         return _result(engine, [_not_stated(q, []) for q in questions])
-    windows = _windows(engine, index)
+    facts = document_facts(index, doc)
     progress(0.2, "embedding")
-    plans = [plan(index, windows, q) for q in questions]
+    plans = [plan(index, facts, q) for q in questions]
     # one length-sorted embedding pass over every question's candidates; rank() then hits the cache
-    engine.embed(list(dict.fromkeys([index.texts[i] for p in plans for i in p[3]] + questions)))
+    engine.embed(list(dict.fromkeys([index.texts[i] for p in plans for i in p.candidates] + questions)))
     progress(0.8, "retrieving")
     answers = []
     for qi, question in enumerate(questions):
-        ranked = rank(engine, index, windows, question, plans[qi])
+        ranked = distinct(index.texts, rank(engine, index, facts, question, plans[qi]))
         evidence = [{**sentences[i].citation(), "score": round(score, 4)} for i, score, _ in ranked[:EVIDENCE]]
         if not ranked or (ranked[0][2] < NOT_STATED_BELOW and not index.retriever.bm25.scores(question).any()):
             answers.append(_not_stated(question, evidence))
@@ -89,14 +84,12 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     return _result(engine, answers)
 
 
-def _windows(engine, index) -> Bm25:  # noqa: ANN001
-    """BM25 over each sentence with its neighbours, built once per document (cached on the index)."""
-    if "qa_windows" not in index.cache:
-        texts, own = index.texts, index.retriever.bm25.terms
-        windows = [" ".join(texts[max(0, i - 1):i + 2]) for i in range(len(texts))]
-        index.cache["qa_windows"] = Bm25(windows, corpus_terms=[
-            [t for j in range(max(0, i - 1), min(len(own), i + 2)) for t in own[j]] for i in range(len(own))])
-    return index.cache["qa_windows"]
+def document_facts(index, doc: DocumentText) -> QaFacts:  # noqa: ANN001
+    """The document's QA facts, built once per document (cached on the index)."""
+    if "qa_facts" not in index.cache:
+        spans = [(s.char_start, s.char_end) for s in index.sentences]
+        index.cache["qa_facts"] = qa_facts.build(doc.full_text, spans, index.retriever.bm25.terms, index.texts)
+    return index.cache["qa_facts"]
 
 
 def expand(question: str) -> str:
@@ -106,100 +99,89 @@ def expand(question: str) -> str:
     return " ".join([question, *extra])
 
 
-def _dated(index) -> list[int]:  # noqa: ANN001
-    """Sentences stating a calendar date, in reading order (cached per document)."""
-    if "qa_dated" not in index.cache:
-        index.cache["qa_dated"] = [i for i, t in enumerate(index.texts) if _CALENDAR_DATE.search(t)]
-    return index.cache["qa_dated"]
-
-
-def plan(index, windows: Bm25, question: str) -> tuple[str, np.ndarray, np.ndarray, list[int]]:  # noqa: ANN001
-    """(expanded query, sentence BM25 [S], window BM25 [S], candidate sentence indices)."""
+def plan(index, facts: QaFacts, question: str) -> Plan:  # noqa: ANN001
+    """Every segment's lexical score for the question and the candidates worth embedding."""
     query = expand(question)
-    own, ctx = index.retriever.bm25.scores(query), windows.scores(query)  # [S], [S]
-    candidates = _candidates(own, ctx)
+    own, ctx = index.retriever.bm25.scores(query), facts.windows.scores(query)  # [S], [S]
+    lexical = (WEIGHTS["bm25"] * _relative(own) + WEIGHTS["window"] * _relative(ctx)
+               + WEIGHTS["coverage"] * coverage(facts, query) + cross_check(facts, question))  # [S]
+    n = len(lexical)
+    picked: dict[int, None] = dict.fromkeys(range(min(LEAD, n)))
+    shares = np.flatnonzero((own > 0) | (ctx > 0))
+    if len(shares):
+        # full sentences first, as rank() orders them; ties keep reading order
+        order = shares[np.lexsort((shares, -lexical[shares], facts.short[shares]))]
+        picked.update(dict.fromkeys(int(i) for i in order[:SHORTLIST]))
+    else:  # no shared term: fall back to meaning alone over a spread sample
+        picked.update(dict.fromkeys(int(i) for i in np.linspace(0, n - 1, min(n, MEANING_SAMPLE))))
     if _DATE_QUESTION.search(question):  # the first dated sentences: the preamble's "dated as of"
-        candidates += [i for i in _dated(index)[:DATED_CANDIDATES] if i not in candidates]
-    return query, own, ctx, candidates
+        picked.update(dict.fromkeys(facts.dated[:DATED_CANDIDATES]))
+    return Plan(query, lexical, list(picked))
 
 
-def rank(engine, index, windows: Bm25, question: str,  # noqa: ANN001
-         planned: tuple[str, np.ndarray, np.ndarray, list[int]] | None = None) -> list[tuple[int, float, float]]:
+def rank(engine, index, facts: QaFacts, question: str,  # noqa: ANN001
+         planned: Plan | None = None) -> list[tuple[int, float, float]]:
     """[(sentence index, fused score, cosine)] best first; full sentences before headings/fragments."""
-    query, own, ctx, candidates = planned or plan(index, windows, question)
-    texts = index.texts
-    vectors = engine.embed([texts[i] for i in candidates] + [question])  # [C+1, D]
+    planned = planned or plan(index, facts, question)
+    candidates = planned.candidates
+    vectors = engine.embed([index.texts[i] for i in candidates] + [question])  # [C+1, D]
     cosine = vectors[:-1] @ vectors[-1]  # [C]
-    weights = _idf(windows, query)
-    scored = []
-    for j, i in enumerate(candidates):
-        window = " ".join(texts[max(0, i - 1):i + 2])
-        score = (WEIGHTS["bm25"] * _rel(own, i) + WEIGHTS["window"] * _rel(ctx, i)
-                 + WEIGHTS["cosine"] * max(0.0, float(cosine[j])) + WEIGHTS["coverage"] * _coverage(weights, window)
-                 + _cross_check(question, texts[i]))
-        # a table row ("Total net sales 82,959 97,278") is short but states a figure: not a heading
-        short = (len(texts[i].split()) < MIN_ANSWER_WORDS and not _AMOUNT.search(texts[i])) or _is_heading(texts[i])
-        scored.append((short, -score, i, float(cosine[j])))
-    scored.sort()
+    scored = sorted((bool(facts.short[i]), -(float(planned.lexical[i]) + WEIGHTS["cosine"] * max(0.0, float(cosine[j]))),
+                     i, float(cosine[j])) for j, i in enumerate(candidates))
     return [(i, -neg, cos) for _, neg, i, cos in scored]
 
 
-def _candidates(own: np.ndarray, ctx: np.ndarray) -> list[int]:
-    picked: dict[int, None] = dict.fromkeys(range(min(LEAD, len(own))))
-    for scores in (own, ctx):
-        hits = np.flatnonzero(scores > 0)
-        for i in hits[np.argsort(-scores[hits], kind="stable")][:SHORTLIST]:
-            picked[int(i)] = None
-    if len(picked) <= LEAD:  # no shared term: fall back to meaning alone over a spread sample
-        n = len(own)
-        picked.update(dict.fromkeys(int(i) for i in np.linspace(0, n - 1, min(n, 4 * SHORTLIST))))
-    return list(picked)
+def distinct(texts: list[str], ranked: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+    """The ranking without repeats of a text already ranked (the CEO's and the CFO's identical
+    certifications are one piece of evidence, not two)."""
+    seen: set[str] = set()
+    out = []
+    for entry in ranked:
+        if texts[entry[0]] not in seen:
+            seen.add(texts[entry[0]])
+            out.append(entry)
+    return out
 
 
-def _is_heading(text: str) -> bool:
-    """'8.4 Confidentiality of this Agreement and its Terms.': short, mostly capitalized words."""
-    words = [w for w in text.split() if w[:1].isalpha()]
-    if len(words) > 12 or not words:
-        return False
-    return sum(w[0].isupper() for w in words if len(w) > 3) >= 0.8 * max(1, sum(len(w) > 3 for w in words))
+def _relative(scores: np.ndarray) -> np.ndarray:
+    top = float(scores.max()) if len(scores) else 0.0
+    return scores / top if top > 0 else np.zeros_like(scores)
 
 
-def _rel(scores: np.ndarray, i: int) -> float:
-    top = float(scores.max())
-    return float(scores[i]) / top if top > 0 else 0.0
-
-
-def _idf(windows: Bm25, question: str) -> dict[str, float]:
-    """The question's terms weighted by rarity in the document (a term in every window weighs ~0)."""
-    df = windows.df
-    n = max(1, windows.n)
-    return {t: math.log(1 + n / (1 + df.get(t, 0))) for t in set(terms(question))}
-
-
-def _coverage(weights: dict[str, float], text: str) -> float:
+def coverage(facts: QaFacts, query: str) -> np.ndarray:
+    """[S] the share of the query's idf mass (rarity in the document's windows: a term in every
+    window weighs ~0) that each window holds."""
+    n = max(1, facts.windows.n)
+    weights = {t: math.log(1 + n / (1 + facts.windows.df.get(t, 0))) for t in set(terms(query))}
+    out = np.zeros(facts.windows.n, dtype=np.float32)
     total = sum(weights.values())
     if not total:
-        return 0.0
-    present = set(terms(text))
-    return sum(w for t, w in weights.items() if t in present) / total
+        return out
+    for t, w in weights.items():
+        if t in facts.postings:
+            out[facts.postings[t]] += w
+    return out / total
 
 
-def _cross_check(question: str, sentence: str) -> float:
-    """Penalize a sentence naming another year / quarter / state than the question does; favour a
-    stated amount when the question asks for one."""
-    score = 0.0
-    for pattern in (_YEAR, _QUARTER, _STATE):
+def cross_check(facts: QaFacts, question: str) -> np.ndarray:
+    """[S] a penalty for a sentence naming another year / quarter / state than the question does; a
+    bonus for a stated amount when the question asks for one, for a date when it asks when."""
+    out = np.zeros(len(facts.short), dtype=np.float32)
+    for kind, pattern in qa_facts.NAMED.items():
         asked = {m.group(0).lower() for m in pattern.finditer(question)}
-        named = {m.group(0).lower() for m in pattern.finditer(sentence)}
-        if asked and named and not asked & named:
-            score -= ENTITY_PENALTY
-    if _AMOUNT_QUESTION.search(question) and _MONEY.search(sentence):
-        score += AMOUNT_BONUS
-    if _DATE_QUESTION.search(question) and _DATE.search(sentence):
-        score += DATE_BONUS
-        if _DATED_AS_OF.search(sentence):  # "entered into as of December 18, 1998": the agreement's own date
-            score += DATE_BONUS
-    return score
+        if asked:
+            out -= ENTITY_PENALTY * np.array([bool(named) and not asked & named for named in facts.named[kind]])
+    if _AMOUNT_QUESTION.search(question):
+        out += AMOUNT_BONUS * facts.money
+    if _DATE_QUESTION.search(question):
+        out += DATE_BONUS * facts.date
+    if _DATE_QUESTION.search(question) and not _END_QUESTION.search(question):
+        # "entered into as of December 18, 1998" says when it was made (not when it ends); a document
+        # states its own date before any other (definitions further on date the agreements they name)
+        first = np.zeros_like(facts.dated_as_of)
+        first[facts.dated[:DATED_CANDIDATES]] = True
+        out += DATE_BONUS * (facts.dated_as_of & first)
+    return out
 
 
 def _not_stated(question: str, evidence: list[dict[str, Any]]) -> dict[str, Any]:
