@@ -3,30 +3,28 @@
 bench/tasks_mpt.py measured ~17.6 ms per engine step in the tasks flow on the H200 where the serving
 bench's decode step is 5-10 ms, with the engine thread busy 99% of the time and the GPU 51%. This
 script runs the same flow (bench/tasks_run.py DocRunner: each document's summary, 3 questions and
-classification at once, one thread per job) on a model whose compute costs next to nothing, so what
-is left is host time, and records per engine step:
-  wall_ms    inside ServingEngine.step
-  cpu_ms     the engine thread's CPU time in it (time.thread_time); wall - cpu is time the thread
-             waited (for the GIL, or for a CPU core on a loaded machine)
-  forwards   model forwards launched: one per prefill chunk, one for all decode rows
-and the job threads' CPU time (pure-Python work there holds the GIL the engine thread needs).
-The baseline ("decode") submits prompts of the same lengths straight to the engine, from no thread.
+classification at once, one thread per job, every generation to its limit) and records each engine
+step (bench/host_meters.py: wall, engine-thread CPU, forwards, prefill chunks, fa4 window syncs,
+CUDA graph captures) and the job threads' CPU. "decode" submits generations of the same lengths on
+the same documents straight to the engine, from no thread: the engine alone.
 
-    PYTHONPATH=. python bench/tasks_host.py --out /tmp/th [--layers 1] [--profile]
-On the H200: add --cuda --layers 32 --d-model 4096 (random weights, MPT-7B shape) to see the real split.
+On CPU the model is tiny and its attention stubbed (the torch reference kernels over 14K keys would
+hide the host's work), so what is left is host time. --repeats N runs the flow again on shuffled
+copies of the documents (the same shapes, nothing in the prefix cache): a first run much slower than
+the next ones means one-time work (kernel compiles, graph captures) inside the measured run.
+
+    CPU:   PYTHONPATH=. python bench/tasks_host.py --out /tmp/th [--layers 32] [--profile]
+    H200:  PYTHONPATH=. python bench/tasks_host.py --out $OUT --cuda --mpt7b --repeats 3 \\
+               --tokenizer .tok --corpus-json .corpus-text/corpus.json [--old-windows] [--old-tokenization]
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import dataclasses
-import io
 import json
 import logging
-import pstats
-import statistics
-import threading
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from typing import Any
 import torch
 
 from bench.corpus_text import DEFAULT_OUT, DEFAULT_TOKENIZER, QUESTIONS, SUMMARY_TOKENS, load_corpus
+from bench.host_meters import JobMeter, StepMeter
 from bench.tasks_run import DocRunner, Recorder, shuffled
 from pipeline.engine.backends import select_backend
 from pipeline.engine.config import MptConfig
@@ -49,16 +48,14 @@ DOCS = ("paper-layoutparser-empty-pages.pdf", "report-federal-register-2020-1722
         "contract-zogenix-distributor.pdf")  # the HF subset of the H200 run (1.2K, 14K, 38K tokens)
 
 
+# --- A/B switches: the code as it was, on the same tree -----------------------------------------
+
 def stub_attention() -> None:
-    """Attention at no cost (zeros / the values as they are): on CPU the torch reference kernels over
-    14K-38K keys would dominate the step and hide the host's work, which is what this script measures.
-    The outputs are garbage either way (random weights); every host path stays as it is."""
+    """Attention at no cost on CPU (zeros for decode, the values for prefill): outputs are garbage
+    either way (random weights); every host path stays as it is."""
     from pipeline.engine.backends import paged
 
-    def decode(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(q)
-
-    paged.torch_decode = decode  # type: ignore[assignment]
+    paged.torch_decode = lambda q, *args, **kwargs: torch.zeros_like(q)
 
 
 def _free_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, *, scale: float,
@@ -66,7 +63,31 @@ def _free_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: tor
     return v[:, -q.shape[1]:]
 
 
+def old_tokenization() -> None:
+    """As before 93fcfb7: a single encode (holds the GIL) and an lru_cache every concurrent task misses."""
+    import functools
+
+    from pipeline.tasks.mpt import prompts
+
+    Tokenizer.encode = lambda self, text: self.inner.encode(text, add_special_tokens=False).ids
+    cached = functools.lru_cache(maxsize=8)(lambda tokenizer, text: tuple(tokenizer.encode(text)))
+    prompts._DOCUMENT_IDS.get = cached
+
+
+def old_windows() -> None:
+    """As before 1939f86: fa4's windowed plan (a host sync per layer) for any call on >= 4096 keys."""
+    from pipeline.engine.backends import fa4
+
+    fa4.windows_pay = lambda tq, tk: tk >= fa4.WINDOW_MIN_KEYS
+
+
+# --- model and engine ---------------------------------------------------------------------------
+
 def build_model(args: argparse.Namespace, vocab: int, device: torch.device) -> Mpt:
+    if args.mpt7b:  # random bf16 weights of MPT-7B's shape, the bench's attention backends
+        from bench.engine import Bench
+
+        return Bench(args.out, smoke=False).build_model(65536)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = MptConfig(d_model=args.d_model, n_heads=args.heads, n_layers=args.layers, vocab_size=vocab,
                        max_seq_len=65536, alibi_bias_max=8, no_bias=True)
@@ -74,157 +95,69 @@ def build_model(args: argparse.Namespace, vocab: int, device: torch.device) -> M
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.ones_like(p) if p.dim() == 1 else torch.randn(p.shape, generator=gen) * 0.02)
+            p.copy_((torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=gen) * 0.02).to(p))
     model.reset_slopes(device)
     model.backend = select_backend(device)
-    if args.stub_attention:
+    if device.type == "cpu" and args.stub_attention:
         model.backend = dataclasses.replace(model.backend, prefill=_free_prefill)
     return model.eval()
 
 
-class StepMeter:
-    """Wraps one engine's step() and its runner's launch(): per-step wall, engine-thread CPU, forwards."""
-
-    def __init__(self, serving: ServingEngine, profile: bool) -> None:
-        self.rows: list[tuple[float, float, int, int, float]] = []  # (wall_ms, cpu_ms, forwards, chunks, t_s)
-        self.t0 = time.perf_counter()
-        self.prof = cProfile.Profile() if profile else None
-        self._forwards = 0
-        self._chunks = 0
-        step, launch = serving.step, serving.runner.launch
-
-        def counted_launch(out: Any, sampling: Any) -> Any:
-            self._forwards += len(out.prefills) + (1 if out.decodes else 0)
-            self._chunks += len(out.prefills)
-            return launch(out, sampling)
-
-        def measured_step() -> None:
-            self._forwards = self._chunks = 0
-            w0, c0 = time.perf_counter(), time.thread_time()
-            if self.prof is not None:
-                self.prof.enable()
-            try:
-                step()
-            finally:
-                if self.prof is not None:
-                    self.prof.disable()
-                self.rows.append(((time.perf_counter() - w0) * 1e3, (time.thread_time() - c0) * 1e3,
-                                  self._forwards, self._chunks, w0 - self.t0))
-
-        serving.step = measured_step  # type: ignore[method-assign]
-        serving.runner.launch = counted_launch  # type: ignore[method-assign]
-
-    def summary(self) -> dict[str, Any]:
-        rows = self.rows
-        if not rows:
-            return {}
-        walls, cpus = [r[0] for r in rows], [r[1] for r in rows]
-        decode_only = [r for r in rows if r[3] == 0]
-        return {"steps": len(rows), "wall_ms_total": round(sum(walls), 1), "cpu_ms_total": round(sum(cpus), 1),
-                "wall_ms_per_step": round(statistics.mean(walls), 3), "cpu_ms_per_step": round(statistics.mean(cpus), 3),
-                "wall_ms_median": round(statistics.median(walls), 3),
-                "decode_only_steps": len(decode_only),
-                "decode_only_wall_ms": round(statistics.mean(r[0] for r in decode_only), 3) if decode_only else None,
-                "decode_only_cpu_ms": round(statistics.mean(r[1] for r in decode_only), 3) if decode_only else None,
-                "forwards": sum(r[2] for r in rows), "prefill_chunks": sum(r[3] for r in rows),
-                "max_chunks_in_a_step": max(r[3] for r in rows),
-                "steps_with_chunks": sum(1 for r in rows if r[3]),
-                "waited_ms_per_step": round(statistics.mean(w - c for w, c in zip(walls, cpus, strict=True)), 3),
-                "slowest": [{"at_s": round(r[4], 3), "wall_ms": round(r[0], 1), "cpu_ms": round(r[1], 1),
-                             "forwards": r[2], "chunks": r[3]} for r in sorted(rows, key=lambda r: -r[0])[:8]]}
-
-    def top(self, n: int = 25) -> str:
-        if self.prof is None:
-            return ""
-        buf = io.StringIO()
-        pstats.Stats(self.prof, stream=buf).sort_stats("tottime").print_stats(n)
-        return buf.getvalue()
-
-
-class JobMeter:
-    """The job threads' CPU time (and, with profile, where it goes), around DocRunner._job."""
-
-    def __init__(self, runner: DocRunner, profile: bool) -> None:
-        self.cpu_s: dict[str, float] = {}
-        self.stats: pstats.Stats | None = None
-        self._lock = threading.Lock()
-        job = runner._job
-
-        def measured(name: str, task: str, doc: Any) -> dict[str, Any]:
-            prof = cProfile.Profile() if profile else None
-            c0 = time.thread_time()
-            if prof is not None:
-                prof.enable()
-            try:
-                return job(name, task, doc)
-            finally:
-                if prof is not None:
-                    prof.disable()
-                with self._lock:
-                    self.cpu_s[task] = self.cpu_s.get(task, 0.0) + time.thread_time() - c0
-                    if prof is not None:
-                        if self.stats is None:
-                            self.stats = pstats.Stats(prof)
-                        else:
-                            self.stats.add(prof)
-
-        runner._job = measured  # type: ignore[method-assign]
-
-    def top(self, n: int = 25) -> str:
-        if self.stats is None:
-            return ""
-        buf = io.StringIO()
-        self.stats.stream = buf
-        self.stats.sort_stats("cumulative").print_stats(n)
-        return buf.getvalue()
-
-
 def new_engine(model: Mpt, tok: Tokenizer, args: argparse.Namespace) -> ServingEngine:
     per_token = 2 * model.config.n_layers * model.config.d_model * model.dtype.itemsize
-    return ServingEngine(model, tok, EngineConfig(kv_cache_bytes=args.kv_tokens * per_token,
-                                                  async_scheduling=not args.sync),
-                         model_name="mpt-7b-storywriter (random weights)")
+    config = EngineConfig(kv_cache_bytes=args.kv_tokens * per_token, async_scheduling=not args.sync)
+    return ServingEngine(model, tok, config, model_name="mpt-7b-storywriter (random weights)")
 
 
-def tasks_flow(model: Mpt, tok: Tokenizer, docs: list, args: argparse.Namespace) -> dict[str, Any]:
+# --- the two flows ------------------------------------------------------------------------------
+
+def tasks_flow(model: Mpt, tok: Tokenizer, docs: list, args: argparse.Namespace) -> list[dict[str, Any]]:
     serving = new_engine(model, tok, args)
     recorder = Recorder(serving, force_full=True)
     engine = MptEngine(recorder, model="mpt-7b-storywriter", embedding_model=None, prompt_family="completion")
     jobs = {"summarize": {"max_tokens": args.summary_tokens}, "qa": {"questions": list(QUESTIONS)},
             "classify": validate_params("classify", {})}
+    runs = []
     try:
-        warm = DocRunner(engine, recorder, jobs, args.inflight)
-        recorder.max_new_cap = 4
-        # imports, lazy init (not measured), on a shuffled copy: nothing left in the prefix cache to reuse
-        warm.run([(dict(docs[0][0], name="warm"), shuffled(docs[0][1]))], budget_s=1.0, grace_s=600)
+        recorder.max_new_cap = 4  # imports, lazy init, first kernels (not measured), on shuffled copies
+        DocRunner(engine, recorder, jobs, args.inflight).run(
+            [(dict(m, name="warm:" + m["name"]), shuffled(d, 1000)) for m, d in docs], budget_s=1.0, grace_s=900)
         recorder.max_new_cap = None
-        runner = DocRunner(engine, recorder, jobs, args.inflight)
-        meter, jobs_meter = StepMeter(serving, args.profile), JobMeter(runner, args.profile)
-        t0 = meter.t0 = time.perf_counter()
-        run = runner.run([(dict(m, name="run:" + m["name"]), d) for m, d in docs], budget_s=1.0, grace_s=600)
-        wall = time.perf_counter() - t0
+        for r in range(args.repeats):
+            batch = [(dict(m, name=f"run{r}:" + m["name"]), d if r == 0 else shuffled(d, r)) for m, d in docs]
+            runner = DocRunner(engine, recorder, jobs, args.inflight)
+            meter, jobs_meter = StepMeter(serving, args.profile and r == 0), JobMeter(runner, args.profile and r == 0)
+            t0 = meter.t0 = time.perf_counter()
+            run = runner.run(batch, budget_s=1.0, grace_s=900)
+            wall = time.perf_counter() - t0
+            meter.close()
+            out = {"wall_s": round(wall, 3), **meter.summary(),
+                   "job_cpu_s": {k: round(v, 3) for k, v in jobs_meter.cpu_s.items()},
+                   "tasks_s": {r["name"]: {t: v.get("s") for t, v in r["tasks"].items()} for r in run["per_document"]},
+                   "errors": len(run["errors"]), "steps_detail": [dataclasses.asdict(s) for s in meter.steps]}
+            if meter.prof is not None:
+                out["engine_profile"], out["jobs_profile"] = meter.top(), jobs_meter.top()
+            runs.append(out)
     finally:
         serving.shutdown()
-    out = {"wall_s": round(wall, 3), **meter.summary(),
-           "job_cpu_s": {k: round(v, 3) for k, v in jobs_meter.cpu_s.items()},
-           "tasks_s": {r["name"]: r["tasks"] for r in run["per_document"]}, "errors": len(run["errors"])}
-    if args.profile:
-        out["engine_profile"] = meter.top()
-        out["jobs_profile"] = jobs_meter.top()
-    return out
+    return runs
 
 
 def decode_loop(model: Mpt, tok: Tokenizer, docs: list, args: argparse.Namespace) -> dict[str, Any]:
-    """The same generation shapes without the task layer: per document that fits, one 256-token and
-    three 64-token generations on the document's ids (prompts distinct in their last tokens)."""
+    """The same generation shapes without the task layer: per document that fits the pool, one
+    summary-length and three answer-length generations on the document's ids."""
     serving = new_engine(model, tok, args)
     try:
-        meter = StepMeter(serving, False)
+        warm = [serving.submit(GenerateRequest(tok.encode(shuffled(d, 1000).full_text)[:2048],
+                                               SamplingParams(max_new_tokens=4, greedy=True))) for _, d in docs]
+        for f in warm:
+            f.result()
+        meter = StepMeter(serving)
         futures = []
         t0 = meter.t0 = time.perf_counter()
         for _, doc in docs:
             ids = tok.encode(doc.full_text)
-            if len(ids) + SUMMARY_TOKENS + 64 > serving.scheduler.num_blocks * serving.scheduler.block_size:
+            if len(ids) + args.summary_tokens + 64 > serving.scheduler.num_blocks * serving.scheduler.block_size:
                 continue
             for i, n in enumerate((args.summary_tokens, 64, 64, 64)):
                 params = SamplingParams(max_new_tokens=n, greedy=True, stop_at_eos=False)
@@ -232,9 +165,10 @@ def decode_loop(model: Mpt, tok: Tokenizer, docs: list, args: argparse.Namespace
         for f in futures:
             f.result()
         wall = time.perf_counter() - t0
+        meter.close()
     finally:
         serving.shutdown()
-    return {"wall_s": round(wall, 3), **meter.summary()}
+    return {"wall_s": round(wall, 3), **meter.summary(), "steps_detail": [dataclasses.asdict(s) for s in meter.steps]}
 
 
 def main() -> None:
@@ -242,47 +176,53 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     ap.add_argument("--corpus-json", default=str(DEFAULT_OUT))
-    ap.add_argument("--docs", default=",".join(DOCS))
+    ap.add_argument("--docs", default=",".join(DOCS), help="comma-separated names, or 'all'")
+    ap.add_argument("--cuda", action="store_true")
+    ap.add_argument("--mpt7b", action="store_true", help="MPT-7B's shape, random weights (CUDA)")
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-tokens", type=int, default=27400,
                     help="the KV pool (the H200 run's 13.4 GiB held 27.4K MPT-7B tokens: the 38K document fails)")
-    ap.add_argument("--real-attention", dest="stub_attention", action="store_false",
-                    help="keep the real attention kernels (default on CUDA; on CPU they are stubbed)")
+    ap.add_argument("--real-attention", dest="stub_attention", action="store_false", help="CPU: keep the kernels")
     ap.add_argument("--inflight", type=int, default=4)
     ap.add_argument("--summary-tokens", type=int, default=SUMMARY_TOKENS)
+    ap.add_argument("--repeats", type=int, default=1, help="measured runs (later ones on shuffled copies)")
     ap.add_argument("--sync", action="store_true", help="EngineConfig(async_scheduling=False)")
-    ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--profile", action="store_true", help="cProfile the engine thread and the job threads")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--old-tokenization", action="store_true", help="A/B: tokenization as before 93fcfb7")
+    ap.add_argument("--old-windows", action="store_true", help="A/B: fa4 window plans as before 1939f86")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = torch.device("cuda" if args.cuda else "cpu")
-    if device.type == "cuda":
-        args.stub_attention = False
-    if args.stub_attention:
-        stub_attention()
-    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    device = torch.device("cuda" if args.cuda or args.mpt7b else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
+        if args.stub_attention:
+            stub_attention()
+    if args.old_tokenization:
+        old_tokenization()
+    if args.old_windows:
+        old_windows()
     tok = Tokenizer.from_dir(Path(args.tokenizer))
     _, corpus = load_corpus(Path(args.corpus_json))
     by_name = {m["name"]: (m, d) for m, d in corpus}
-    docs = [by_name[n] for n in args.docs.split(",")]
+    docs = list(by_name.values()) if args.docs == "all" else [by_name[n] for n in args.docs.split(",")]
     model = build_model(args, max(50432, tok.vocab_size), device)
-    res: dict[str, Any] = {"args": vars(args), "switch_interval_s": __import__("sys").getswitchinterval()}
+    res: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "switch_interval_s": sys.getswitchinterval()}
     res["tasks"] = tasks_flow(model, tok, docs, args)
     if not args.skip_decode:
         res["decode"] = decode_loop(model, tok, docs, args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "tasks_host.json").write_text(json.dumps(res, indent=1, default=str))
-    for key in ("tasks", "decode"):
-        if key in res:
-            print(key, json.dumps({k: v for k, v in res[key].items() if not k.endswith("profile")}, default=str))
+    brief = {k: v for k, v in res.items() if k in ("tasks", "decode")}
+    for name, runs in brief.items():
+        for i, run in enumerate(runs if isinstance(runs, list) else [runs]):
+            print(name, i, json.dumps({k: v for k, v in run.items()
+                                       if not k.endswith("profile") and k not in ("steps_detail", "tasks_s")}))
     if args.profile:
-        print(res["tasks"]["engine_profile"][:6000])
-        print(res["tasks"]["jobs_profile"][:6000])
+        print(res["tasks"][0].get("engine_profile", "")[:6000])
+        print(res["tasks"][0].get("jobs_profile", "")[:6000])
 
 
 if __name__ == "__main__":

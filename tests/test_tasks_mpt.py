@@ -407,3 +407,20 @@ def test_pack_keeps_document_order_budget_and_a_too_long_best_chunk(engine, long
     tiny = pack(s, long_doc, [chunks[3], chunks[0]], 20)
     assert len(tiny.ids) == 20 and tiny.chunks == [chunks[3]]
     assert s.builder.tokenizer.decode(tiny.ids).split()[0] == chunks[3].text.split()[0]
+
+
+def test_a_documents_tasks_build_its_sentence_index_once(engine, monkeypatch) -> None:
+    """QA's evidence and the summary's citations search the same sentences: one index per document
+    (each build is tens of ms of Python holding the GIL beside the engine's thread)."""
+    from pipeline.tasks.mpt import retrieve
+
+    builds: list[int] = []
+    real = retrieve.document_passages
+    monkeypatch.setattr(retrieve, "document_passages", lambda doc, unit: builds.append(id(doc)) or real(doc, unit))
+    doc = document_from_pages(_pages(11, 2, 60), chunk_words=40)
+    _run(qa, "qa", engine, doc, {"questions": ["Who pays the fees?"]})
+    _run(summarize, "summarize", engine, doc, {"max_words": 20})
+    assert builds == [id(doc)]
+    other = document_from_pages(_pages(12, 2, 60), chunk_words=40)
+    _run(qa, "qa", engine, other, {"questions": ["Who pays the fees?"]})
+    assert builds == [id(doc), id(other)]

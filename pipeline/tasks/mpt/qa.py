@@ -95,7 +95,7 @@ def run(engine: Any, doc: DocumentText, params: dict[str, Any], progress) -> dic
                                                                                                 strict=True)]
     results = submit_all(s, requests, scaled(progress, 0.1, 0.9, "answering"))
     progress(0.92, "citing")
-    index = SentenceIndex(s, doc)
+    index = SentenceIndex.of(s, doc)
     answers = []
     for question, (_, spans), result in zip(questions, contexts, results, strict=True):
         answer, p = s.builder.clean(result.text), confidence(result)

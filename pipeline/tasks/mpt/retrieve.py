@@ -2,14 +2,19 @@
 stemmed BM25, fused with sentence-embedding cosine when the engine has an embedder).
 
     ChunkIndex(s, chunks).rank(query) -> [Chunk], every chunk, best first    (what to pack for a question)
-    SentenceIndex(s, doc).top(query, k, within=spans) -> [Evidence], best first  (what supports a text)
+    SentenceIndex.of(s, doc).top(query, k, within=spans) -> [Evidence], best first  (what supports a text;
+        built once per document for all its tasks)
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.tasks.mpt.common import Session
 from pipeline.tasks.retrieval import SHORTLIST, Retriever, document_passages
@@ -48,6 +53,24 @@ class SentenceIndex:
         self.passages = document_passages(doc, "sentence")
         self._retriever = Retriever([p.text for p in self.passages], embedder=s.embedder)
 
+    @classmethod
+    def of(cls, s: Session, doc: DocumentText) -> SentenceIndex:
+        """The index of `doc`, built once for all its tasks (QA's evidence and the summary's citations
+        each built one: 40-100 ms of Python holding the GIL per 14K-38K-token document, during which
+        the serving engine's thread barely runs)."""
+        key = (id(doc), id(s.embedder))
+        with _INDEX_LOCK:
+            hit = _INDEXES.get(key)
+            if hit is not None and hit[0]() is doc and hit[1] is s.embedder:
+                _INDEXES.move_to_end(key)
+                return hit[2]
+        index = cls(s, doc)  # outside the lock: another document's tasks need not wait for this one
+        with _INDEX_LOCK:
+            _INDEXES[key] = (weakref.ref(doc), s.embedder, index)
+            while len(_INDEXES) > _INDEXES_KEPT:
+                _INDEXES.popitem(last=False)
+        return index
+
     def top(self, query: str, k: int, within: Sequence[tuple[int, int]] | None = None) -> list[Evidence]:
         """The `k` best sentences for `query`, only those inside `within` spans when given."""
         out: list[Evidence] = []
@@ -58,6 +81,12 @@ class SentenceIndex:
             if len(out) == k:
                 break
         return out
+
+
+_INDEXES_KEPT = 8  # documents in flight in one process, with room to spare
+_INDEX_LOCK = threading.Lock()
+# id(doc), id(embedder) -> (the document, weakly: an id may be reused once it is gone; embedder; index)
+_INDEXES: OrderedDict[tuple[int, int], tuple[weakref.ref, Any, SentenceIndex]] = OrderedDict()
 
 
 def sentences(text: str) -> list[tuple[int, int]]:

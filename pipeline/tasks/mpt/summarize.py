@@ -170,7 +170,7 @@ def trim(summary: str, max_words: int | None, style: str) -> str:
 
 def citations(s: Session, doc: DocumentText, summary: str) -> list[dict[str, Any]]:
     """For each summary sentence (or bullet), the document sentence that supports it best."""
-    index = SentenceIndex(s, doc)
+    index = SentenceIndex.of(s, doc)
     out = []
     for i, (a, b) in enumerate(sentences(summary)):
         hits = index.top(summary[a:b], 1)
