@@ -5,8 +5,13 @@ that order on a fresh backend (nothing cached), the document's end-to-end second
 tasks), CPU seconds after the load, how many segments were embedded, peak RSS. Runs against any
 version through run_task: point PYTHONPATH at an older checkout for a same-run baseline.
 --baseline N also embeds N segments with each runtime (ONNX Runtime, torch), alternated.
+--compare DIR runs this script --repeat times for each of two versions, alternated, each in a fresh
+subprocess: the checkout DIR (the seed: `git archive 59b1640 | tar -x -C DIR`) and this repo, and
+prints every pair with its ratios and the load average (the dev box's 2 cores are shared, and the
+seed's 2-thread torch pass slows far more under load than the new code).
 
     python bench/extractive.py [--pdf ../shared/corpus/contract-zogenix-distributor.pdf] [--baseline 128]
+    python bench/extractive.py --compare /tmp/extractive-seed --repeat 3
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import argparse
 import json
 import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,12 +43,38 @@ def timed(fn):
     return out, round(time.perf_counter() - t0, 2)
 
 
+def compare(seed: Path, repeat: int, pdf: Path) -> None:
+    """Seed and this repo alternated, one fresh process per run; pairs, ratios and load averages."""
+    pairs = []
+    for _ in range(repeat):
+        pair = {}
+        for name, root in (("seed", seed), ("new", REPO)):
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--pdf", str(pdf)], check=True,
+                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+            run = json.loads(out.stdout)
+            pair[name] = {k: run.get(k) for k in ("document_end_to_end_s", "tasks_s", "cpu_s_after_load",
+                                                  "engine_load_s", "load_avg_start", "load_avg_end")}
+        seed_s, new_s = pair["seed"]["document_end_to_end_s"], pair["new"]["document_end_to_end_s"]
+        pair["end_to_end_ratio"] = round(seed_s / new_s, 2)
+        pair["cpu_ratio"] = round(pair["seed"]["cpu_s_after_load"] / pair["new"]["cpu_s_after_load"], 2)
+        pairs.append(pair)
+    ratios = [p["end_to_end_ratio"] for p in pairs]
+    mean = {k: round(sum(p[k]["document_end_to_end_s"] for p in pairs) / len(pairs), 2) for k in ("seed", "new")}
+    print(json.dumps({"pdf": pdf.name, "pairs": pairs, "ratios": ratios, "mean_end_to_end_s": mean,
+                      "ratio_of_means": round(mean["seed"] / mean["new"], 2)}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pdf", type=Path, default=DEFAULT_PDF)
     ap.add_argument("--baseline", type=int, default=0,
                     help="segments to embed with both runtimes, ONNX Runtime and torch (0 = skip)")
+    ap.add_argument("--compare", type=Path, help="a checkout of the seed to run alternately with this repo")
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    if args.compare:
+        compare(args.compare, args.repeat, args.pdf)
+        return
 
     from pipeline.chunk import build_document_text
     from pipeline.parse import ParseLimits, parse_file

@@ -38,7 +38,6 @@ WEIGHTS = {"bm25": 0.2, "window": 0.15, "cosine": 0.3, "coverage": 0.35}
 ENTITY_PENALTY = 0.1  # per kind of name/number the sentence contradicts
 AMOUNT_BONUS = 0.05
 DATE_BONUS = 0.2
-DATED_CANDIDATES = 4
 EXPANSIONS = {  # question word -> how contracts and filings say it
     "expire": "term until remain effect", "assign": "assignment transfer consent",
     "exclusive": "exclusivity exclusively solely sole", "compete": "competing competitive",
@@ -115,7 +114,7 @@ def plan(index, facts: QaFacts, question: str) -> Plan:  # noqa: ANN001
     else:  # no shared term: fall back to meaning alone over a spread sample
         picked.update(dict.fromkeys(int(i) for i in np.linspace(0, n - 1, min(n, MEANING_SAMPLE))))
     if _DATE_QUESTION.search(question):  # the first dated sentences: the preamble's "dated as of"
-        picked.update(dict.fromkeys(facts.dated[:DATED_CANDIDATES]))
+        picked.update(dict.fromkeys(facts.dated[:qa_facts.DATED_FIRST]))
     return Plan(query, lexical, list(picked))
 
 
@@ -168,7 +167,7 @@ def cross_check(facts: QaFacts, question: str) -> np.ndarray:
     bonus for a stated amount when the question asks for one, for a date when it asks when."""
     out = np.zeros(len(facts.short), dtype=np.float32)
     for kind, pattern in qa_facts.NAMED.items():
-        asked = {m.group(0).lower() for m in pattern.finditer(question)}
+        asked = {m.group(0) for m in pattern.finditer(question.lower())}
         if asked:
             out -= ENTITY_PENALTY * np.array([bool(named) and not asked & named for named in facts.named[kind]])
     if _AMOUNT_QUESTION.search(question):
@@ -176,11 +175,9 @@ def cross_check(facts: QaFacts, question: str) -> np.ndarray:
     if _DATE_QUESTION.search(question):
         out += DATE_BONUS * facts.date
     if _DATE_QUESTION.search(question) and not _END_QUESTION.search(question):
-        # "entered into as of December 18, 1998" says when it was made (not when it ends); a document
-        # states its own date before any other (definitions further on date the agreements they name)
-        first = np.zeros_like(facts.dated_as_of)
-        first[facts.dated[:DATED_CANDIDATES]] = True
-        out += DATE_BONUS * (facts.dated_as_of & first)
+        # "entered into as of December 18, 1998" says when it was made, not when it ends (only the first
+        # dated segments count: definitions further on date the agreements they name the same way)
+        out += DATE_BONUS * facts.dated_as_of
     return out
 
 

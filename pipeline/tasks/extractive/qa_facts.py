@@ -24,26 +24,28 @@ from pipeline.tasks.retrieval import Bm25, terms
 
 MIN_ANSWER_WORDS = 7  # shorter segments (headings, fragments) rank after every full sentence
 HEADING_WORDS = 12  # dropped text longer than this between two segments is not a heading
+DATED_FIRST = 4  # the document's own date ("dated as of") is among its first dated segments
 
+# Patterns of lowercased text (case-insensitive matching costs twice as much over a document's segments)
 _MONTH = r"(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
 _NUMBER_WORD = r"one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty"
 AMOUNT = re.compile(r"\$\s?\d|\d[\d,.]*\s?(%|percent|million|billion|thousand|days|months|years)|\d{1,3}(,\d{3})+")
 DATE = re.compile(rf"\b{_MONTH}\s+\d{{1,2}}(st|nd|rd|th)?,?\s+\d{{4}}|\b\d{{1,2}}(st|nd|rd|th)?\s+(day\s+of\s+)?"
                   rf"{_MONTH},?\s+\d{{4}}|\b\d{{1,2}}/\d{{1,2}}/\d{{2,4}}\b"
-                  rf"|\b(\d+|{_NUMBER_WORD})\s*(\(\d+\)\s*)?(year|month)s?\b", re.I)
+                  rf"|\b(\d+|{_NUMBER_WORD})\s*(\(\d+\)\s*)?(year|month)s?\b")
 MONEY = re.compile(r"\$\s?\d|\d\s?(million|billion|thousand)|\b\d{1,3}(,\d{3})+\b")
 CALENDAR_DATE = re.compile(rf"\b{_MONTH}\s+\d{{1,2}}(st|nd|rd|th)?,?\s+\d{{4}}|\b\d{{1,2}}(st|nd|rd|th)?\s+"
-                           rf"(day\s+of\s+)?{_MONTH},?\s+\d{{4}}", re.I)
+                           rf"(day\s+of\s+)?{_MONTH},?\s+\d{{4}}")
 DATED_AS_OF = re.compile(r"\b(dated|entered into|made|effective|executed)\b[^.;]{0,40}?\b(as of|on|this)\b[^.;]{0,12}?("
-                         + CALENDAR_DATE.pattern + ")", re.I)
+                         + CALENDAR_DATE.pattern + ")")
 YEAR = re.compile(r"\b(19|20)\d\d\b")
-QUARTER = re.compile(r"\b(q[1-4]|first|second|third|fourth) quarter\b|\bq[1-4]\b", re.I)
+QUARTER = re.compile(r"\b(q[1-4]|first|second|third|fourth) quarter\b|\bq[1-4]\b")
 _STATES = ("alabama|alaska|arizona|arkansas|california|colorado|connecticut|delaware|florida|georgia|hawaii|"
            "idaho|illinois|indiana|iowa|kansas|kentucky|louisiana|maine|maryland|massachusetts|michigan|"
            "minnesota|mississippi|missouri|montana|nebraska|nevada|ohio|oklahoma|oregon|pennsylvania|"
            "tennessee|texas|utah|vermont|virginia|washington|wisconsin|wyoming")
 STATE = re.compile(r"\b(new york|new jersey|new hampshire|new mexico|north carolina|north dakota|south carolina|"
-                   r"south dakota|rhode island|west virginia|england|" + _STATES + r")\b", re.I)
+                   r"south dakota|rhode island|west virginia|england|" + _STATES + r")\b")
 NAMED = {"year": YEAR, "quarter": QUARTER, "state": STATE}  # kinds of name/number a question can pin
 _SECTION_NUMBER = re.compile(r"(?<![\d.,$])\b\d{1,2}\.\d{1,2}\b(?![\d,%])")
 _WORD = re.compile(r"[^\W\d_]{3,}")
@@ -56,7 +58,7 @@ class QaFacts:
     short: np.ndarray  # [S] bool: heading, fragment or contents line
     money: np.ndarray  # [S] bool: states an amount of money or a large figure
     date: np.ndarray  # [S] bool: states a date or a duration in years/months
-    dated_as_of: np.ndarray  # [S] bool: "entered into as of December 18, 1998"
+    dated_as_of: np.ndarray  # [S] bool: among the first DATED_FIRST dated segments, "entered into as of December 18, 1998"
     named: dict[str, list[frozenset[str]]]  # kind -> [S] what each segment names
     dated: list[int]  # segments stating a calendar date, in reading order
 
@@ -64,7 +66,7 @@ class QaFacts:
 def is_heading(text: str) -> bool:
     """'8.4 Confidentiality of this Agreement and its Terms.': short, mostly capitalized words (a table
     row, "Inventories 5,433 6,580", states figures: not a heading)."""
-    if MONEY.search(text):
+    if MONEY.search(text.lower()):
         return False
     words = [w for w in text.split() if w[:1].isalpha()]
     if len(words) > HEADING_WORDS or not words:
@@ -82,7 +84,7 @@ def is_contents_line(text: str) -> bool:
 
 def is_short(text: str) -> bool:
     # a table row ("Total net sales 82,959 97,278") is short but states a figure: not a fragment
-    return ((len(text.split()) < MIN_ANSWER_WORDS and not AMOUNT.search(text)) or is_heading(text)
+    return ((len(text.split()) < MIN_ANSWER_WORDS and not AMOUNT.search(text.lower())) or is_heading(text)
             or is_contents_line(text))
 
 
@@ -113,10 +115,15 @@ def build(full_text: str, spans: list[tuple[int, int]], own: list[list[str]], te
             postings.setdefault(t, []).append(i)
     windows = Bm25([f"{headings[i]} {' '.join(texts[max(0, i - 1):i + 2])}" for i in range(len(texts))],
                    corpus_terms=window_terms)
-    flags = lambda pattern: np.array([bool(pattern.search(t)) for t in texts], dtype=bool)  # noqa: E731
+    lowered = [t.lower() for t in texts]
+    flags = lambda pattern: np.array([bool(pattern.search(t)) for t in lowered], dtype=bool)  # noqa: E731
+    dated = [i for i, t in enumerate(lowered) if CALENDAR_DATE.search(t)]
+    dated_as_of = np.zeros(len(texts), dtype=bool)
+    for i in dated[:DATED_FIRST]:  # a document states its own date before any other
+        dated_as_of[i] = bool(DATED_AS_OF.search(lowered[i]))
     return QaFacts(
         windows=windows, postings={t: np.array(ix) for t, ix in postings.items()},
         short=np.array([is_short(t) for t in texts], dtype=bool), money=flags(MONEY), date=flags(DATE),
-        dated_as_of=flags(DATED_AS_OF),
-        named={kind: [frozenset(m.group(0).lower() for m in p.finditer(t)) for t in texts] for kind, p in NAMED.items()},
-        dated=[i for i, t in enumerate(texts) if CALENDAR_DATE.search(t)])
+        dated_as_of=dated_as_of,
+        named={kind: [frozenset(m.group(0) for m in p.finditer(t)) for t in lowered] for kind, p in NAMED.items()},
+        dated=dated)

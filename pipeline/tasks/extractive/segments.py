@@ -22,7 +22,7 @@ _WORDLIKE = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
 
 
 def count_words(text: str) -> int:
-    return sum(1 for _ in _WORDLIKE.finditer(text))
+    return len(_WORDLIKE.findall(text))
 
 
 def first_words(text: str, n: int) -> str:
@@ -34,7 +34,7 @@ def first_words(text: str, n: int) -> str:
 
 
 def _mostly_letters(piece: str) -> bool:
-    return sum(c.isalpha() for c in piece) >= len(piece) / 2
+    return sum(map(str.isalpha, piece)) >= len(piece) / 2
 
 
 _TABLE_ROW = re.compile(r"^[A-Za-z][A-Za-z,&()'’ -]{2,}.*\d")  # "Total revenue $ 7,192 $ 8,288"
