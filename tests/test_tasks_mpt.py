@@ -424,3 +424,26 @@ def test_a_documents_tasks_build_its_sentence_index_once(engine, monkeypatch) ->
     other = document_from_pages(_pages(12, 2, 60), chunk_words=40)
     _run(qa, "qa", engine, other, {"questions": ["Who pays the fees?"]})
     assert builds == [id(doc), id(other)]
+
+
+def test_content_free_priors_are_scored_once_per_engine_and_label_set(engine, monkeypatch) -> None:
+    monkeypatch.setattr(classify, "_PRIORS", classify._Priors())
+    first, second = (document_from_pages(_pages(seed, 2, 60), chunk_words=40) for seed in (13, 14))
+    labels = {"labels": ["contract", "report", "invoice"]}
+
+    def score_requests() -> int:
+        return sum(isinstance(r, ScoreRequest) for r in engine.serving.requests)
+
+    _run(classify, "classify", engine, first, labels)
+    assert score_requests() == 3  # the document's and the 2 content-free prompts'
+    reused = _run(classify, "classify", engine, second, labels)
+    assert score_requests() == 4  # the next document: its own only
+    _run(classify, "classify", engine, second, {"labels": ["contract", "report"]})
+    assert score_requests() == 7  # another label set is another prior
+    monkeypatch.setattr(classify, "_PRIORS", classify._Priors())
+    recomputed = _run(classify, "classify", engine, second, labels)
+    # the same scores as recomputed (float32 noise aside: what the prefix cache holds changes which
+    # positions a forward computes, here and without the cache alike)
+    assert recomputed["label"] == reused["label"] and recomputed["labels"] == reused["labels"]
+    for lb, p in recomputed["scores"].items():
+        assert math.isclose(p, reused["scores"][lb], abs_tol=1e-4)
