@@ -171,6 +171,39 @@ def decode_loop(model: Mpt, tok: Tokenizer, docs: list, args: argparse.Namespace
     return {"wall_s": round(wall, 3), **meter.summary(), "steps_detail": [dataclasses.asdict(s) for s in meter.steps]}
 
 
+def gil_probe(model: Mpt, tok: Tokenizer, docs: list, args: argparse.Namespace) -> dict[str, Any]:
+    """The engine decoding 4 rows while another thread tokenizes the longest document 3 times (what 3
+    tasks of one document did at once before 93fcfb7): how many steps the engine got through meanwhile."""
+    text = max((d.full_text for _, d in docs), key=len)
+    serving = new_engine(model, tok, args)
+    try:
+        ids = tok.encode(text[:20000])
+        params = SamplingParams(max_new_tokens=4, greedy=True)
+        for f in [serving.submit(GenerateRequest([*ids, i], params)) for i in range(4)]:
+            f.result()
+        meter = StepMeter(serving)
+        params = SamplingParams(max_new_tokens=3000, greedy=True, stop_at_eos=False)  # outlasts the probe
+        rows = [GenerateRequest([*ids, 9, i], params) for i in range(4)]
+        for r in rows:
+            serving.submit(r)
+        time.sleep(0.3)  # steady decoding
+        t0 = time.perf_counter() - meter.t0
+        for _ in range(3):
+            tok.encode(text)
+        t1 = time.perf_counter() - meter.t0
+        time.sleep(0.3)
+        for r in rows:
+            serving.cancel(r.request_id)
+    finally:
+        meter.close()
+        serving.shutdown()
+    during = [s for s in meter.steps if t0 <= s.at_s <= t1]
+    before = [s for s in meter.steps if s.at_s < t0 and s.chunks == 0]
+    return {"tokenize_s": round(t1 - t0, 3), "steps_during": len(during),
+            "longest_step_during_ms": round(max((s.wall_ms for s in during), default=0.0), 1),
+            "steps_per_s_before": round(len(before) / max(t0 - before[0].at_s, 1e-9), 1) if before else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
@@ -191,6 +224,7 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true", help="EngineConfig(async_scheduling=False)")
     ap.add_argument("--profile", action="store_true", help="cProfile the engine thread and the job threads")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--gil-probe", action="store_true", help="only: engine steps while a thread tokenizes")
     ap.add_argument("--old-tokenization", action="store_true", help="A/B: tokenization as before 93fcfb7")
     ap.add_argument("--old-windows", action="store_true", help="A/B: fa4 window plans as before 1939f86")
     args = ap.parse_args()
@@ -210,6 +244,9 @@ def main() -> None:
     docs = list(by_name.values()) if args.docs == "all" else [by_name[n] for n in args.docs.split(",")]
     model = build_model(args, max(50432, tok.vocab_size), device)
     res: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "switch_interval_s": sys.getswitchinterval()}
+    if args.gil_probe:
+        print("gil_probe", json.dumps(gil_probe(model, tok, docs, args)))
+        return
     res["tasks"] = tasks_flow(model, tok, docs, args)
     if not args.skip_decode:
         res["decode"] = decode_loop(model, tok, docs, args)
