@@ -3,9 +3,9 @@
 The embedded default wherever no GPU or MPT weights exist. A document becomes sentence-sized
 segments that keep their character offsets (segments.py), indexed once for BM25 (retrieval.py); the
 strategies embed only what BM25 or sampling picks, never the whole document. Embeddings are computed
-in length-sorted batches (encoders.py: ONNX Runtime, or torch) and cached by text, so every job of a
-document, and every question repeated across documents, embeds a text once. The MPT strategies use
-the same backend as their retrieval embedder.
+in batches of similar token length that pad little (encoders.py: ONNX Runtime, or torch) and cached
+by text, so every job of a document, and every question repeated across documents, embeds a text
+once. The MPT strategies use the same backend as their retrieval embedder.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 _BUNDLED_NAMES = {EMBEDDING_MODEL_NAME, f"sentence-transformers/{EMBEDDING_MODEL_NAME}"}
-BATCH_SIZE = 16  # length-sorted: smaller batches pad less (~20% less CPU than 32 on corpus segments)
-STRATEGIES = ("pipeline.tasks.extractive.summarize", "pipeline.tasks.extractive.qa", "pipeline.tasks.extractive.classify")
+MAX_BATCH = 32
+PAD_BUDGET = 1.1  # a batch grows while its padded tokens stay within 10% of its real ones
+STRATEGIES = tuple(f"pipeline.tasks.extractive.{task}" for task in ("summarize", "qa", "classify"))
 CACHED_DOCUMENTS = 8
 CACHED_VECTORS = 50_000  # ~75 MB of 384-float vectors
 
@@ -48,6 +49,20 @@ def resolve_embedding_model(spec: str) -> Path:
         return path
     raise PipelineError("model_error", f"embedding model {spec!r} is not available offline: use "
                         f"{EMBEDDING_MODEL_NAME!r} (bundled) or a local sentence-transformers directory")
+
+
+def _batches(lengths: list[int]) -> list[int]:
+    """Batch sizes over token lengths in ascending order: a batch takes the next text while its padded
+    size (longest x count) stays within PAD_BUDGET of its real tokens, up to MAX_BATCH. Fixed batches
+    of 16 over the same texts padded ~60% more tokens and cost ~40% more CPU (bench/NOTES.md)."""
+    sizes: list[int] = []
+    count = real = 0
+    for n in lengths:
+        if count and (count >= MAX_BATCH or n * (count + 1) > PAD_BUDGET * (real + n)):
+            sizes.append(count)
+            count = real = 0
+        count, real = count + 1, real + n
+    return sizes + [count] if count else sizes
 
 
 @dataclass
@@ -84,7 +99,7 @@ class ExtractiveBackend:
         except Exception as exc:
             raise PipelineError("model_error", f"cannot load embedding model from {path}: {exc}") from exc
         log.info("extractive backend loaded %s from %s (%s)", spec, path, encoder.runtime)
-        for strategy in STRATEGIES:  # imported with the model, not inside a worker's first job (scipy: ~0.15 s)
+        for strategy in STRATEGIES:  # imported with the model, not in a worker's first job (scipy: ~0.15 s)
             importlib.import_module(strategy)
         return cls(tokens, encoder, spec)
 
@@ -95,15 +110,18 @@ class ExtractiveBackend:
         """L2-normalized embeddings [N, D] float32 in the order of `texts`; cached texts cost nothing."""
         with self._lock:
             missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
-            order = sorted(missing, key=len)  # similar lengths pad less
-            for b in range(0, len(order), BATCH_SIZE):
-                batch = order[b:b + BATCH_SIZE]
-                vectors = self.encoder(*self.tokens.batch(batch))  # [B, D]
-                self.embedded_texts += len(batch)
-                for text, vector in zip(batch, vectors, strict=True):
-                    self._vectors[text] = vector
+            rows = self.tokens.ids(missing) if missing else []
+            order = sorted(range(len(missing)), key=lambda i: len(rows[i]))  # token-length order
+            done = 0
+            for batch in _batches([len(rows[i]) for i in order]):
+                picked = order[done:done + batch]
+                vectors = self.encoder(*self.tokens.pad([rows[i] for i in picked]))  # [B, D]
+                self.embedded_texts += batch
+                for i, vector in zip(picked, vectors, strict=True):
+                    self._vectors[missing[i]] = vector
+                done += batch
                 if progress:
-                    progress(min(1.0, (b + BATCH_SIZE) / len(order)))
+                    progress(done / len(order))
             out = np.stack([self._vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
             for t in texts:
                 self._vectors.move_to_end(t)

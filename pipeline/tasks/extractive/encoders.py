@@ -37,16 +37,24 @@ class Tokens:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=MAX_INPUT_TOKENS)
 
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, [CLS] ... [SEP], truncated at MAX_INPUT_TOKENS."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    @staticmethod
+    def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """input_ids and attention_mask [B, T] int64, padded to the longest row."""
+        width = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width), dtype=np.int64)  # [B, T], 0 = [PAD]
+        mask = np.zeros((len(rows), width), dtype=np.int64)  # [B, T]
+        for row, r in enumerate(rows):
+            ids[row, :len(r)] = r
+            mask[row, :len(r)] = 1
+        return ids, mask
+
     def batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """input_ids and attention_mask [B, T] int64, padded to the batch's longest text."""
-        encoded = self.tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encoded)
-        ids = np.zeros((len(texts), width), dtype=np.int64)  # [B, T], 0 = [PAD]
-        mask = np.zeros((len(texts), width), dtype=np.int64)  # [B, T]
-        for row, e in enumerate(encoded):
-            ids[row, :len(e.ids)] = e.ids
-            mask[row, :len(e.ids)] = 1
-        return ids, mask
+        return self.pad(self.ids(texts))
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -31,7 +31,7 @@ from pipeline.tasks.schemas import NOT_STATED
 from pipeline.types import DocumentText
 
 EVIDENCE = 3
-SHORTLIST = 4  # segments embedded per question: the best by lexical score (4 did as well as 12, bench/NOTES.md)
+SHORTLIST = 4  # segments embedded per question: the best lexically (as good as 12: bench/NOTES.md)
 MEANING_SAMPLE = 24  # no shared term: segments spread over the document, compared by meaning alone
 LEAD = 3  # the opening sentences are always candidates: parties and dates live in the preamble
 WEIGHTS = {"bm25": 0.2, "window": 0.15, "cosine": 0.3, "coverage": 0.35}
@@ -47,7 +47,8 @@ EXPANSIONS = {  # question word -> how contracts and filings say it
 NOT_STATED_BELOW = 0.25  # a best cosine this low with no shared term: the document does not say
 _AMOUNT_QUESTION = re.compile(r"^\s*(how (much|many)|what (was|were|is|are) (the )?(total|amount|number))", re.I)
 _DATE_QUESTION = re.compile(r"^\s*when\b|\bdate\b|\bexpire|\bterm of\b", re.I)
-_END_QUESTION = re.compile(r"\b(expir\w*|terminat\w*|end|ends|until|renew\w*)\b|\bterm of\b", re.I)  # when it ends, not when made
+# when it ends, not when it was made
+_END_QUESTION = re.compile(r"\b(expir\w*|terminat\w*|end|ends|until|renew\w*)\b|\bterm of\b", re.I)
 
 
 @dataclass
@@ -125,8 +126,8 @@ def rank(engine, index, facts: QaFacts, question: str,  # noqa: ANN001
     candidates = planned.candidates
     vectors = engine.embed([index.texts[i] for i in candidates] + [question])  # [C+1, D]
     cosine = vectors[:-1] @ vectors[-1]  # [C]
-    scored = sorted((bool(facts.short[i]), -(float(planned.lexical[i]) + WEIGHTS["cosine"] * max(0.0, float(cosine[j]))),
-                     i, float(cosine[j])) for j, i in enumerate(candidates))
+    fused = planned.lexical[candidates] + WEIGHTS["cosine"] * np.clip(cosine, 0.0, None)  # [C]
+    scored = sorted((bool(facts.short[i]), -float(fused[j]), i, float(cosine[j])) for j, i in enumerate(candidates))
     return [(i, -neg, cos) for _, neg, i, cos in scored]
 
 

@@ -58,7 +58,7 @@ class QaFacts:
     short: np.ndarray  # [S] bool: heading, fragment or contents line
     money: np.ndarray  # [S] bool: states an amount of money or a large figure
     date: np.ndarray  # [S] bool: states a date or a duration in years/months
-    dated_as_of: np.ndarray  # [S] bool: among the first DATED_FIRST dated segments, "entered into as of December 18, 1998"
+    dated_as_of: np.ndarray  # [S] bool: "entered into as of December 18, 1998", among the first dated
     named: dict[str, list[frozenset[str]]]  # kind -> [S] what each segment names
     dated: list[int]  # segments stating a calendar date, in reading order
 
@@ -107,8 +107,8 @@ def build(full_text: str, spans: list[tuple[int, int]], own: list[list[str]], te
     """spans: the segments' (char_start, char_end) in full_text; own: their BM25 terms; texts: their text."""
     headings = section_headings(full_text, spans, texts)
     heading_terms = {h: terms(h) for h in set(headings)}
-    window_terms = [heading_terms[headings[i]] + [t for j in range(max(0, i - 1), min(len(own), i + 2)) for t in own[j]]
-                    for i in range(len(own))]
+    window_terms = [heading_terms[headings[i]] + [t for j in range(max(0, i - 1), min(len(own), i + 2))
+                                                  for t in own[j]] for i in range(len(own))]
     postings: dict[str, list[int]] = {}
     for i, ts in enumerate(window_terms):
         for t in set(ts):
@@ -125,5 +125,6 @@ def build(full_text: str, spans: list[tuple[int, int]], own: list[list[str]], te
         windows=windows, postings={t: np.array(ix) for t, ix in postings.items()},
         short=np.array([is_short(t) for t in texts], dtype=bool), money=flags(MONEY), date=flags(DATE),
         dated_as_of=dated_as_of,
-        named={kind: [frozenset(m.group(0) for m in p.finditer(t)) for t in lowered] for kind, p in NAMED.items()},
+        named={kind: [frozenset(m.group(0) for m in p.finditer(t)) for t in lowered]
+               for kind, p in NAMED.items()},
         dated=dated)
