@@ -48,9 +48,7 @@ class EmbeddedRunner:
         return True  # no broker: the pools are in this process
 
     def queue_depths(self) -> dict[str, int]:
-        return self.pending()
-
-    def pending(self) -> dict[str, int]:
+        """Tasks submitted to each pool and not yet started."""
         with self._lock:
             return dict(self._pending)
 

@@ -34,7 +34,7 @@ def _fresh_db_pool(**_kwargs: object) -> None:
     # A forked pool process must not reuse connections opened in its parent.
     from storage.db import get_engine
 
-    get_engine.cache_clear()  # the session factories are keyed by the engine: they follow
+    get_engine.cache_clear()  # the session factories (storage/db.py) are keyed by the engine, so they follow
 
 
 def register_tasks(app: Celery) -> None:
