@@ -54,8 +54,10 @@ def test_worker_killed_while_running_a_job(service: ServiceSetup, corpus_dir: Pa
     doomed.wait_ready()
     with api_client(service.settings) as client:
         h = service.headers
-        # The extractive backend answers a summary in well under a second now: a 106-page contract and
-        # many questions keep the job computing long enough to be killed mid-task.
+        # The extractive backend answers even 20 questions on a 106-page contract in a second or two on
+        # a quiet machine, and job progress is written about once a second: waiting for a "computing"
+        # stage raced the job's end. Killed as soon as it holds the job, the worker has claimed it and
+        # written nothing, which is the state this test is about.
         doc = upload(client, h, corpus_dir / "contract-verizon-abs-service.pdf")
         assert poll_document(client, h, doc["id"], timeout=120)["status"] == "parsed"
         questions = [f"What does section {i} say about {topic}?" for i in range(1, 5)
@@ -64,16 +66,16 @@ def test_worker_killed_while_running_a_job(service: ServiceSetup, corpus_dir: Pa
                            json={"task": "qa", "params": {"questions": questions}})
         job_id = resp.json()["id"]
 
-        def computing() -> bool:  # past the claim and the engine load: inside run_task
+        def claimed() -> bool:
             job = _row(service, Job, job_id)
             assert job.status in ("running", "queued"), (job.status, job.error_code, job.error_message,
                                                          doomed.log()[-3000:])
-            return job.status == "running" and job.stage not in ("starting", "loading engine")
+            return job.status == "running"
 
-        wait_for(computing, 120, 0.05, what="the gpu worker to be computing the job")
+        wait_for(claimed, 120, 0.02, what="the gpu worker to claim the job")
         doomed.kill()
         lost = _row(service, Job, job_id)
-        assert (lost.status, lost.attempts) == ("running", 1)
+        assert (lost.status, lost.attempts) == ("running", 1), "the kill came after the job had finished"
         with session_scope(service.settings.effective_database_url) as s:
             assert s.get(Job, job_id).result is None  # killed before writing anything
 
