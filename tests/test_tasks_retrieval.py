@@ -32,6 +32,14 @@ def test_terms_are_stemmed_without_stop_words():
     assert "30" in terms("within 30 days")
 
 
+def test_a_hyphenated_compound_is_also_a_term_of_its_own():
+    assert terms("a Non-Compete covenant") == ["non", "compet", "coven", "noncompet"]
+    assert "nonus" in terms("confidentiality and non\u2011use")  # a non-breaking hyphen too
+    assert "2" in terms("a 2-year term") and not any(t.startswith("2y") for t in terms("a 2-year term"))
+    texts = ["The non-use obligations survive.", "Non-compete: the Distributor shall not sell rival products."]
+    assert Retriever(texts).search("Is there a non-compete restriction?", k=2)[0].index == 1
+
+
 def test_bm25_alone_ranks_by_shared_terms():
     hits = Retriever(TEXTS).search("Which law governs?", k=3)
     assert hits[0].index == 1 and hits[0].bm25 == 1.0 and hits[0].cosine is None

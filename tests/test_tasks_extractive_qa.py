@@ -1,0 +1,119 @@
+"""Extractive QA's lexical pre-scoring and its document facts (qa.py, qa_facts.py), the backend's
+padding-bounded batches, and the segments QA depends on (short table rows), on hand-built documents
+and one corpus contract."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.tasks import run_task
+from pipeline.tasks.extractive import qa, qa_facts
+from pipeline.tasks.extractive.backend import MAX_BATCH, PAD_BUDGET, ExtractiveBackend, _batches
+from pipeline.tasks.extractive.segments import _short_table_row, split_sentences
+from tests.fixtures_tasks import document_from_pages
+
+PAGES = [
+    "MASTER SUPPLY AGREEMENT\n\nThis Master Supply Agreement is made and entered into as of March 3, 2019 "
+    "by and between Acme Corp. and Widget Ltd. for the supply of industrial widgets to the Buyer.\n\n"
+    "1.1 Definitions 1.2 Supply of Widgets 2.1 Term 2.2 Renewal 2.5 Non-Compete Covenant 3.1 Notices\n",
+    "2.1 Term.\nThis Agreement continues in effect for an initial term of seven (7) years from the Effective "
+    "Date, unless earlier terminated under Section 3.\n"
+    "2.5 Non-Compete Covenant.\nDuring the Term, Distributor shall not market, sell or distribute in the "
+    "Territory any other product containing fenfluramine.\n"
+    "8.1 Confidentiality.\nThe obligations of confidentiality and non-use shall not apply to information that is publicly known "
+    "at the time of its disclosure.\n",
+    "I have reviewed this quarterly report on the widget business of Acme Corp. and its affiliates.\n\n"
+    "I have reviewed this quarterly report on the widget business of Acme Corp. and its affiliates.\n\n"
+    "Condensed balance sheet of the Buyer (in millions)\n"
+    "Cash and cash equivalents $ 27,502 $ 34,940\nInventories 5,433 6,580\n"
+    "Total current assets 112,292 134,836\n",
+]
+
+
+@pytest.fixture(scope="module")
+def contract():
+    return document_from_pages(PAGES)
+
+
+def _answer(engine, doc, question: str) -> dict:
+    return run_task(engine, "qa", {"questions": [question]}, doc, lambda f, s: None)["answers"][0]
+
+
+def test_a_clause_is_found_through_the_heading_segmentation_drops(extractive_engine, contract):
+    # "2.5 Non-Compete Covenant." is too short to be a segment and the clause never says "compete";
+    # the contents line names the topic but answers nothing; "non-use" shares only "non"
+    answer = _answer(extractive_engine, contract, "Is there a non-compete restriction?")
+    assert answer["answer"].startswith("During the Term, Distributor shall not market"), answer
+    texts = [s.text for s in split_sentences(contract)]
+    spans = [(s.char_start, s.char_end) for s in split_sentences(contract)]
+    headings = qa_facts.section_headings(contract.full_text, spans, texts)
+    clause = next(i for i, t in enumerate(texts) if t.startswith("During the Term"))
+    assert headings[clause] == "2.5 Non-Compete Covenant."
+    assert headings[clause + 1] == "8.1 Confidentiality."  # a heading lasts until the next one
+    assert qa_facts.is_contents_line(next(t for t in texts if t.startswith("1.1 Definitions")))
+    assert not qa_facts.is_contents_line(texts[clause])
+
+
+def test_when_it_ends_is_not_when_it_was_made(extractive_engine, contract):
+    ends = _answer(extractive_engine, contract, "When does the agreement expire?")
+    assert "initial term of seven (7) years" in ends["answer"], ends
+    made = _answer(extractive_engine, contract, "On what date was the agreement made?")
+    assert "entered into as of March 3, 2019" in made["answer"], made
+
+
+def test_evidence_never_repeats_a_text(extractive_engine, contract):
+    answer = _answer(extractive_engine, contract, "Who reviewed the quarterly report on the widget business?")
+    texts = [e["text"] for e in answer["evidence"]]
+    assert texts[0].startswith("I have reviewed this quarterly report")
+    assert len(texts) == len(set(texts)) == qa.EVIDENCE
+
+
+def test_a_short_table_row_is_a_segment_and_answers_its_figure(extractive_engine, contract):
+    texts = [s.text for s in split_sentences(contract)]
+    assert "Inventories 5,433 6,580" in texts
+    assert _answer(extractive_engine, contract, "What were the inventories?")["answer"] == "Inventories 5,433 6,580"
+    for not_a_row in ("June 25, 2022", "Page 3 of 10", "Article 5 6"):  # column headers, page numbers
+        assert not _short_table_row(not_a_row), not_a_row
+    assert _short_table_row("Goodwill 4,430 4,372") and _short_table_row("Cash $ 27,502 $ 34,940")
+
+
+def test_only_the_lexical_shortlist_is_embedded(extractive_engine, cybergy_doc):
+    backend = ExtractiveBackend(extractive_engine.tokens, extractive_engine.encoder, "all-MiniLM-L6-v2")
+    question = "Which state's law governs this agreement?"  # not a date question: no dated extras
+    result = run_task(backend, "qa", {"questions": [question]}, cybergy_doc, lambda f, s: None)
+    segments = len(backend.document(cybergy_doc).sentences)
+    assert segments > 100 and backend.embedded_texts <= qa.LEAD + qa.SHORTLIST + 1
+    assert "governed by" in result["answers"][0]["answer"]
+
+
+def test_batches_bound_padding_and_size():
+    rng = np.random.default_rng(0)
+    lengths = sorted(int(n) for n in rng.integers(3, 120, size=300))
+    sizes = _batches(lengths)
+    assert sum(sizes) == len(lengths) and _batches([]) == [] and _batches([7] * 70) == [32, 32, 6]
+    start = 0
+    for size in sizes:
+        batch = lengths[start:start + size]
+        assert size <= MAX_BATCH and (size == 1 or batch[-1] * size <= PAD_BUDGET * sum(batch))
+        start += size
+
+
+def test_batched_embeddings_equal_one_at_a_time(extractive_engine):
+    texts = [f"Clause {i}: the Supplier shall deliver {'widgets and ' * (i % 9)}parts within {i} days."
+             for i in range(40)]
+    together = ExtractiveBackend(extractive_engine.tokens, extractive_engine.encoder, "m").embed(texts)  # [40, D]
+    alone = ExtractiveBackend(extractive_engine.tokens, extractive_engine.encoder, "m")
+    singles = np.concatenate([alone.embed([t]) for t in texts[::7]])  # [6, D]
+    assert np.allclose(together[::7], singles, atol=1e-5)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+
+
+def test_onnx_runtime_uses_the_cores_this_process_may_use(extractive_engine):
+    session = getattr(extractive_engine.encoder, "session", None)
+    if session is None:  # the torch fallback: nothing of ONNX Runtime to check
+        assert extractive_engine.encoder.runtime == "torch"
+        return
+    assert session.get_session_options().intra_op_num_threads == len(os.sched_getaffinity(0))
