@@ -105,7 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("broker unavailable on %s %s: %s", request.method, request.url.path, exc)
         return error_response(503, "broker_unavailable",
                               "the task broker is unreachable; what was stored is kept and is queued "
-                              "again by the reconciler; retrying the request is safe", {"Retry-After": "5"})
+                              "again by the reconciler; retrying an upload with the same Idempotency-Key is safe", {"Retry-After": "5"})
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:

@@ -58,6 +58,23 @@ def attach_jobs(session: Session, doc: Document, specs: list[tuple[str, dict]]) 
     return [job_repo.add_job(session, doc, task, params) for task, params in specs]
 
 
+def replayed_jobs(doc: Document, specs: list[tuple[str, dict]]) -> list[Job]:
+    """The jobs a replayed upload (same Idempotency-Key) asked for: each request for (task, params) is
+    answered by the document's existing job with the same task and params, oldest first, so a retried
+    upload creates no second set of jobs. A request that the first upload did not make is refused: the
+    key names one request."""
+    available = sorted(doc.jobs, key=lambda j: (j.created_at, str(j.id)))
+    answered: list[Job] = []
+    for task, params in specs:
+        match = next((j for j in available if j.task == task and j.params == params), None)
+        if match is None:
+            raise ApiError(409, "idempotency_key_reused",
+                           f"this Idempotency-Key was already used for an upload without this {task} job")
+        available.remove(match)
+        answered.append(match)
+    return answered
+
+
 def _encrypted(settings: Settings, password: str | None) -> str | None:
     """The password as the row keeps it until the parse ends; refused (before the file is read) when
     this service has no key to keep it with."""
@@ -92,9 +109,11 @@ def store_upload(settings: Settings, session: Session, blobs: BlobStore, owner: 
                 if doc is not None and doc.sha256 != sha256:
                     raise ApiError(409, "idempotency_key_reused",
                                    "this Idempotency-Key was already used for a different file")
+                replay = doc is not None  # the same request again (a retry after a 503 or a timeout)
                 doc = doc or repo.find_by_sha256(session, owner, sha256)
                 created = doc is None
-                parse_needed = created
+                # A replay re-sends an unparsed document's parse: its first send may have failed.
+                parse_needed = created or (replay and doc.status == DocumentStatus.uploaded)
                 if doc is None:
                     doc = Document(owner_id=owner, filename=clean_filename(upload.filename), sha256=sha256,
                                    bytes=staged.size, media_type=media_type, status=DocumentStatus.uploaded,
@@ -106,7 +125,7 @@ def store_upload(settings: Settings, session: Session, blobs: BlobStore, owner: 
                     # Its jobs failed for the same reason: they wait for this parse, which releases them.
                     job_repo.requeue_jobs_failed_with(session, doc.id, REPARSE_ON_PASSWORD)
                     parse_needed = True
-                jobs = attach_jobs(session, doc, specs)
+                jobs = replayed_jobs(doc, specs) if replay else attach_jobs(session, doc, specs)
                 session.flush()
                 # Under the content lock, last before the commit (a delete cannot release it in between).
                 placed = blobs.place(staged) or placed

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +13,7 @@ from sqlalchemy import func, select
 from api.app import create_app
 from storage import migrate
 from storage.db import session_scope
-from storage.models import Document
+from storage.models import Document, Job
 from tests.fixtures_api import upload
 
 CLOSED_PORT_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=2"
@@ -136,6 +137,34 @@ def test_broker_down_is_503_and_the_upload_is_kept(api_settings, make_client, au
     # retry of the same upload finds it instead of duplicating it
     with session_scope(api_settings.effective_database_url) as s:
         assert s.scalar(select(func.count()).select_from(Document)) == 1
+
+
+def test_an_upload_retried_with_its_idempotency_key_after_a_broker_503_adds_no_jobs(
+        api_settings, make_client, auth, pdf_bytes):
+    """The 503 comes after the commit: the document and its jobs are stored. The retry the answer
+    invites (same key) answers with those jobs instead of creating a second set, once the broker is
+    back too; the same key with other tasks is a different request."""
+    key = {"Idempotency-Key": "retry-after-broker-503"}
+    form = {"tasks": "summarize,classify"}
+    down = make_client(api_settings.model_copy(update={"broker_url": CLOSED_PORT_REDIS}))
+    _error(upload(down, auth, pdf_bytes, data=form, extra_headers=key), 503, "broker_unavailable")
+    _error(upload(down, auth, pdf_bytes, data=form, extra_headers=key), 503, "broker_unavailable")
+    up = make_client(api_settings)
+    r = upload(up, auth, pdf_bytes, data=form, extra_headers=key)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["created"] is False and sorted(j["task"] for j in body["jobs"]) == ["classify", "summarize"]
+    with session_scope(api_settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Document)) == 1
+        job_ids = set(s.scalars(select(Job.id)).all())
+    assert {uuid.UUID(j["id"]) for j in body["jobs"]} == job_ids and len(job_ids) == 2
+    other = {"tasks": "summarize,classify", "labels": "invoice,letter"}  # classify with other params
+    _error(upload(up, auth, pdf_bytes, data=other, extra_headers=key), 409, "idempotency_key_reused")
+    # without the key, the same bytes with tasks are a new request for more work on the same document
+    again = upload(up, auth, pdf_bytes, data={"tasks": "summarize"})
+    assert again.status_code == 200 and again.json()["id"] == body["id"]
+    with session_scope(api_settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 3
 
 
 def test_refuses_to_start_on_unmigrated_database(pg_url, api_redis_url, tmp_path):
