@@ -12,8 +12,8 @@ import pytest
 from pipeline.tasks import run_task
 from pipeline.tasks.extractive import qa, qa_facts
 from pipeline.tasks.extractive.backend import MAX_BATCH, PAD_BUDGET, ExtractiveBackend, _batches
-from pipeline.tasks.extractive.segments import _short_table_row, split_sentences
-from tests.fixtures_tasks import document_from_pages
+from pipeline.tasks.extractive.segments import _short_table_row, split_sentences, whole_sentence
+from tests.fixtures_tasks import document_from_pages, normalized
 
 PAGES = [
     "MASTER SUPPLY AGREEMENT\n\nThis Master Supply Agreement is made and entered into as of March 3, 2019 "
@@ -117,3 +117,20 @@ def test_onnx_runtime_uses_the_cores_this_process_may_use(extractive_engine):
         assert extractive_engine.encoder.runtime == "torch"
         return
     assert session.get_session_options().intra_op_num_threads == len(os.sched_getaffinity(0))
+
+
+def test_a_piece_of_a_cut_sentence_is_cited_as_the_whole_sentence(extractive_engine):
+    head = ("Upon the occurrence of the Closing, and subject to the payment of the purchase price and to the "
+            "other obligations of the Purchaser under this Agreement and the approval order of the court, ")
+    tail = ("the Agent shall have the exclusive right to market and sell all of the remaining inventory of "
+            "the stores, free of any interference from any entity or person whatsoever.")
+    filler = " ".join(f"The parties met on day {n} to review the weekly store reports." for n in range(6))
+    doc = document_from_pages([f"{filler} {head}{tail} {filler}"])
+    pieces = [s for s in split_sentences(doc) if s.text in normalized(head + tail)]
+    assert len(pieces) == 2 and pieces[0].sentence == pieces[1].sentence  # cut at MAX_SEGMENT_WORDS
+    answer = _answer(extractive_engine, doc, "Does the agent have an exclusive right to sell?")
+    cited = answer["evidence"][0]
+    assert answer["answer"] == normalized(head + tail)
+    assert normalized(doc.full_text[cited["char_start"]:cited["char_end"]]) == answer["answer"]
+    whole = whole_sentence(doc, split_sentences(doc), split_sentences(doc).index(pieces[1]), max_words=40)
+    assert whole == pieces[1]  # longer than max_words: the piece alone

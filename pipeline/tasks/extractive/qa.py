@@ -26,11 +26,13 @@ import numpy as np
 
 from pipeline.tasks.extractive import qa_facts
 from pipeline.tasks.extractive.qa_facts import QaFacts
+from pipeline.tasks.extractive.segments import whole_sentence
 from pipeline.tasks.retrieval import terms
 from pipeline.tasks.schemas import NOT_STATED
 from pipeline.types import DocumentText
 
 EVIDENCE = 3
+WHOLE_SENTENCE_WORDS = 120  # a segment cut from a sentence this long or shorter is cited whole
 SHORTLIST = 4  # segments embedded per question: the best lexically (as good as 12: bench/NOTES.md)
 MEANING_SAMPLE = 24  # no shared term: segments spread over the document, compared by meaning alone
 LEAD = 3  # the opening sentences are always candidates: parties and dates live in the preamble
@@ -73,8 +75,10 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     progress(0.8, "retrieving")
     answers = []
     for qi, question in enumerate(questions):
-        ranked = distinct(index.texts, rank(engine, index, facts, question, plans[qi]))
-        evidence = [{**sentences[i].citation(), "score": round(score, 4)} for i, score, _ in ranked[:EVIDENCE]]
+        ranked = rank(engine, index, facts, question, plans[qi])
+        cited = {i: whole_sentence(doc, sentences, i, WHOLE_SENTENCE_WORDS) for i, _, _ in ranked}
+        ranked = distinct({i: c.text for i, c in cited.items()}, ranked)
+        evidence = [{**cited[i].citation(), "score": round(score, 4)} for i, score, _ in ranked[:EVIDENCE]]
         if not ranked or (ranked[0][2] < NOT_STATED_BELOW and not index.retriever.bm25.scores(question).any()):
             answers.append(_not_stated(question, evidence))
         else:
@@ -131,7 +135,7 @@ def rank(engine, index, facts: QaFacts, question: str,  # noqa: ANN001
     return [(i, -neg, cos) for _, neg, i, cos in scored]
 
 
-def distinct(texts: list[str], ranked: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+def distinct(texts: dict[int, str] | list[str], ranked: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
     """The ranking without repeats of a text already ranked (the CEO's and the CFO's identical
     certifications are one piece of evidence, not two)."""
     seen: set[str] = set()

@@ -78,6 +78,7 @@ class Sentence:
     char_end: int
     page_start: int
     page_end: int
+    sentence: int = -1  # which sentence of the document it is, or was cut from (pieces share it)
 
     @property
     def words(self) -> int:
@@ -128,14 +129,33 @@ def split_sentences(doc: DocumentText) -> list[Sentence]:
 
     sentences: list[Sentence] = []
     begin = 0
-    for end in _sentence_ends(text):
+    for ordinal, end in enumerate(_sentence_ends(text)):
         for a, b in _cut_long(begin, end, text):
             piece = " ".join(text[a:b].split())
             if (count_words(piece) < MIN_SEGMENT_WORDS and not _short_table_row(piece)) or not _citable(piece):
                 continue
-            sentences.append(Sentence(piece, a, b, page_of(a), page_of(b - 1)))
+            sentences.append(Sentence(piece, a, b, page_of(a), page_of(b - 1), ordinal))
         begin = end
     return sentences or _chunk_segments(doc)
+
+
+def whole_sentence(doc: DocumentText, sentences: list[Sentence], i: int, max_words: int) -> Sentence:
+    """Segment i, or the whole sentence it was cut from when that has at most max_words words: a clause
+    cut at MAX_SEGMENT_WORDS reads (and cites) better whole than from its middle."""
+    first = last = i
+    if sentences[i].sentence < 0:
+        return sentences[i]
+    while first > 0 and sentences[first - 1].sentence == sentences[i].sentence:
+        first -= 1
+    while last + 1 < len(sentences) and sentences[last + 1].sentence == sentences[i].sentence:
+        last += 1
+    if first == last:
+        return sentences[i]
+    a, b = sentences[first].char_start, sentences[last].char_end
+    text = " ".join(doc.full_text[a:b].split())
+    if count_words(text) > max_words:
+        return sentences[i]
+    return Sentence(text, a, b, sentences[first].page_start, sentences[last].page_end, sentences[i].sentence)
 
 
 def _chunk_segments(doc: DocumentText) -> list[Sentence]:
