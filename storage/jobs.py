@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, bindparam, exists, insert, select, update
@@ -94,14 +94,29 @@ def queued_job_ids(session: Session, document_id: uuid.UUID) -> list[uuid.UUID]:
                                                      Job.status == JobStatus.queued).order_by(Job.created_at)))
 
 
-def queued_jobs_to_send(session: Session, document_id: uuid.UUID) -> list[uuid.UUID]:
+def queued_jobs_to_send(session: Session, document_id: uuid.UUID, *,
+                        unless_sent_within_s: float | None = None) -> list[uuid.UUID]:
     """The document's queued jobs, oldest first, stamped enqueued now: the caller sends one message for
-    them after the commit (the gpu body claims every queued job of the message's document)."""
-    job_ids = queued_job_ids(session, document_id)
+    them after the commit (the gpu body claims every queued job of the message's document).
+
+    unless_sent_within_s: none (an empty list) when every one of them was sent that recently.
+    """
+    now = utcnow()
+    query = select(Job.id, Job.enqueued_at).where(Job.document_id == document_id, Job.status == JobStatus.queued)
+    rows = session.execute(query.order_by(Job.created_at)).all()
+    if unless_sent_within_s is not None:
+        cutoff = now - timedelta(seconds=unless_sent_within_s)
+        if all(_aware(sent) >= cutoff for _, sent in rows):
+            return []
+    job_ids = [job_id for job_id, _ in rows]
     if job_ids:
-        session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.queued)
-                        .values(enqueued_at=utcnow()))
+        session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.queued).values(enqueued_at=now))
     return job_ids
+
+
+def _aware(at: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every time stored is UTC.
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def requeue_jobs_failed_with(session: Session, document_id: uuid.UUID, codes: Collection[str]) -> int:

@@ -49,7 +49,9 @@ def parse_document(settings: Settings, document_id: uuid.UUID | str, *, dispatch
         # A duplicate or redelivered message: the parse already happened (or is running elsewhere).
         # Re-sending the document's queued jobs is harmless and heals a release the broker lost.
         if status in (DocumentStatus.parsed, DocumentStatus.failed):
-            _release_jobs(settings, dispatcher, document_id)
+            # Not when they were sent within the grace (the release ran; a re-sent parse message only
+            # duplicates): then a lost release is the reconciler's to heal.
+            _release_jobs(settings, dispatcher, document_id, unless_sent_within_s=settings.reconcile_grace_s)
         log.info("parse %s: not claimable (status %s)", document_id, status)
         return str(status)
 
@@ -111,7 +113,8 @@ def _finish_failed_parse(settings: Settings, document_id: uuid.UUID, attempt: in
     return str(DocumentStatus.failed)
 
 
-def _release_jobs(settings: Settings, dispatcher: Dispatcher, document_id: uuid.UUID) -> None:
+def _release_jobs(settings: Settings, dispatcher: Dispatcher, document_id: uuid.UUID, *,
+                  unless_sent_within_s: float | None = None) -> None:
     """After the parse outcome is committed: send the waiting jobs to the gpu queue (or fail them)."""
     with session_scope(settings.effective_database_url) as s:
         doc = s.get(Document, document_id)
@@ -121,7 +124,7 @@ def _release_jobs(settings: Settings, dispatcher: Dispatcher, document_id: uuid.
             jobs.fail_queued_jobs(s, document_id, doc.error_code or "parse_error",
                                f"document failed to parse: {doc.error_message or doc.error_code}")
             return
-        job_ids = jobs.queued_jobs_to_send(s, document_id)
+        job_ids = jobs.queued_jobs_to_send(s, document_id, unless_sent_within_s=unless_sent_within_s)
     if job_ids:
         # One message per document: its body claims every queued job of the document, so they run
         # together on one gpu worker and share the document's prefill.
