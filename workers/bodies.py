@@ -47,10 +47,10 @@ def parse_document(settings: Settings, document_id: uuid.UUID | str, *, dispatch
         status, sha256, filename, stored_password = doc.status, doc.sha256, doc.filename, doc.encrypted_password
     if attempt is None:
         # A duplicate or redelivered message: the parse already happened (or is running elsewhere).
-        # Re-sending the document's queued jobs is harmless and heals a release the broker lost.
+        # Re-sending the document's queued jobs heals a release that never happened (a worker died
+        # between the store and the release), but not when they were sent within the grace: then the
+        # release ran and this message only duplicates it (a lost one is the reconciler's to re-send).
         if status in (DocumentStatus.parsed, DocumentStatus.failed):
-            # Not when they were sent within the grace (the release ran; a re-sent parse message only
-            # duplicates): then a lost release is the reconciler's to heal.
             _release_jobs(settings, dispatcher, document_id, unless_sent_within_s=settings.reconcile_grace_s)
         log.info("parse %s: not claimable (status %s)", document_id, status)
         return str(status)
