@@ -38,7 +38,7 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     eligible = [s.words >= MIN_SUMMARY_SENTENCE_WORDS and bool(_COMPLETE.match(s.text)) for s in sentences]
     focus = index.retriever.bm25.scores(params["focus"]) if params.get("focus") else None
     progress(0.5, "selecting")
-    chosen = select([s.text for s in sentences], eligible, max_words, focus)
+    chosen = select([s.text for s in sentences], eligible, max_words, focus, index.retriever.bm25.terms)
     picked = [sentences[i].citation() for i in sorted(chosen)]
     if len(chosen) == 1 and sentences[chosen[0]].words > max_words:
         picked[0]["text"] = first_words(picked[0]["text"], max_words)  # a prefix: still on the cited page
@@ -49,12 +49,13 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
             "citations": [{**p, "sentence": i} for i, p in enumerate(picked)]}
 
 
-def tfidf(texts: list[str]) -> sparse.csr_matrix:
-    """[S, V] L2-normalized sublinear tf-idf rows over stemmed terms."""
+def tfidf(texts: list[str], corpus_terms: list[list[str]] | None = None) -> sparse.csr_matrix:
+    """[S, V] L2-normalized sublinear tf-idf rows over stemmed terms (corpus_terms: each text's terms
+    when the caller has them, as the document's BM25 index does)."""
     rows, cols, values, vocab = [], [], [], {}
     for r, text in enumerate(texts):
         counts: dict[int, int] = {}
-        for term in terms(text):
+        for term in (terms(text) if corpus_terms is None else corpus_terms[r]):
             c = vocab.setdefault(term, len(vocab))
             counts[c] = counts.get(c, 0) + 1
         rows += [r] * len(counts)
@@ -67,14 +68,15 @@ def tfidf(texts: list[str]) -> sparse.csr_matrix:
     return sparse.diags(1.0 / np.clip(norms, 1e-9, None)) @ matrix
 
 
-def select(texts: list[str], eligible: list[bool], max_words: int, focus: np.ndarray | None = None) -> list[int]:
+def select(texts: list[str], eligible: list[bool], max_words: int, focus: np.ndarray | None = None,
+           corpus_terms: list[list[str]] | None = None) -> list[int]:
     """Indices of the sentences to keep: central, mutually diverse, within max_words in total."""
     n = len(texts)
     if n == 0:
         return []
     words = [count_words(t) for t in texts]
     candidates = [i for i in range(n) if eligible[i]] or list(range(n))
-    vectors = tfidf(texts)  # [S, V]
+    vectors = tfidf(texts, corpus_terms)  # [S, V]
     # Repeated boilerplate (running headers, recitals copied per page) must not pull the centroid.
     unique = list({texts[i]: i for i in candidates}.values())
     centroid = np.asarray(vectors[unique].mean(axis=0)).ravel()  # [V]
