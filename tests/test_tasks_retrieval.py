@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.tasks.retrieval import Retriever, document_passages, search_document, terms
 from tests.fixtures_tasks import document_from_pages, normalized
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TEXTS = [
     "The Supplier shall deliver widgets to the Buyer every month.",
@@ -75,3 +82,23 @@ def test_passages_keep_char_spans_and_pages():
     chunks = document_passages(doc, unit="chunk")
     assert [c.page_start for c in chunks] == [1, 2, 3]
     assert np.isclose(sum(len(c.text) > 0 for c in chunks), 3)
+
+
+def test_importing_retrieval_never_imports_jax(tmp_path: Path) -> None:
+    """bm25s imports JAX when installed and JAX's GPU client preallocates 75% of the GPU: a gpu worker's
+    KV pool got 14 of 140 GiB on the H200. A stand-in `jax` package on the path records any import;
+    retrieval must work without importing it, and leave it importable for others."""
+    marker = tmp_path / "imported"
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('jax')\n")
+    (tmp_path / "jax" / "lax.py").write_text("def top_k(x, k): raise RuntimeError('jax top_k used')\n")
+    code = ("import sys\n"
+            "from pipeline.tasks.retrieval import Retriever\n"
+            "import bm25s.selection\n"
+            "assert 'jax' not in sys.modules and not bm25s.selection.JAX_IS_AVAILABLE\n"
+            "hits = Retriever(['the governing law is Delaware', 'payment within thirty days']).search('governing law', 1)\n"
+            "print(hits)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not marker.exists()
