@@ -33,15 +33,15 @@ def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class StepReadback:
-    """Device results of one step: `sampled_ids[i]` got tokens[i] with log p logprobs[i]; scored
-    (seq id, values [n]) pairs, concatenated for one copy."""
+    """Device results of one step: `sampled_ids[i]` got token picks[i, 0] with log p picks[i, 1] (one
+    float64 tensor [N, 2], exact for token ids, so one copy brings both back); scored (seq id,
+    values [n]) pairs, concatenated for one copy."""
 
-    def __init__(self, sampled_ids: list[str], tokens: torch.Tensor | None, logprobs: torch.Tensor | None,
+    def __init__(self, sampled_ids: list[str], picks: torch.Tensor | None,
                  scored: list[tuple[str, torch.Tensor]]) -> None:
         self.sampled_ids = sampled_ids
         self.scored_spans = [(sid, t.numel()) for sid, t in scored]
-        parts = {"tokens": tokens, "logprobs": logprobs,
-                 "scored": torch.cat([t for _, t in scored]) if scored else None}
+        parts = {"picks": picks, "scored": torch.cat([t for _, t in scored]) if scored else None}
         self._event: torch.cuda.Event | None = None
         self._host: dict[str, torch.Tensor | None] = {}
         for name, t in parts.items():
@@ -59,10 +59,10 @@ class StepReadback:
         if self._event is not None:
             self._event.synchronize()
         out = StepResult()
-        tokens, logprobs, scored = self._host["tokens"], self._host["logprobs"], self._host["scored"]
-        if tokens is not None and logprobs is not None:
-            out.sampled = dict(zip(self.sampled_ids, zip(tokens.tolist(), logprobs.tolist(), strict=True),
-                                   strict=True))
+        picks, scored = self._host["picks"], self._host["scored"]
+        if picks is not None:
+            out.sampled = {sid: (int(token), logprob)
+                           for sid, (token, logprob) in zip(self.sampled_ids, picks.tolist(), strict=True)}
         if scored is not None:
             values, at = scored.tolist(), 0
             for sid, n in self.scored_spans:

@@ -10,7 +10,11 @@ block). Decoding rows that share a document's blocks are handed to the attention
 `launch` only queues work on the device's stream and never waits for it (async scheduling): host
 inputs go through pinned buffers, the sampled tokens stay on the device, and a decode row whose
 token the host has not read yet (a scheduler placeholder) takes it from the previous launch's
-sampled tokens on the device. The results come back through a StepReadback (readback.py).
+sampled tokens on the device (the hand-over buffer). The decode step itself (inside its graph)
+unpacks its inputs, takes placeholder tokens from the hand-over, picks greedily with the token's
+log p and writes its picks into the hand-over; only non-greedy rows and prompts' first tokens are
+sampled outside, from the logits the step keeps. The results come back through a StepReadback
+(readback.py).
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ import torch
 
 from pipeline.engine.core.requests import SamplingParams
 from pipeline.engine.core.scheduler import PrefixGroup, ScheduledSeq, SchedulerOutput
+from pipeline.engine.decode_inputs import POSITION, SRC, TAKE, TOKEN, DecodeInputs
 from pipeline.engine.metadata import CascadeMeta, DecodeMeta, PrefillMeta
 from pipeline.engine.model import Mpt
 from pipeline.engine.paged_cache import PagedKVCache
 from pipeline.engine.readback import StepReadback, StepResult, host_tensor, to_device
-from pipeline.engine.sampling import select_next
+from pipeline.engine.sampling import greedy_pick, select_next
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +58,6 @@ def buckets_for(max_num_seqs: int) -> list[int]:
     return [*out, max_num_seqs]
 
 
-class _DecodeInputs:
-    """Static input buffers of one decode batch size (and the graph that reads them)."""
-
-    def __init__(self, batch: int, max_blocks: int, cascade: bool, device: torch.device) -> None:
-        i32, i64 = torch.int32, torch.long
-        self.batch = batch
-        self.tokens = torch.zeros(batch, dtype=i64, device=device)
-        self.positions = torch.zeros(batch, dtype=i64, device=device)
-        self.seq_lens = torch.ones(batch, dtype=i64, device=device)
-        self.seq_lens_i32 = torch.ones(batch, dtype=i32, device=device)
-        self.block_tables = torch.zeros(batch, max_blocks, dtype=i32, device=device)
-        self.slots = torch.zeros(batch, dtype=i64, device=device)
-        self.cascade: CascadeMeta | None = None
-        if cascade:
-            groups = max(1, batch // 2)
-            self.cascade = CascadeMeta(
-                prefix_block_tables=torch.zeros(groups, max_blocks, dtype=i32, device=device),
-                prefix_lens=torch.zeros(groups, dtype=i32, device=device),
-                row_group=torch.full((batch,), -1, dtype=i32, device=device),
-                group_rows=torch.full((groups, batch), -1, dtype=i32, device=device),
-            )
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-
-    def meta(self) -> DecodeMeta:
-        return DecodeMeta(positions=self.positions, seq_lens=self.seq_lens, block_tables=self.block_tables,
-                          seq_lens_i32=self.seq_lens_i32, slot_mapping=self.slots, cascade=self.cascade)
-
-
 class ModelRunner:
     def __init__(self, model: Mpt, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int,
                  cuda_graphs: bool | None = None) -> None:
@@ -91,30 +67,48 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // cache.block_size)
         self.buckets = buckets_for(max_num_seqs)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._inputs: dict[tuple[int, bool], _DecodeInputs] = {}
+        self._inputs: dict[tuple[int, bool], DecodeInputs] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        # the last launch's sampled tokens [N] on the device, and which sequence each row belongs to
-        self._last_sampled: torch.Tensor | None = None
+        # the last launch's sampled tokens on the device (the decode step writes its greedy picks here
+        # itself, inside its graph), and which row each sequence's token is in
+        self._handover = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)
         self._last_rows: dict[str, int] = {}
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, sampling: Mapping[str, SamplingState]) -> StepReadback:
-        """Queue the step on the device; its results arrive through the returned readback."""
-        pending: list[tuple[str, torch.Tensor]] = []  # (seq id, logits [V]) to sample from
+        """Queue the step on the device; its results arrive through the returned readback. A decode-only
+        step of greedy rows queues the packed input copy, the graph replay and one copy back: the pick,
+        its log p and the hand-over to the next step are inside the graph."""
         scored: list[tuple[str, torch.Tensor]] = []
+        ids: list[str] = []
+        parts: list[torch.Tensor] = []  # picks [n, 2] float64: (token id, its log p) per row
+        handed_over = False  # whether the decode step's own hand-over holds every sampled token
         if out.decodes:
-            logits = self._decode(out.decodes, out.prefix_groups)  # [B, V]
-            pending.extend((s.seq.seq_id, logits[i]) for i, s in enumerate(out.decodes))
+            logits, logp, picks = self._decode(out.decodes, out.prefix_groups)  # [B, V], [B, V], [B, 2]
+            ids.extend(s.seq.seq_id for s in out.decodes)
+            states = [sampling[sid] for sid in ids]
+            handed_over = all(state.params.is_greedy for state in states)
+            parts.append(self._sample_rows(logits, logp, picks, states))
+        last: list[tuple[str, torch.Tensor]] = []  # (seq id, logits [V]) of prompts completed now
         for chunk in out.prefills:
-            last = self._prefill(chunk, scored)
-            if last is not None:
-                pending.append((chunk.seq.seq_id, last))
-        tokens = logprobs = None
-        if pending:
-            tokens, logprobs = self._sample(pending, sampling)
-        self._last_sampled = tokens
-        self._last_rows = {sid: i for i, (sid, _) in enumerate(pending)}
-        return StepReadback([sid for sid, _ in pending], tokens, logprobs, scored)
+            row = self._prefill(chunk, scored)
+            if row is not None:
+                last.append((chunk.seq.seq_id, row))
+        if last:
+            logits = torch.stack([row for _, row in last])  # [P, V]
+            logp, tokens, token_logp = greedy_pick(logits)
+            picks = torch.stack([tokens.double(), token_logp.double()], dim=1)
+            parts.append(self._sample_rows(logits, logp, picks, [sampling[sid] for sid, _ in last]))
+            ids.extend(sid for sid, _ in last)
+            handed_over = False
+        picks = None
+        if parts:
+            picks = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, 2]
+            if not handed_over:  # a sampled row or a prompt's first token: not in the graph's hand-over
+                assert picks.shape[0] <= self._handover.shape[0]
+                self._handover[: picks.shape[0]].copy_(picks[:, 0].long())
+        self._last_rows = {sid: i for i, sid in enumerate(ids)}
+        return StepReadback(ids, picks, scored)
 
     def execute(self, out: SchedulerOutput, sampling: Mapping[str, SamplingState]) -> StepResult:
         """launch + wait (scripts and tests that step synchronously)."""
@@ -152,65 +146,61 @@ class ModelRunner:
             return batch
         return next((b for b in self.buckets if b >= batch), batch)
 
-    def _decode(self, decodes: Sequence[ScheduledSeq], groups: Sequence[PrefixGroup]) -> torch.Tensor:
+    def _decode(self, decodes: Sequence[ScheduledSeq],
+                groups: Sequence[PrefixGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batched decode step: (logits [B, V], log p [B, V], greedy picks [B, 2]) of its real rows."""
         batch = len(decodes)
         bucket = self._bucket(batch)
         use_cascade = bool(groups)
         key = (bucket, use_cascade)
         inputs = self._inputs.get(key)
         if inputs is None:
-            inputs = self._inputs[key] = _DecodeInputs(bucket, self.max_blocks, use_cascade, self.device)
+            inputs = self._inputs[key] = DecodeInputs(bucket, self.max_blocks, use_cascade, self.device)
         self._fill(inputs, decodes, groups)
         if not self.cuda_graphs:
-            return self._body(inputs, inputs.meta())[:batch]
-        if inputs.graph is None:
-            self._capture(inputs)
-        assert inputs.graph is not None and inputs.logits is not None
-        inputs.graph.replay()
-        return inputs.logits[:batch]
+            inputs.logits, inputs.logp, inputs.picks = self._body(inputs, inputs.meta())
+        else:
+            if inputs.graph is None:
+                self._capture(inputs)
+            assert inputs.graph is not None
+            inputs.graph.replay()
+        assert inputs.logits is not None and inputs.logp is not None and inputs.picks is not None
+        return inputs.logits[:batch], inputs.logp[:batch], inputs.picks[:batch]
 
-    def _fill(self, inputs: _DecodeInputs, decodes: Sequence[ScheduledSeq], groups: Sequence[PrefixGroup]) -> None:
-        """Host-side step inputs (tokens, positions, block tables; padded rows -> scratch block), copied
-        into the static buffers. Lengths and slots are derived on the device (`_body`). A token the host
-        has not read yet is taken from the previous launch's sampled tokens, on the device."""
-        bucket, scratch, dev = inputs.batch, self.cache.scratch_block, self.device
-        tokens = np.zeros(bucket, dtype=np.int64)
-        positions = np.zeros(bucket, dtype=np.int64)
-        table = np.full((bucket, self.max_blocks), scratch, dtype=np.int32)
-        on_device: list[tuple[int, int]] = []  # (row, index into the last launch's sampled tokens)
+    def _fill(self, inputs: DecodeInputs, decodes: Sequence[ScheduledSeq], groups: Sequence[PrefixGroup]) -> None:
+        """Host-side step inputs (tokens, positions, block tables; padded rows -> scratch block) as one
+        packed copy into the static buffers; lengths and slots are derived on the device (`_body`). A
+        token the host has not read yet (a placeholder: the scheduler plans one step ahead at most) is
+        marked to be taken from the hand-over row the last launch sampled it into."""
+        packed, header, table = inputs.host_array(self.cache.scratch_block)
         row_of: dict[str, int] = {}
         for row, chunk in enumerate(decodes):
             seq = chunk.seq
             if chunk.start < len(seq.token_ids):
-                tokens[row] = seq.token_ids[chunk.start]
-            else:  # a placeholder: sampled by the last launch (the scheduler plans one step ahead at most)
-                on_device.append((row, self._last_rows[seq.seq_id]))
-            positions[row] = chunk.start
+                header[TOKEN, row] = seq.token_ids[chunk.start]
+            else:
+                header[TAKE, row], header[SRC, row] = 1, self._last_rows[seq.seq_id]
+            header[POSITION, row] = chunk.start
             table[row, : len(seq.block_ids)] = seq.block_ids
             row_of[seq.seq_id] = row
-        inputs.tokens.copy_(host_tensor(tokens, dev), non_blocking=True)
-        if on_device:
-            assert self._last_sampled is not None
-            n = len(on_device)
-            if all(r == i == j for i, (r, j) in enumerate(on_device)):  # steady decoding: rows as sampled
-                inputs.tokens[:n].copy_(self._last_sampled[:n])
-            else:
-                rows, src = to_device(np.array(on_device, dtype=np.int64).T, dev)  # [2, n]
-                inputs.tokens.index_copy_(0, rows, self._last_sampled.index_select(0, src))
-        inputs.positions.copy_(host_tensor(positions, dev), non_blocking=True)
-        inputs.block_tables.copy_(host_tensor(table, dev), non_blocking=True)
+        inputs.packed.copy_(host_tensor(packed, self.device), non_blocking=True)
         if inputs.cascade is not None:
-            self._fill_cascade(inputs.cascade, groups, row_of, bucket)
+            self._fill_cascade(inputs.cascade, groups, row_of, inputs.batch)
 
-    def _body(self, inputs: _DecodeInputs, meta: DecodeMeta) -> torch.Tensor:
-        """The captured step: lengths and each new token's slot from positions and block tables, then
-        the model's decode step."""
+    def _body(self, inputs: DecodeInputs, meta: DecodeMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The captured step (run as is off CUDA): unpack the inputs, lengths and each new token's slot
+        from positions and block tables, the model's decode step, then the greedy pick and its log p,
+        handed over for the next step's placeholder rows. Returns (logits, log p, picks [B, 2])."""
         bs = self.block_size
+        tokens = inputs.unpack(self._handover)
         inputs.seq_lens.copy_(inputs.positions + 1)
         inputs.seq_lens_i32.copy_(inputs.seq_lens)
         blocks = inputs.block_tables.gather(1, (inputs.positions // bs)[:, None])[:, 0]  # [B]
         inputs.slots.copy_(blocks.long() * bs + inputs.positions % bs)
-        return self.model.decode(inputs.tokens, self.cache, inputs.positions, meta)
+        logits = self.model.decode(tokens, self.cache, inputs.positions, meta)
+        logp, picked, picked_logp = greedy_pick(logits)
+        self._handover[: inputs.batch].copy_(picked)
+        return logits, logp, torch.stack([picked.double(), picked_logp.double()], dim=1)
 
     def _fill_cascade(self, cascade: CascadeMeta, groups: Sequence[PrefixGroup], row_of: dict[str, int],
                       bucket: int) -> None:
@@ -229,42 +219,44 @@ class ModelRunner:
                          (cascade.row_group, row_group), (cascade.group_rows, group_rows)):
             dst.copy_(host_tensor(src, self.device), non_blocking=True)
 
-    def _capture(self, inputs: _DecodeInputs) -> None:
+    def _capture(self, inputs: DecodeInputs) -> None:
         """Capture the step of this bucket with the first real inputs in the buffers. The warm-up runs
-        write the same K/V into the same slots the first replay writes again, so they leave nothing."""
+        write the same K/V into the same slots the first replay writes again, and each starts from the
+        hand-over as the last launch left it (a run overwrites it with its own picks), so they leave
+        nothing."""
         start = time.perf_counter()
         meta = inputs.meta()
+        handover = self._handover.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
+                self._handover.copy_(handover)
                 self._body(inputs, meta)
+            self._handover.copy_(handover)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            inputs.logits = self._body(inputs, meta)
+            inputs.logits, inputs.logp, inputs.picks = self._body(inputs, meta)
         inputs.graph = graph
         log.info("captured the decode step for batch %d (cascade %s) in %.2f s", inputs.batch,
                  inputs.cascade is not None, time.perf_counter() - start)
 
     # --- sampling -----------------------------------------------------------------------------
 
-    def _sample(self, pending: list[tuple[str, torch.Tensor]],
-                sampling: Mapping[str, SamplingState]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next tokens [N] and their log p [N], on the device (nothing read back here)."""
-        logits = torch.stack([row for _, row in pending])  # [N, V] float32
-        logp = torch.log_softmax(logits, dim=-1)
-        states = [sampling[seq_id] for seq_id, _ in pending]
-        greedy = logits.argmax(dim=-1)  # [N]
+    @staticmethod
+    def _sample_rows(logits: torch.Tensor, logp: torch.Tensor, picks: torch.Tensor,
+                     states: Sequence[SamplingState]) -> torch.Tensor:
+        """Greedy picks [N, 2] (token id, log p) -> each row's pick under its own sampling: greedy rows
+        keep theirs, the others sample from their logits [N, V] (log p from logp [N, V]), on the device."""
         if all(state.params.is_greedy for state in states):
-            tokens = greedy
-        else:
-            picks: list[torch.Tensor] = []
-            for i, state in enumerate(states):
-                if state.params.is_greedy:
-                    picks.append(greedy[i : i + 1])
-                else:
-                    gens = [state.generator] if state.generator is not None else None
-                    picks.append(select_next(logits[i : i + 1], state.params, gens))
-            tokens = torch.cat(picks)  # [N]
-        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+            return picks
+        chosen: list[torch.Tensor] = []
+        for i, state in enumerate(states):
+            if state.params.is_greedy:
+                chosen.append(picks[i : i + 1, 0].long())
+            else:
+                gens = [state.generator] if state.generator is not None else None
+                chosen.append(select_next(logits[i : i + 1], state.params, gens))
+        tokens = torch.cat(chosen)  # [N]
+        return torch.stack([tokens.double(), logp.gather(-1, tokens[:, None])[:, 0].double()], dim=1)

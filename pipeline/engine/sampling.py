@@ -6,7 +6,7 @@ import torch
 
 from pipeline.engine.core.requests import SamplingParams
 
-__all__ = ["SamplingParams", "select_next", "top_p_filter"]
+__all__ = ["SamplingParams", "greedy_pick", "select_next", "top_p_filter"]
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -32,3 +32,12 @@ def select_next(
     if generators is None:
         return torch.multinomial(probs, 1)[:, 0]
     return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
+
+
+def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, V] float32 -> (log p [N, V], greedy token ids [N] int64, their log p [N]). The serving
+    decode step runs this inside its CUDA graph and the prefill rows eagerly: the same ops, so the same
+    values either way."""
+    logp = torch.log_softmax(logits, dim=-1)
+    tokens = logits.argmax(dim=-1)
+    return logp, tokens, logp.gather(-1, tokens[:, None])[:, 0]
