@@ -50,20 +50,22 @@ def clean_filename(name: str | None) -> str:
     return base[:512] or "upload"
 
 
-def attach_jobs(session: Session, doc: Document, specs: list[tuple[str, dict]]) -> list[Job]:
+def attach_jobs(session: Session, doc: Document, specs: list[tuple[str, dict]],
+                idempotency_key: str | None = None) -> list[Job]:
     """The requested (task, params) as queued jobs of the document; 409 on a document that failed."""
     if specs and doc.status == DocumentStatus.failed:
         raise ApiError(409, "document_failed",
                        f"document {doc.id} failed to parse ({doc.error_code}); jobs cannot run on it")
-    return [job_repo.add_job(session, doc, task, params) for task, params in specs]
+    return [job_repo.add_job(session, doc, task, params, idempotency_key) for task, params in specs]
 
 
-def replayed_jobs(doc: Document, specs: list[tuple[str, dict]]) -> list[Job]:
+def replayed_jobs(doc: Document, specs: list[tuple[str, dict]], idempotency_key: str | None) -> list[Job]:
     """The jobs a replayed upload (same Idempotency-Key) asked for: each request for (task, params) is
-    answered by the document's existing job with the same task and params, oldest first, so a retried
-    upload creates no second set of jobs. A request that the first upload did not make is refused: the
-    key names one request."""
-    available = sorted(doc.jobs, key=lambda j: (j.created_at, str(j.id)))
+    answered by the job its first attempt created under that key, so a retried upload creates no
+    second set of jobs. A request that the first attempt did not make is refused: the key names one
+    request."""
+    available = sorted((j for j in doc.jobs if j.idempotency_key == idempotency_key),
+                       key=lambda j: (j.created_at, str(j.id)))
     answered: list[Job] = []
     for task, params in specs:
         match = next((j for j in available if j.task == task and j.params == params), None)
@@ -111,6 +113,9 @@ def store_upload(settings: Settings, session: Session, blobs: BlobStore, owner: 
                                    "this Idempotency-Key was already used for a different file")
                 replay = doc is not None  # the same request again (a retry after a 503 or a timeout)
                 doc = doc or repo.find_by_sha256(session, owner, sha256)
+                # a keyed upload that found a document another upload created is known by its jobs
+                replay = replay or (idempotency_key is not None and doc is not None
+                                    and any(j.idempotency_key == idempotency_key for j in doc.jobs))
                 created = doc is None
                 # A replay re-sends an unparsed document's parse: its first send may have failed.
                 parse_needed = created or (replay and doc.status == DocumentStatus.uploaded)
@@ -125,7 +130,8 @@ def store_upload(settings: Settings, session: Session, blobs: BlobStore, owner: 
                     # Its jobs failed for the same reason: they wait for this parse, which releases them.
                     job_repo.requeue_jobs_failed_with(session, doc.id, REPARSE_ON_PASSWORD)
                     parse_needed = True
-                jobs = replayed_jobs(doc, specs) if replay else attach_jobs(session, doc, specs)
+                jobs = (replayed_jobs(doc, specs, idempotency_key) if replay
+                        else attach_jobs(session, doc, specs, idempotency_key))
                 session.flush()
                 # Under the content lock, last before the commit (a delete cannot release it in between).
                 placed = blobs.place(staged) or placed

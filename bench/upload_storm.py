@@ -3,7 +3,8 @@
 
 `clients` asyncio tasks, each with its own keep-alive connection, take uploads from one queue. The
 uploads are `copies` of each of `len(contents)` distinct files; half of them carry an Idempotency-Key
-(one key per file, so a key is never reused for other bytes) and every one asks for a summarize job.
+(one key per file, so a key is never reused for other bytes) and every one asks for a summarize job:
+an upload without a key adds one, a keyed replay is answered with the job its key already has.
 The copies of half of the files are queued back to back, so several clients send the same bytes at the
 same moment (the races dedupe must survive); the rest are shuffled. After each upload the client polls
 the document and the job it got. What the caller checks: one document id per file, `created` exactly
@@ -30,6 +31,7 @@ class StormResult:
     ids_by_file: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
     created_by_file: Counter = field(default_factory=Counter)
     job_ids: list[str] = field(default_factory=list)
+    keyed_job_ids: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))  # file -> jobs answered under its key
     upload_s: list[float] = field(default_factory=list)
     poll_s: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # transport errors, bodies of non-2xx answers
@@ -80,6 +82,8 @@ async def _client(base_url: str, token: str, contents: list[bytes], queue: async
             result.ids_by_file[index].add(body["id"])
             result.created_by_file[index] += body["created"]
             result.job_ids.extend(job["id"] for job in body["jobs"])
+            if key:
+                result.keyed_job_ids[index].update(job["id"] for job in body["jobs"])
             for path in (f"/v1/documents/{body['id']}", *(f"/v1/jobs/{job['id']}" for job in body["jobs"])):
                 start = time.perf_counter()
                 try:
@@ -121,6 +125,17 @@ def problems(result: StormResult) -> list[str]:
     answered = sum(result.statuses.values())
     if answered != result.uploads:
         found.append(f"{result.uploads - answered} uploads got no answer")
-    if len(result.job_ids) != len(set(result.job_ids)) or len(result.job_ids) != result.statuses[200] + result.statuses[201]:
+    if len(result.job_ids) != result.statuses[200] + result.statuses[201]:
         found.append(f"{len(result.job_ids)} job ids for {answered} uploads")
+    # A job id may come back twice only as a replay: uploads of one file under its Idempotency-Key are
+    # answered with a job that request already has; every other upload asked for new work.
+    seen = Counter(result.job_ids)
+    replays = {j for ids in result.keyed_job_ids.values() for j in ids}
+    repeated = sorted(j for j, n in seen.items() if n > 1 and j not in replays)
+    if repeated:
+        found.append(f"job ids answered to more than one request that were not replays: {repeated}")
+    shared = [f for f, ids in result.keyed_job_ids.items() for g, other in result.keyed_job_ids.items()
+              if f < g and ids & other]
+    if shared:
+        found.append(f"one job answered under the keys of different files: {shared}")
     return found

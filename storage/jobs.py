@@ -28,9 +28,10 @@ LEASE = lease.LeasedTable(Job, "attempts", held=JobStatus.running, waiting=JobSt
 
 # --- the API's queries ----------------------------------------------------------------------------
 
-def add_job(session: Session, document: Document, task: str, params: dict[str, Any]) -> Job:
+def add_job(session: Session, document: Document, task: str, params: dict[str, Any],
+            idempotency_key: str | None = None) -> Job:
     job = Job(document_id=document.id, owner_id=document.owner_id, task=TaskName(task), params=params,
-              status=JobStatus.queued)
+              status=JobStatus.queued, idempotency_key=idempotency_key)
     session.add(job)
     return job
 

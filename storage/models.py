@@ -155,6 +155,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_owner_created", "owner_id", "created_at", "id"),
         Index("ix_jobs_status_lease", "status", "lease_until"),
+        Index("ix_jobs_document_idempotency_key", "document_id", "idempotency_key"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -162,6 +163,8 @@ class Job(Base):
     owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
     task: Mapped[TaskName] = mapped_column(_enum(TaskName))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The Idempotency-Key of the upload that asked for it: a replay of that upload is answered with it.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     stage: Mapped[str | None] = mapped_column(String(64))

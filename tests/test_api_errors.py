@@ -167,6 +167,20 @@ def test_an_upload_retried_with_its_idempotency_key_after_a_broker_503_adds_no_j
         assert s.scalar(select(func.count()).select_from(Job)) == 3
 
 
+def test_a_keyed_upload_of_bytes_already_uploaded_without_a_key_is_idempotent_too(
+        api_settings, make_client, auth, pdf_bytes):
+    client = make_client(api_settings)
+    first = upload(client, auth, pdf_bytes, data={"tasks": "summarize"})
+    assert first.status_code == 201
+    key = {"Idempotency-Key": "second-request"}
+    answers = [upload(client, auth, pdf_bytes, data={"tasks": "summarize"}, extra_headers=key) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    keyed_jobs = {a.json()["jobs"][0]["id"] for a in answers}
+    assert len(keyed_jobs) == 1 and keyed_jobs != {first.json()["jobs"][0]["id"]}
+    with session_scope(api_settings.effective_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 2
+
+
 def test_refuses_to_start_on_unmigrated_database(pg_url, api_redis_url, tmp_path):
     from config.settings import Settings
 
