@@ -47,11 +47,20 @@ def test_upload_parse_and_jobs_through_separate_parse_and_gpu_workers(service: S
         assert qa["status"] == "succeeded", qa
         assert qa["progress"] == 1.0
 
-        # Cancel while running: the worker notices at its next progress report, stops and writes nothing.
-        resp = client.post(f"/v1/documents/{contract['id']}/jobs", headers=h, json={"task": "summarize", "params": {}})
+        # Cancel while running: the worker notices at its next progress report (or its fenced final
+        # write finds the row canceled), stops and writes nothing. The extractive backend summarizes
+        # this contract in tens of milliseconds now: 20 questions on a 106-page one run long enough to
+        # be caught running.
+        big = upload(client, h, corpus_dir / "contract-verizon-abs-service.pdf")
+        assert poll_document(client, h, big["id"], timeout=120)["status"] == "parsed"
+        questions = [f"What does section {i} say about {topic}?" for i in range(1, 5)
+                     for topic in ("payment", "termination", "notice", "liability", "assignment")]
+        resp = client.post(f"/v1/documents/{big['id']}/jobs", headers=h,
+                           json={"task": "qa", "params": {"questions": questions}})
         long_job = resp.json()["id"]
-        wait_for(lambda: client.get(f"/v1/jobs/{long_job}", headers=h).json()["status"] == "running", 120, 0.1,
-                 what="the summarize job to start")
+        wait_for(lambda: client.get(f"/v1/jobs/{long_job}", headers=h).json()["status"] != "queued", 120, 0.02,
+                 what="the qa job to start")
+        assert client.get(f"/v1/jobs/{long_job}", headers=h).json()["status"] == "running"
         assert client.delete(f"/v1/jobs/{long_job}", headers=h).status_code in (200, 202, 204)
         wait_for(lambda: f"job {long_job}: aborted" in gpu_worker.log(), 60, 0.3, what="the worker to abort the job")
         canceled = client.get(f"/v1/jobs/{long_job}", headers=h).json()

@@ -95,10 +95,16 @@ def test_a_job_whose_worker_keeps_dying_fails_worker_lost(service: ServiceSetup,
     doomed = service.start_worker("parse,gpu", max_attempts=1)
     with api_client(service.settings) as client:
         h = service.headers
-        doc = upload(client, h, corpus_dir / "contract-galera-joint-filing.pdf", tasks="summarize")
-        job_id = doc["jobs"][0]["id"]
-        wait_for(lambda: _row(service, Job, job_id).status == "running", 90, 0.05, what="the job to be claimed")
+        # A long job (20 questions on 106 pages): a short summary ends before a poll sees it running.
+        doc = upload(client, h, corpus_dir / "contract-verizon-abs-service.pdf")
+        assert poll_document(client, h, doc["id"], timeout=120)["status"] == "parsed"
+        questions = [f"What does section {i} say about {topic}?" for i in range(1, 5)
+                     for topic in ("payment", "termination", "notice", "liability", "assignment")]
+        job_id = client.post(f"/v1/documents/{doc['id']}/jobs", headers=h,
+                             json={"task": "qa", "params": {"questions": questions}}).json()["id"]
+        wait_for(lambda: _row(service, Job, job_id).status != "queued", 90, 0.02, what="the job to be claimed")
         doomed.kill()
+        assert _row(service, Job, job_id).status == "running", "the kill came after the job had finished"
         service.start_worker("parse", "--beat", max_attempts=1)
         job = poll_job(client, h, job_id, timeout=60)
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
