@@ -232,6 +232,21 @@ def upload(client: Any, headers: dict[str, str], path: Path, **form: Any) -> dic
     return resp.json()
 
 
+# The most questions a job takes, on a 106-page contract: a second or more of extractive qa, long enough
+# to be caught running (a summary of a short document ends in tens of milliseconds).
+LONG_QA_FILE = "contract-verizon-abs-service.pdf"
+LONG_QA_QUESTIONS = [f"What does section {i} say about {topic}?" for i in range(1, 5)
+                     for topic in ("payment", "termination", "notice", "liability", "assignment")]
+
+
+def create_long_qa_job(client: Any, headers: dict[str, str], doc_id: str) -> str:
+    """Queue the long qa job on a parsed document; its id."""
+    resp = client.post(f"/v1/documents/{doc_id}/jobs", headers=headers,
+                       json={"task": "qa", "params": {"questions": LONG_QA_QUESTIONS}})
+    assert resp.status_code == 202, resp.text
+    return resp.json()["id"]
+
+
 def poll_document(client: Any, headers: dict[str, str], doc_id: str, timeout: float,
                   until: tuple[str, ...] = ("parsed", "failed")) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:

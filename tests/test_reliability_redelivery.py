@@ -29,6 +29,7 @@ from tests.fixtures_workers import (
     ServiceSetup,
     WorkerProcess,
     api_client,
+    create_long_qa_job,
     make_api_key,
     poll_document,
     poll_job,
@@ -92,11 +93,7 @@ def test_a_killed_workers_late_redelivery_changes_nothing(
             # running for a few seconds
             doc = upload(client, h, corpus_dir / "contract-verizon-abs-service.txt")
             assert poll_document(client, h, doc["id"], timeout=60)["status"] == "parsed"
-            questions = [f"What does section {i} say about {topic}?" for i in range(1, 5)
-                         for topic in ("payment", "termination", "notice", "liability", "assignment")]
-            resp = client.post(f"/v1/documents/{doc['id']}/jobs", headers=h,
-                               json={"task": "qa", "params": {"questions": questions}})
-            job_id = resp.json()["id"]
+            job_id = create_long_qa_job(client, h, doc["id"])
 
             # Killed as soon as it holds the job: what matters is a claimed job whose message is unacked.
             wait_for(lambda: _job(url, job_id).status == "running", 90, 0.02, what="the gpu worker to claim the job")

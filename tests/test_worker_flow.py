@@ -9,7 +9,16 @@ from sqlalchemy import func, select
 
 from storage.db import session_scope
 from storage.models import Chunk, Page, Result
-from tests.fixtures_workers import ServiceSetup, api_client, poll_document, poll_job, upload, wait_for
+from tests.fixtures_workers import (
+    LONG_QA_FILE,
+    ServiceSetup,
+    api_client,
+    create_long_qa_job,
+    poll_document,
+    poll_job,
+    upload,
+    wait_for,
+)
 
 
 def test_upload_parse_and_jobs_through_separate_parse_and_gpu_workers(service: ServiceSetup,
@@ -51,13 +60,9 @@ def test_upload_parse_and_jobs_through_separate_parse_and_gpu_workers(service: S
         # write finds the row canceled), stops and writes nothing. The extractive backend summarizes
         # this contract in tens of milliseconds now: 20 questions on a 106-page one run long enough to
         # be caught running.
-        big = upload(client, h, corpus_dir / "contract-verizon-abs-service.pdf")
+        big = upload(client, h, corpus_dir / LONG_QA_FILE)
         assert poll_document(client, h, big["id"], timeout=120)["status"] == "parsed"
-        questions = [f"What does section {i} say about {topic}?" for i in range(1, 5)
-                     for topic in ("payment", "termination", "notice", "liability", "assignment")]
-        resp = client.post(f"/v1/documents/{big['id']}/jobs", headers=h,
-                           json={"task": "qa", "params": {"questions": questions}})
-        long_job = resp.json()["id"]
+        long_job = create_long_qa_job(client, h, big["id"])
         wait_for(lambda: client.get(f"/v1/jobs/{long_job}", headers=h).json()["status"] != "queued", 120, 0.02,
                  what="the qa job to start")
         assert client.get(f"/v1/jobs/{long_job}", headers=h).json()["status"] == "running"

@@ -12,7 +12,16 @@ from sqlalchemy import func, select
 
 from storage.db import session_scope
 from storage.models import Chunk, Document, Job, Page, Result
-from tests.fixtures_workers import ServiceSetup, api_client, poll_document, poll_job, upload, wait_for
+from tests.fixtures_workers import (
+    LONG_QA_FILE,
+    ServiceSetup,
+    api_client,
+    create_long_qa_job,
+    poll_document,
+    poll_job,
+    upload,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +67,9 @@ def test_worker_killed_while_running_a_job(service: ServiceSetup, corpus_dir: Pa
         # a quiet machine, and job progress is written about once a second: waiting for a "computing"
         # stage raced the job's end. Killed as soon as it holds the job, the worker has claimed it and
         # written nothing, which is the state this test is about.
-        doc = upload(client, h, corpus_dir / "contract-verizon-abs-service.pdf")
+        doc = upload(client, h, corpus_dir / LONG_QA_FILE)
         assert poll_document(client, h, doc["id"], timeout=120)["status"] == "parsed"
-        questions = [f"What does section {i} say about {topic}?" for i in range(1, 5)
-                     for topic in ("payment", "termination", "notice", "liability", "assignment")]
-        resp = client.post(f"/v1/documents/{doc['id']}/jobs", headers=h,
-                           json={"task": "qa", "params": {"questions": questions}})
-        job_id = resp.json()["id"]
+        job_id = create_long_qa_job(client, h, doc["id"])
 
         def claimed() -> bool:
             job = _row(service, Job, job_id)
@@ -96,12 +101,9 @@ def test_a_job_whose_worker_keeps_dying_fails_worker_lost(service: ServiceSetup,
     with api_client(service.settings) as client:
         h = service.headers
         # A long job (20 questions on 106 pages): a short summary ends before a poll sees it running.
-        doc = upload(client, h, corpus_dir / "contract-verizon-abs-service.pdf")
+        doc = upload(client, h, corpus_dir / LONG_QA_FILE)
         assert poll_document(client, h, doc["id"], timeout=120)["status"] == "parsed"
-        questions = [f"What does section {i} say about {topic}?" for i in range(1, 5)
-                     for topic in ("payment", "termination", "notice", "liability", "assignment")]
-        job_id = client.post(f"/v1/documents/{doc['id']}/jobs", headers=h,
-                             json={"task": "qa", "params": {"questions": questions}}).json()["id"]
+        job_id = create_long_qa_job(client, h, doc["id"])
         wait_for(lambda: _row(service, Job, job_id).status != "queued", 90, 0.02, what="the job to be claimed")
         doomed.kill()
         assert _row(service, Job, job_id).status == "running", "the kill came after the job had finished"
