@@ -19,7 +19,7 @@ from storage import lease
 from storage.blobs import BlobStore
 from storage.document_text import replace_text
 from storage.jobs import NON_TERMINAL, fail_queued_jobs
-from storage.models import Document, DocumentStatus, Job, utcnow
+from storage.models import Document, DocumentStatus, Job, JobStatus, utcnow
 from storage.paging import ResultPage, owned, paginate
 
 # A stored PDF password (storage/passwords.py) is erased by whichever write ends the parse, done or failed.
@@ -128,14 +128,20 @@ def store_parsed_document(session: Session, document_id: uuid.UUID, attempt: int
                           text: DocumentText) -> bool:
     """parsing -> parsed, replacing pages and chunks, in the caller's one transaction.
 
+    The document's queued jobs are stamped sent in the same transaction: the parse body sends their
+    message right after this commit, and a reconciler tick in between must not take jobs queued long
+    before the parse for lost work and send them a second time.
     False (and nothing written) when the claim is no longer ours.
     """
+    now = utcnow()
     if not lease.settle(session, LEASE, document_id, attempt, status=DocumentStatus.parsed,
                         media_type=parsed.media_type, pages=len(parsed.pages), needs_ocr_pages=parsed.needs_ocr_pages,
                         tokens=text.token_count, warnings=list(parsed.warnings), error_code=None,
-                        error_message=None, updated_at=utcnow()):
+                        error_message=None, updated_at=now):
         return False
     replace_text(session, document_id, parsed, text)
+    session.execute(update(Job).where(Job.document_id == document_id, Job.status == JobStatus.queued)
+                    .values(enqueued_at=now))
     return True
 
 
