@@ -179,24 +179,33 @@ def make_api_key(settings: Settings) -> str:
     return secret
 
 
-@pytest.fixture
-def service(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[ServiceSetup]:
-    """Migrated Postgres + flushed Redis + an API key; workers started by the test are killed after it."""
+@contextlib.contextmanager
+def running_service(pg_url: str, broker_url: str, tmp_path: Path, **overrides: Any) -> Iterator[ServiceSetup]:
+    """Migrated Postgres + the given broker + an API key, the extractive engine unless `overrides` say
+    otherwise; workers started by the test are stopped after it."""
     from storage import migrate
+    from storage.db import get_engine
 
     migrate.upgrade(pg_url)
-    # Other areas' tests share this Redis database: a per-test key prefix keeps our queues our own.
-    settings = Settings(_env_file=None, database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data",
-                        broker_key_prefix=f"t{uuid.uuid4().hex[:10]}:", engine="extractive", pdf_extractor="pdfium", parse_timeout_s=120.0, **FAST_RECOVERY)
+    settings = Settings(**{"_env_file": None, "database_url": pg_url, "broker_url": broker_url,
+                           "data_dir": tmp_path / "data", "engine": "extractive", "pdf_extractor": "pdfium",
+                           **overrides})
     setup = ServiceSetup(settings, tmp_path, make_api_key(settings))
     try:
         yield setup
     finally:
         for worker in setup.workers:
             worker.stop()
-        from storage.db import get_engine
-
         get_engine(pg_url).dispose()  # let the pg_url fixture drop the database
+
+
+@pytest.fixture
+def service(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[ServiceSetup]:
+    """Migrated Postgres + flushed Redis + an API key; workers started by the test are killed after it."""
+    # Other areas' tests share this Redis database: a per-test key prefix keeps our queues our own.
+    with running_service(pg_url, redis_url, tmp_path, broker_key_prefix=f"t{uuid.uuid4().hex[:10]}:",
+                         parse_timeout_s=120.0, **FAST_RECOVERY) as setup:
+        yield setup
 
 
 @pytest.fixture

@@ -22,9 +22,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from config.settings import Settings
-from storage import migrate
-from storage.db import get_engine, session_scope
+from storage.db import session_scope
 from storage.models import Chunk, Document, DocumentStatus, Job, JobStatus, Page, Result
 from tests.corpus_expectations import EXPECTED
 from tests.fixtures_workers import (
@@ -32,7 +30,7 @@ from tests.fixtures_workers import (
     ServiceSetup,
     WorkerProcess,
     free_port,
-    make_api_key,
+    running_service,
     serve_process,
     wait_for,
 )
@@ -65,18 +63,9 @@ RECOVERY = {"job_lease_s": 5, "reaper_interval_s": 1.0, "reconcile_grace_s": 4.0
 
 @pytest.fixture
 def chaos_service(pg_url: str, tmp_path: Path) -> Iterator[tuple[ServiceSetup, PrivateRedis]]:
-    migrate.upgrade(pg_url)
-    with private_redis() as broker:
-        settings = Settings(_env_file=None, database_url=pg_url, broker_url=broker.url, data_dir=tmp_path / "data",
-                            engine="extractive", pdf_extractor="pdfium", parse_timeout_s=60.0,
-                            gpu_documents_in_flight=2, **RECOVERY)
-        setup = ServiceSetup(settings, tmp_path, make_api_key(settings))
-        try:
-            yield setup, broker
-        finally:
-            for worker in setup.workers:
-                worker.stop()
-            get_engine(pg_url).dispose()
+    with private_redis() as broker, running_service(pg_url, broker.url, tmp_path, parse_timeout_s=60.0,
+                                                    gpu_documents_in_flight=2, **RECOVERY) as setup:
+        yield setup, broker
 
 
 def _upload(client: httpx.Client, headers: dict[str, str], path: Path) -> httpx.Response:

@@ -21,18 +21,16 @@ import redis
 from celery import Celery
 from sqlalchemy import func, select
 
-from config.settings import Settings
-from storage import migrate
-from storage.db import get_engine, session_scope
+from storage.db import session_scope
 from storage.models import Chunk, Document, Job, Page, Result
 from tests.fixtures_workers import (
     ServiceSetup,
     WorkerProcess,
     api_client,
     create_long_qa_job,
-    make_api_key,
     poll_document,
     poll_job,
+    running_service,
     upload,
     wait_for,
 )
@@ -50,17 +48,9 @@ FAST = {"job_lease_s": 5, "reaper_interval_s": 1.0, "parse_timeout_s": 5.0, "vis
 
 @pytest.fixture
 def redelivery_service(pg_url: str, tmp_path: Path) -> Iterator[tuple[ServiceSetup, PrivateRedis]]:
-    migrate.upgrade(pg_url)
-    with private_redis() as broker:
-        settings = Settings(_env_file=None, database_url=pg_url, broker_url=broker.url, data_dir=tmp_path / "data",
-                            engine="extractive", pdf_extractor="pdfium", gpu_documents_in_flight=1, **FAST)
-        setup = ServiceSetup(settings, tmp_path, make_api_key(settings))
-        try:
-            yield setup, broker
-        finally:
-            for worker in setup.workers:
-                worker.stop()
-            get_engine(pg_url).dispose()
+    with private_redis() as broker, running_service(pg_url, broker.url, tmp_path, gpu_documents_in_flight=1,
+                                                    **FAST) as setup:
+        yield setup, broker
 
 
 def _snapshot(url: str, job_id: str, doc_id: str) -> dict[str, object]:
