@@ -369,7 +369,7 @@ def main() -> None:
         b.res.setdefault("merged_from", []).append(path)
         for name in ("hf", "ours", "ours_subset", "warmup", "memory"):
             if name in earlier:
-                b.res[f"{name}" if name != "memory" else "memory_merged"] = earlier[name]
+                b.res["memory_merged" if name == "memory" else name] = earlier[name]
     skip: set[str] = set()
     for name, fn in stages:
         if name in skip:
