@@ -12,6 +12,8 @@ Stages (JSON rewritten after each):
              fraction, time to first token, vs the same stream one request at a time (dense)
   regress    65,536-token prefill and batch-1 decode at 4K through the engine (async and synchronous
              steps), and the dense path's graph-decode step at 4K (same run)
+  profile    batch-1 decode at 4K kernel by kernel, engine vs dense (bench/decode_profile.py), and
+             the paged K/V write fused vs index_copy_ alternated
 
 H200:  PYTHONPATH=. python bench/serving.py --out $OUT --tokenizer .tok
 CPU:   PYTHONPATH=. python bench/serving.py --cpu-smoke --tokenizer ../shared/tokenizers/gpt-neox-20b
@@ -138,7 +140,8 @@ def document(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator
             "goal_kv_ratio": 1.05}
 
 
-def _decode_step_ms(b: Bench, eng: ServingEngine, reqs: list[GenerateRequest], steps: int) -> float:
+def _start_decoding(eng: ServingEngine, reqs: list[GenerateRequest]) -> list[Any]:
+    """Submit, step until every request decodes, and 3 steps more (the captures)."""
     futs = [eng.submit(r) for r in reqs]
     eng._drain_inbox()
     while eng.scheduler.stats()["running"] < len(reqs) or eng.scheduler.stats()["waiting"] or _prefilling(eng):
@@ -146,13 +149,22 @@ def _decode_step_ms(b: Bench, eng: ServingEngine, reqs: list[GenerateRequest], s
             raise RuntimeError(f"a request ended before decoding: {[f.exception() for f in futs if f.done()]}")
         eng.step()
     for _ in range(3):
-        eng.step()  # captures
+        eng.step()
+    return futs
+
+
+def _steps_ms(b: Bench, step: Any, steps: int) -> float:
     b.sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        eng.step()
+        step()
     b.sync()
-    ms = (time.perf_counter() - t0) / steps * 1000
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+def _decode_step_ms(b: Bench, eng: ServingEngine, reqs: list[GenerateRequest], steps: int) -> float:
+    futs = _start_decoding(eng, reqs)
+    ms = _steps_ms(b, eng.step, steps)
     if b.device.type == "cuda":  # diagnostics, kept out of the timing
         key = f"{len(reqs)} rows, {'async' if eng.async_scheduling else 'sync'}"
         try:
@@ -276,9 +288,9 @@ def regress(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator,
             "decode_b1_sync_ms": round(sync_ms, 3), "dense_graph_b1_ms": round(dense_ms, 3)}
 
 
-def _dense_decode_ms(b: Bench, dense: DenseGenerator, prompt: list[int], steps: int) -> float:
+def _dense_step(dense: DenseGenerator, prompt: list[int], steps: int) -> Any:
     """Today's dense path at batch 1: its decode step (a CUDA graph on CUDA) with the greedy pick on the
-    device, the host never reading a token (the floor of what per-step host work can cost)."""
+    device, the host never reading a token (the floor of what per-step host work can cost); captured."""
     model = dense.model
     cache = dense.new_cache(1, len(prompt) + steps + 8)
     logits = prefill_chunked(model, prompt, cache, chunk_size=dense.chunk_size)
@@ -286,12 +298,46 @@ def _dense_decode_ms(b: Bench, dense: DenseGenerator, prompt: list[int], steps: 
     step.start(logits.argmax(dim=-1)[None], torch.tensor([len(prompt)], device=model.device))
     for _ in range(3):
         step.advance()  # capture
-    b.sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step.advance()
-    b.sync()
-    return (time.perf_counter() - t0) / steps * 1000
+    return step
+
+
+def _dense_decode_ms(b: Bench, dense: DenseGenerator, prompt: list[int], steps: int) -> float:
+    return _steps_ms(b, _dense_step(dense, prompt, steps).advance, steps)
+
+
+def profile(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator) -> dict:
+    """Batch-1 decode at 4K kernel by kernel (bench/decode_profile.py): the engine's graph step, the
+    same step eager, the dense graph step; and the paged K/V write fused vs one index_copy_ per pool,
+    alternated on one request (graphs recaptured at each switch)."""
+    from bench.decode_profile import profile_steps, table
+    from pipeline.engine import fused
+
+    ctx, steps = (256, 8) if b.smoke else (4096, 60)
+    out: dict[str, Any] = {"context": ctx}
+    reqs = [GenerateRequest(prompt_ids=corpus.doc(ctx), params=greedy(4000 if not b.smoke else 1000))]
+    _start_decoding(eng, reqs)
+    profiles = {"engine graph": profile_steps(eng.step, steps, b.sync)}
+    eng.runner.cuda_graphs, graphs = False, eng.runner.cuda_graphs
+    profiles["engine eager"] = profile_steps(eng.step, max(4, steps // 6), b.sync)
+    eng.runner.cuda_graphs = graphs
+    ab: dict[str, list[float]] = {"fused": [], "index_copy": []}
+    for _ in range(3):
+        for name, on in (("index_copy", False), ("fused", True)):
+            fused.KERNELS.kv_write = on
+            eng.runner._inputs.clear()  # recapture with this write
+            for _ in range(3):
+                eng.step()
+            ab[name].append(round(_steps_ms(b, eng.step, 100), 3))
+    fused.KERNELS.kv_write = True
+    out["kv_write_ab_ms"] = ab
+    for r in reqs:
+        eng.cancel(r.request_id)
+    eng.run_until_idle()
+    profiles["dense graph"] = profile_steps(_dense_step(dense, corpus.doc(ctx), steps + 8).advance, steps, b.sync)
+    out["profiles"] = profiles
+    out["table"] = table(profiles)
+    print("\n".join(out["table"]), flush=True)
+    return out
 
 
 def main() -> None:
@@ -318,6 +364,7 @@ def main() -> None:
         "group": lambda: group(b, eng, corpus),
         "batch32": lambda: batch32(b, eng, corpus),
         "stream": lambda: stream(b, eng, corpus, dense, args.stream_docs),
+        "profile": lambda: profile(b, eng, corpus, dense),
     }
     for name, fn in stages.items():
         if name not in skip:

@@ -1,8 +1,8 @@
 """The seed's recipe for one document's tasks, the baseline of bench/tasks_mpt.py: HF transformers'
 MptForCausalLM (bench/hf_reference.py, the same weights) with `generate`, one task after another.
 
-Per document, truncated so that prompt + output fit `max_tokens` (HF's eager attention runs out of
-memory at 32K tokens on an H200; 8K is the safe cap):
+Per document, truncated so that prompt + output fit `max_tokens` (HF's eager attention prefilled 16K
+tokens on an H200 at a 117.5 GB peak and ran out of memory at 32K: ../shared/anchors/README.md):
   summary   one prompt (document + summary cue), generate(use_cache=True, greedy) of n tokens
   qa        each question its own prompt (the document prefilled again each time), generate of n tokens
   classify  one full forward per label over document + question + label (no prefix reuse), the label's

@@ -182,6 +182,26 @@ def write_kv(
     )
 
 
+def write_kv_slots(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> bool:
+    """The paged cache's decode write: k_pool[slots[b]] = k[b] and the same for V, pools flat
+    [num_slots, H, D], k and v [B, H, D], slots [B] int32 or int64. One kernel (the dense write's, with
+    a row stride of 0, so the slot alone addresses the destination) instead of one index_copy_ per
+    pool: a step runs it once per layer. Returns False, writing nothing, where the kernel does not
+    apply (no Triton, the kernel switched off, another layout): the caller writes instead."""
+    b, h, d = k.shape
+    if not (KERNELS.kv_write and _runs_triton(k) and k_pool.dtype == k.dtype == v.dtype
+            and _kv_layout_ok(k_pool[None], v_pool[None], k, v)):
+        return False
+    write_kernel = _triton()[1]
+    n_cols = h * d
+    write_kernel[(b, -(-n_cols // _KV_BLOCK))](
+        k, v, k.stride(0), k_pool, v_pool, 0, k_pool.stride(0), slots, n_cols, BLOCK=_KV_BLOCK,
+    )
+    return True
+
+
 def _kv_layout_ok(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The kernel addresses each (row, position) slot and each source row as one flat H * D run."""
     h, d = k.shape[1:]

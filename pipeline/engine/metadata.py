@@ -48,11 +48,11 @@ class DecodeMeta:
     Dense caches need only `positions`; paged ones also the block tables and the slot of each new
     token (block * block_size + offset)."""
 
-    positions: torch.Tensor  # [B] int64
-    seq_lens: torch.Tensor  # [B] int64, positions + 1
+    positions: torch.Tensor  # [B] int64 (dense); int32 views of the step's packed inputs (paged)
+    seq_lens: torch.Tensor  # [B], positions + 1
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     seq_lens_i32: torch.Tensor | None = None  # [B] int32 (the paged kernels' index type)
-    slot_mapping: torch.Tensor | None = None  # [B] int64
+    slot_mapping: torch.Tensor | None = None  # [B] int32 or int64
     cascade: CascadeMeta | None = None
 
     @classmethod

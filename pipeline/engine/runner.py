@@ -29,7 +29,7 @@ import torch
 
 from pipeline.engine.core.requests import SamplingParams
 from pipeline.engine.core.scheduler import PrefixGroup, ScheduledSeq, SchedulerOutput
-from pipeline.engine.decode_inputs import POSITION, SRC, TAKE, TOKEN, DecodeInputs
+from pipeline.engine.decode_inputs import POSITION, SEQ_LEN, SLOT, SRC, TAKE, TOKEN, DecodeInputs
 from pipeline.engine.metadata import CascadeMeta, DecodeMeta, PrefillMeta
 from pipeline.engine.model import Mpt
 from pipeline.engine.paged_cache import PagedKVCache
@@ -168,19 +168,21 @@ class ModelRunner:
         return inputs.logits[:batch], inputs.logp[:batch], inputs.picks[:batch]
 
     def _fill(self, inputs: DecodeInputs, decodes: Sequence[ScheduledSeq], groups: Sequence[PrefixGroup]) -> None:
-        """Host-side step inputs (tokens, positions, block tables; padded rows -> scratch block) as one
-        packed copy into the static buffers; lengths and slots are derived on the device (`_body`). A
-        token the host has not read yet (a placeholder: the scheduler plans one step ahead at most) is
-        marked to be taken from the hand-over row the last launch sampled it into."""
-        packed, header, table = inputs.host_array(self.cache.scratch_block)
+        """Host-side step inputs (tokens, positions, lengths, each new token's slot, block tables;
+        padded rows -> scratch block) as one packed copy into the static buffers, which the step's
+        metadata views. A token the host has not read yet (a placeholder: the scheduler plans one step
+        ahead at most) is marked to be taken from the hand-over row the last launch sampled it into."""
+        bs = self.block_size
+        packed, header, table = inputs.host_array(self.cache.scratch_block, bs)
         row_of: dict[str, int] = {}
         for row, chunk in enumerate(decodes):
-            seq = chunk.seq
-            if chunk.start < len(seq.token_ids):
-                header[TOKEN, row] = seq.token_ids[chunk.start]
+            seq, pos = chunk.seq, chunk.start
+            if pos < len(seq.token_ids):
+                header[TOKEN, row] = seq.token_ids[pos]
             else:
                 header[TAKE, row], header[SRC, row] = 1, self._last_rows[seq.seq_id]
-            header[POSITION, row] = chunk.start
+            header[POSITION, row], header[SEQ_LEN, row] = pos, pos + 1
+            header[SLOT, row] = seq.block_ids[pos // bs] * bs + pos % bs
             table[row, : len(seq.block_ids)] = seq.block_ids
             row_of[seq.seq_id] = row
         inputs.packed.copy_(host_tensor(packed, self.device), non_blocking=True)
@@ -188,15 +190,10 @@ class ModelRunner:
             self._fill_cascade(inputs.cascade, groups, row_of, inputs.batch)
 
     def _body(self, inputs: DecodeInputs, meta: DecodeMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The captured step (run as is off CUDA): unpack the inputs, lengths and each new token's slot
-        from positions and block tables, the model's decode step, then the greedy pick and its log p,
-        handed over for the next step's placeholder rows. Returns (logits, log p, picks [B, 2])."""
-        bs = self.block_size
+        """The captured step (run as is off CUDA): the step's tokens from the packed inputs, the model's
+        decode step, then the greedy pick and its log p, handed over for the next step's placeholder
+        rows. Returns (logits, log p, picks [B, 2])."""
         tokens = inputs.unpack(self._handover)
-        inputs.seq_lens.copy_(inputs.positions + 1)
-        inputs.seq_lens_i32.copy_(inputs.seq_lens)
-        blocks = inputs.block_tables.gather(1, (inputs.positions // bs)[:, None])[:, 0]  # [B]
-        inputs.slots.copy_(blocks.long() * bs + inputs.positions % bs)
         logits = self.model.decode(tokens, self.cache, inputs.positions, meta)
         logp, picked, picked_logp = greedy_pick(logits)
         self._handover[: inputs.batch].copy_(picked)

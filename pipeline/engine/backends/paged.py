@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from pipeline.engine import fused
 from pipeline.engine.metadata import CascadeMeta
 
 __all__ = ["CascadeMeta", "decode", "gather", "write"]
@@ -220,9 +221,13 @@ def gather(pool: torch.Tensor, block_ids: list[int] | torch.Tensor, length: int)
 def write(
     pool_k: torch.Tensor, pool_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """k, v [N, H, D] into slots slot_mapping [N] int64 (block * block_size + offset): one index_copy_
-    per pool on its flat [num_blocks * block_size, H, D] view (no host sync: CUDA-graph safe)."""
+    """k, v [N, H, D] into slots slot_mapping [N] int32 or int64 (block * block_size + offset) of the
+    flat [num_blocks * block_size, H, D] views: one fused kernel for both pools on CUDA, else one
+    index_copy_ per pool (no host sync either way: CUDA-graph safe)."""
     flat_k = pool_k.view(-1, *pool_k.shape[2:])  # [blocks * bs, H, D]; .view raises if not a view
     flat_v = pool_v.view(-1, *pool_v.shape[2:])
-    flat_k.index_copy_(0, slot_mapping, k.to(pool_k.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(pool_v.dtype))
+    if fused.write_kv_slots(flat_k, flat_v, k, v, slot_mapping):
+        return
+    slots = slot_mapping.long()
+    flat_k.index_copy_(0, slots, k.to(pool_k.dtype))
+    flat_v.index_copy_(0, slots, v.to(pool_v.dtype))
