@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     engine_max_seqs: int = Field(default=64, description="Sequences decoding together at most.")
     engine_step_tokens: int = Field(default=16384, description="Tokens per engine step (prefill chunks + decodes).")
     engine_prefill_chunk: int = Field(default=16384, description="Prompt tokens of one sequence per step at most.")
+    engine_warmup: bool = Field(
+        default=True, description="Run synthetic requests through the engine at load, before it takes jobs, so "
+                                  "kernel compiles and decode-graph captures do not stall the first documents "
+                                  "(pipeline/engine/warmup.py; off CUDA a small variant).")
     gpu_documents_in_flight: int = Field(
         default=4, ge=1, description="Documents a gpu worker runs at once (their tasks share one engine batch).")
     worker_metrics_port: int = Field(

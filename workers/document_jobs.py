@@ -61,7 +61,8 @@ def mpt_options(settings: Settings) -> dict[str, Any]:
     return {"prompt_family": settings.prompt_family, "options": ServingOptions(
         max_seq_len=settings.max_seq_len, block_size=settings.kv_block_size, kv_cache_gb=settings.kv_cache_gb,
         kv_reserve_gb=settings.kv_reserve_gb, max_num_seqs=settings.engine_max_seqs,
-        step_tokens=settings.engine_step_tokens, prefill_chunk=settings.engine_prefill_chunk)}
+        step_tokens=settings.engine_step_tokens, prefill_chunk=settings.engine_prefill_chunk,
+        warmup=settings.engine_warmup)}
 
 
 @dataclass(frozen=True)

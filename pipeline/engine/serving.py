@@ -113,6 +113,11 @@ class ServingEngine:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def threaded(self) -> bool:
+        """Whether the engine runs on its own thread (else the caller steps it: run_until_idle)."""
+        return self._thread is not None
+
     @classmethod
     def load(cls, spec: str | Path, *, device: torch.device | str = "cuda", dtype: torch.dtype | None = None,
              max_seq_len: int | None = None, config: EngineConfig | None = None,
@@ -142,6 +147,18 @@ class ServingEngine:
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
         self._wake.set()
+
+    def reset_prefix_cache(self) -> Future:
+        """Drop every cached block's content (the warm-up's synthetic prefixes). Resolves to True, or to
+        False when some block is still held. Runs on the engine thread, in inbox order: after the
+        submits and cancels sent before it, before any sent after it."""
+        future: Future = Future()
+        if self._stop.is_set():  # no engine thread drains the inbox any more
+            future.set_result(False)
+            return future
+        self._inbox.put(("reset_prefix_cache", future))
+        self._wake.set()
+        return future
 
     def stats(self) -> dict[str, int]:
         return {**self.book.counters, "steps": self._steps, **self.scheduler.stats(),
@@ -243,5 +260,7 @@ class ServingEngine:
                 return
             if kind == "submit":
                 self.book.add(*payload)
+            elif kind == "reset_prefix_cache":
+                payload.set_result(self.scheduler.kv.pool.reset_prefix_cache())
             else:
                 self.book.cancel(payload)

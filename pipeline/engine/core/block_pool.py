@@ -162,6 +162,21 @@ class BlockPool:
         self._by_key[h] = block_id
         return True
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block's content, so the pool hands out blocks as a fresh one does (plain
+        free, lowest id first). Only while no block is held: False, and nothing changed, otherwise
+        (vLLM's BlockPool.reset_prefix_cache). The engine's warm-up calls it to drop its synthetic
+        prefixes."""
+        if self._num_plain + len(self._lru) != self.num_blocks:
+            return False
+        self._key = [None] * self.num_blocks
+        self._by_key.clear()
+        self._lru.clear()
+        self._is_free = bytearray(b"\x01") * self.num_blocks
+        self._heap = list(range(self.num_blocks))
+        self._num_plain = self.num_blocks
+        return True
+
     # --- invariants ---------------------------------------------------------------------------
 
     def check(self) -> None:

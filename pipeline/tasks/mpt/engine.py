@@ -31,6 +31,7 @@ class ServingOptions:
     max_num_seqs: int = 64
     step_tokens: int = 16384
     prefill_chunk: int = 16384
+    warmup: bool = True  # run pipeline/engine/warmup.py's synthetic requests before returning the engine
 
 
 class MptEngine:
@@ -86,4 +87,8 @@ def load_engine(*, model: str, device: str, embedding_model: str, options: Servi
     except (CheckpointError, ValueError, RuntimeError) as exc:  # bad checkpoint, pool does not fit
         raise PipelineError("model_error", f"MPT engine failed to load from {weights}: {exc}") from exc
     log.info("MPT engine: %s on %s, context %d tokens", weights, dev, serving.max_model_len)
+    if opts.warmup:  # kernel compiles and graph captures now, not on the first documents
+        from pipeline.engine.warmup import warm_up
+
+        warm_up(serving)
     return MptEngine(serving, model=str(model), embedding_model=embedding_model, prompt_family=prompt_family)
