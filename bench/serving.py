@@ -12,8 +12,7 @@ Stages (JSON rewritten after each):
              fraction, time to first token, vs the same stream one request at a time (dense)
   regress    65,536-token prefill and batch-1 decode at 4K through the engine (async and synchronous
              steps), and the dense path's graph-decode step at 4K (same run)
-  profile    batch-1 decode at 4K kernel by kernel, engine vs dense (bench/decode_profile.py), and
-             the paged K/V write fused vs index_copy_ alternated
+  profile    batch-1 decode at 4K kernel by kernel, engine vs dense (bench/decode_profile.py)
 
 H200:  PYTHONPATH=. python bench/serving.py --out $OUT --tokenizer .tok
 CPU:   PYTHONPATH=. python bench/serving.py --cpu-smoke --tokenizer ../shared/tokenizers/gpt-neox-20b
@@ -307,10 +306,9 @@ def _dense_decode_ms(b: Bench, dense: DenseGenerator, prompt: list[int], steps: 
 
 def profile(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator) -> dict:
     """Batch-1 decode at 4K kernel by kernel (bench/decode_profile.py): the engine's graph step, the
-    same step eager, the dense graph step; and the paged K/V write fused vs one index_copy_ per pool,
-    alternated on one request (graphs recaptured at each switch)."""
+    same step eager, the dense graph step. (Recapturing the engine's graphs in one process, to compare
+    the K/V write fused and unfused, tripped an allocator assert in run 1: the graphs share one pool.)"""
     from bench.decode_profile import profile_steps, table
-    from pipeline.engine import fused
 
     ctx, steps = (256, 8) if b.smoke else (4096, 60)
     out: dict[str, Any] = {"context": ctx}
@@ -320,16 +318,6 @@ def profile(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator)
     eng.runner.cuda_graphs, graphs = False, eng.runner.cuda_graphs
     profiles["engine eager"] = profile_steps(eng.step, max(4, steps // 6), b.sync)
     eng.runner.cuda_graphs = graphs
-    ab: dict[str, list[float]] = {"fused": [], "index_copy": []}
-    for _ in range(3):
-        for name, on in (("index_copy", False), ("fused", True)):
-            fused.KERNELS.kv_write = on
-            eng.runner._inputs.clear()  # recapture with this write
-            for _ in range(3):
-                eng.step()
-            ab[name].append(round(_steps_ms(b, eng.step, 100), 3))
-    fused.KERNELS.kv_write = True
-    out["kv_write_ab_ms"] = ab
     for r in reqs:
         eng.cancel(r.request_id)
     eng.run_until_idle()

@@ -19,6 +19,8 @@ right after setup, with natural lengths last, since it needs what ours generated
   ours         every document's 3 jobs concurrently through pipeline.tasks.run_task, --inflight
                documents at once: docs/hour = docs / wall, busy fraction = ServingEngine.busy_s / wall
                (and NVML's GPU utilization, sampled), tokens from engine.stats()
+  variants     the corpus again on the same engine under --variants settings (the prefix cache emptied
+               before each): the GIL switch interval, documents in flight, the step's token budget
   ours_subset  HF's documents again, on a fresh engine (nothing from the prefix cache; warmed up on
                shuffled copies of them): the same-documents rate
   summary      the table: ours docs/hour, HF docs/hour (its documents, and estimated over the documents
@@ -176,7 +178,8 @@ def ours(b: TasksBench, args: argparse.Namespace, name: str = "corpus", docs: li
     util = sampler.stop()
     after = serving.stats()
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], int)
-             and k in ("requests", "tokens_in", "tokens_out", "steps", "failed", "prefix_hit_tokens", "preemptions")}
+             and k in ("requests", "tokens_in", "tokens_out", "steps", "failed", "prefix_hit_tokens", "preemptions",
+                       "busy_ms", "launch_ms", "wait_ms")}
     wall = run["wall_s"]
     done = run["documents_done"]
     res = {"set": name, "budget_s": round(budget, 1), **{k: v for k, v in run.items() if k != "per_document"},
@@ -187,6 +190,55 @@ def ours(b: TasksBench, args: argparse.Namespace, name: str = "corpus", docs: li
     b.private.setdefault("per_document", {})[name] = run["per_document"]
     res["per_document"] = run["per_document"]
     return res
+
+
+VARIANT_KEYS = ("switch", "inflight", "step_tokens")
+
+
+def parse_variants(text: str) -> list[dict[str, float]]:
+    """"switch=0.0005;inflight=16,step_tokens=32768" -> [{"switch": 0.0005}, {"inflight": 16, ...}]."""
+    out = []
+    for spec in filter(None, (part.strip() for part in text.split(";"))):
+        variant = {}
+        for item in spec.split(","):
+            key, _, value = item.partition("=")
+            if key not in VARIANT_KEYS:
+                raise ValueError(f"unknown variant key {key!r} (known: {', '.join(VARIANT_KEYS)})")
+            variant[key] = float(value)
+        out.append(variant)
+    return out
+
+
+def variants(b: TasksBench, args: argparse.Namespace) -> dict:
+    """The corpus again on the same warm engine under each --variants setting (the GIL switch interval,
+    documents in flight, the step's token budget and prefill chunk), the prefix cache emptied before
+    each, so each run reads every document from scratch as the first did."""
+    import sys
+
+    serving: ServingEngine = b.private["serving"]
+    sched = serving.scheduler
+    base = (sys.getswitchinterval(), sched.max_num_batched_tokens, sched.max_prefill_chunk)
+    out = {}
+    for variant in parse_variants(args.variants):
+        name = ",".join(f"{k}={v:g}" for k, v in variant.items())
+        if remaining(b, args) < 60:
+            out[name] = {"skipped": f"{remaining(b, args):.0f} s left"}
+            continue
+        if not serving.reset_prefix_cache().result(timeout=60):
+            out[name] = {"skipped": "blocks still held"}
+            continue
+        b.private["recorder"].generated.clear()  # per-document counts of this run only
+        sys.setswitchinterval(variant.get("switch", base[0]))
+        tokens = int(variant.get("step_tokens", base[1]))
+        sched.max_num_batched_tokens, sched.max_prefill_chunk = tokens, min(tokens, max(base[2], tokens))
+        run_args = argparse.Namespace(**{**vars(args), "inflight": int(variant.get("inflight", args.inflight))})
+        try:
+            res = ours(b, run_args, f"variant {name}")
+        finally:
+            sys.setswitchinterval(base[0])
+            sched.max_num_batched_tokens, sched.max_prefill_chunk = base[1], base[2]
+        out[name] = {k: v for k, v in res.items() if k != "per_document"}
+    return out
 
 
 def ours_subset(b: TasksBench, args: argparse.Namespace) -> dict:
@@ -339,6 +391,8 @@ def main() -> None:
     ap.add_argument("--grace-s", type=float, default=30.0, help="then documents in flight are given up")
     ap.add_argument("--warmup-grace-s", type=float, default=180.0, help="warm-up documents run to the end")
     ap.add_argument("--subset-reserve-s", type=float, default=30.0, help="kept for the ours_subset stage")
+    ap.add_argument("--variants", default="", help="';'-separated settings the corpus runs again under "
+                    "(variants stage): switch=<GIL switch interval s>, inflight=<documents>, step_tokens=<n>")
     ap.add_argument("--hf-docs", type=int, default=3)
     ap.add_argument("--hf-max-tokens", type=int, default=16384,
                     help="HF's truncation: what it holds on an H200 (its eager attention ran 16K, ran out of "
@@ -361,7 +415,7 @@ def main() -> None:
     b.res["args"] = vars(args)
     # HF first when the lengths are fixed (both baselines land before our part spends what time is left);
     # natural lengths: HF needs what ours generated, so ours first, and its engine freed before HF
-    ours_stages = [("warmup", warmup), ("ours", ours), ("ours_subset", ours_subset)]
+    ours_stages = [("warmup", warmup), ("ours", ours), ("variants", variants), ("ours_subset", ours_subset)]
     stages = [("setup", setup), *([("hf", hf), *ours_stages] if args.lengths == "full" else [*ours_stages, ("hf", hf)])]
     if args.stages:
         wanted = set(args.stages.split(","))
@@ -383,7 +437,7 @@ def main() -> None:
             if name == "setup":  # nothing runs without a model
                 skip |= {n for n, _ in stages}
             elif name == "warmup":
-                skip |= {"ours", "ours_subset"}
+                skip |= {"ours", "variants", "ours_subset"}
     b.stage("summary", lambda: summary(b))
 
 

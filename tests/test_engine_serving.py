@@ -252,3 +252,24 @@ def test_stop_token_ids_end_a_sequence_like_end_of_text(tiny_model, tiny_generat
     result = fut.result()
     assert result.finish_reason == "stop" and result.tokens == free[:first]
     assert result.text == tokenizer.decode(free[:first])
+
+
+def test_engine_thread_sets_the_gil_switch_interval_and_counts_host_time(tiny_model):
+    """gil_switch_interval_s takes effect when the engine thread starts; stats split the step's wall
+    time into queuing work on the device and waiting for its results (both inside busy)."""
+    import sys
+
+    model, tokenizer = tiny_model
+    before = sys.getswitchinterval()
+    cfg = EngineConfig(block_size=BLOCK, kv_cache_bytes=64 * BLOCK * bytes_per_token(model.config, model.dtype),
+                       gil_switch_interval_s=0.0005)
+    engine = ServingEngine(model, tokenizer, cfg)
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        engine.submit(GenerateRequest(prompt_ids=list(range(1, 30)), params=greedy(6))).result(timeout=60)
+        stats = engine.stats()
+        assert stats["launch_ms"] + stats["wait_ms"] <= stats["busy_ms"] + 1
+        assert stats["launch_ms"] > 0  # six launches of a real forward each
+    finally:
+        engine.shutdown()
+        sys.setswitchinterval(before)

@@ -61,6 +61,10 @@ class EngineCollector(Collector):
             yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
         yield CounterMetricFamily("longdoc_engine_busy_seconds", "Wall time the engine thread spent in steps",
                                   value=stats.get("busy_ms", 0) / 1000.0)
+        yield CounterMetricFamily("longdoc_engine_launch_seconds", "Of which queuing steps on the device",
+                                  value=stats.get("launch_ms", 0) / 1000.0)
+        yield CounterMetricFamily("longdoc_engine_wait_seconds", "Of which waiting for steps' results",
+                                  value=stats.get("wait_ms", 0) / 1000.0)
         for key, (name, doc) in GAUGES.items():
             yield GaugeMetricFamily(name, doc, value=stats.get(key, 0))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool | None = None  # None: on CUDA
     async_scheduling: bool = True  # plan step N + 1 while step N runs; tokens read one step behind
+    # the process's GIL switch interval while the engine thread runs (None: Python's 5 ms). Each torch
+    # call releases the GIL and takes it back, so an eager prefill's ~700 calls can each wait up to the
+    # interval for a job thread busy in Python (citations, retrieval): the device idles meanwhile
+    gil_switch_interval_s: float | None = None
 
 
 @dataclass
@@ -97,6 +102,8 @@ class ServingEngine:
         self._in_flight: _Launched | None = None  # the launched step whose tokens are not applied yet
         self._steps = 0
         self.busy_s = 0.0  # wall time inside steps (the engine thread's share of the device's work)
+        self.launch_s = 0.0  # of which: queuing steps on the device (host work the device may wait for)
+        self.wait_s = 0.0  # and waiting for a step's results (the device ahead of the host)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,6 +113,10 @@ class ServingEngine:
     def start(self) -> None:
         """Run the engine loop on its own thread (what a service does; tests may step by hand instead)."""
         if self._thread is None:
+            if self.config.gil_switch_interval_s is not None:
+                log.info("GIL switch interval %.4f s (was %.4f s)", self.config.gil_switch_interval_s,
+                         sys.getswitchinterval())
+                sys.setswitchinterval(self.config.gil_switch_interval_s)
             self._thread = threading.Thread(target=self._loop, name="longdoc-engine", daemon=True)
             self._thread.start()
 
@@ -162,7 +173,8 @@ class ServingEngine:
 
     def stats(self) -> dict[str, int]:
         return {**self.book.counters, "steps": self._steps, **self.scheduler.stats(),
-                "busy_ms": int(self.busy_s * 1000)}
+                "busy_ms": int(self.busy_s * 1000), "launch_ms": int(self.launch_s * 1000),
+                "wait_ms": int(self.wait_s * 1000)}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -229,13 +241,17 @@ class ServingEngine:
         planned = [*out.decodes, *out.prefills]
         owners = {p.seq.seq_id: self.book.of(p.seq.seq_id) for p in planned}
         scoring = {p.seq.seq_id: (p.seq, p.seq.num_preemptions) for p in out.prefills if p.seq.score_from is not None}
+        start = time.perf_counter()
         readback = self.runner.launch(out, self.book.sampling)
+        self.launch_s += time.perf_counter() - start
         self.scheduler.update(out)  # computed counts + placeholders: the next plan builds on this one
         self._steps += 1
         return _Launched(out, readback, owners, scoring)
 
     def _apply(self, launched: _Launched) -> None:
+        start = time.perf_counter()
         result = launched.readback.result()
+        self.wait_s += time.perf_counter() - start
         for seq_id, values in result.scored.items():
             seq, epoch = launched.scoring[seq_id]
             tracked = launched.owners[seq_id]
