@@ -63,11 +63,11 @@ from bench.tasks_run import DocRunner, GpuSampler, Recorder, shuffled
 from pipeline.engine.backends import select_backend
 from pipeline.engine.config import MptConfig
 from pipeline.engine.model import Mpt
-from pipeline.engine.serving import EngineConfig, ServingEngine
+from pipeline.engine.serving import ServingEngine
 from pipeline.engine.tokenizer import Tokenizer
 from pipeline.engine.warmup import warm_up
 from pipeline.tasks import validate_params
-from pipeline.tasks.mpt.engine import MptEngine
+from pipeline.tasks.mpt.engine import MptEngine, ServingOptions, engine_config
 from pipeline.tasks.mpt.prompts import FAMILY_SPECS, PromptBuilder
 from pipeline.tasks.mpt.qa import ANSWER_TOKENS
 
@@ -125,7 +125,9 @@ def setup(b: TasksBench, args: argparse.Namespace) -> dict:
 def start_engine(b: TasksBench, args: argparse.Namespace) -> dict:
     model, tok = b.private["model"], b.private["tok"]
     cap = int(args.kv_gib * GIB) if not b.smoke else 256 << 20
-    serving = ServingEngine(model, tok, EngineConfig(kv_cache_bytes=cap), model_name=MODEL_NAME)
+    # the gpu worker's engine settings (ServingOptions' defaults), with the pool capped
+    config = dataclasses.replace(engine_config(ServingOptions()), kv_cache_bytes=cap)
+    serving = ServingEngine(model, tok, config, model_name=MODEL_NAME)
     recorder = Recorder(serving, force_full=args.lengths == "full", max_new_cap=args.max_new_cap)
     engine = MptEngine(recorder, model=MODEL_NAME, embedding_model=None, prompt_family="completion")
     b.private.update(serving=serving, recorder=recorder, engine=engine)

@@ -58,10 +58,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool | None = None  # None: on CUDA
     async_scheduling: bool = True  # plan step N + 1 while step N runs; tokens read one step behind
-    # the process's GIL switch interval while the engine thread runs (None: Python's 5 ms). Each torch
-    # call releases the GIL and takes it back, so an eager prefill's ~700 calls can each wait up to the
-    # interval for a job thread busy in Python (citations, retrieval): the device idles meanwhile
-    gil_switch_interval_s: float | None = None
+    # the process's GIL switch interval once the engine thread runs on CUDA (None: Python's, 5 ms). Each
+    # torch call releases the GIL and takes it back, so each of an eager prefill's ~700 calls can wait
+    # up to the interval for a job thread busy in Python (citations, retrieval) while the device idles:
+    # 0.5 ms took the tasks run from 2,027 to 2,557 documents/hour (bench/NOTES.md session 6 run 2).
+    # Off CUDA it is left alone (not measured there; the engine's own ops compete for the same cores)
+    gil_switch_interval_s: float | None = 0.0005
 
 
 @dataclass
@@ -113,7 +115,7 @@ class ServingEngine:
     def start(self) -> None:
         """Run the engine loop on its own thread (what a service does; tests may step by hand instead)."""
         if self._thread is None:
-            if self.config.gil_switch_interval_s is not None:
+            if self.config.gil_switch_interval_s is not None and self.device.type == "cuda":
                 log.info("GIL switch interval %.4f s (was %.4f s)", self.config.gil_switch_interval_s,
                          sys.getswitchinterval())
                 sys.setswitchinterval(self.config.gil_switch_interval_s)
