@@ -74,8 +74,8 @@ class Settings(BaseSettings):
                                   "and kv_reserve_gb (off CUDA: room for 4 full-length sequences).")
     kv_reserve_gb: float = Field(default=8.0, description="CUDA memory kept out of the pool (prefill activations).")
     engine_max_seqs: int = Field(default=64, description="Sequences decoding together at most.")
-    engine_step_tokens: int = Field(default=32768, description="Tokens per engine step (prefill chunks + decodes).")
-    engine_prefill_chunk: int = Field(default=32768, description="Prompt tokens of one sequence per step at most.")
+    engine_step_tokens: int = Field(default=16384, description="Tokens per engine step (prefill chunks + decodes).")
+    engine_prefill_chunk: int = Field(default=16384, description="Prompt tokens of one sequence per step at most.")
     engine_warmup: bool = Field(
         default=True, description="Run synthetic requests through the engine at load, before it takes jobs, so "
                                   "kernel compiles and decode-graph captures do not stall the first documents "

@@ -29,11 +29,8 @@ class ServingOptions:
     kv_cache_gb: float | None = None
     kv_reserve_gb: float = 8.0
     max_num_seqs: int = 64
-    # 32K-token steps for document jobs: fewer eager forwards per document (their launches, not the
-    # device, bound the tasks run: bench/NOTES.md session 6 run 2, +14% documents/hour over 16K), at the
-    # cost of running decodes waiting ~1 s while a long document's chunk is prefilled
-    step_tokens: int = 32768
-    prefill_chunk: int = 32768
+    step_tokens: int = 16384
+    prefill_chunk: int = 16384
     warmup: bool = True  # run pipeline/engine/warmup.py's synthetic requests before returning the engine
 
 
