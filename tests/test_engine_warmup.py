@@ -134,3 +134,51 @@ def test_the_warmup_setting_reaches_the_serving_options(monkeypatch):
     assert mpt_options(Settings())["options"].warmup is True
     monkeypatch.setenv("LONGDOC_ENGINE_WARMUP", "false")
     assert mpt_options(Settings())["options"].warmup is False
+
+
+def test_warm_up_compiles_the_prefill_backend_kernels_first(tiny_model, monkeypatch):
+    """A backend that JIT-compiles per call gets its kernels compiled before any synthetic request,
+    with the model's slopes, scale, head size and dtype; one whose compile fails only warns."""
+    import dataclasses
+
+    model, tokenizer = tiny_model
+    engine = make_engine(model, tokenizer, max_num_seqs=4)
+    calls = []
+
+    def compile_prefill(slopes, *, scale, head_dim, dtype):
+        calls.append((slopes.tolist(), scale, head_dim, dtype, engine.stats()["requests"]))
+        return 16
+
+    monkeypatch.setattr(model, "backend", dataclasses.replace(model.backend, compile_prefill=compile_prefill))
+    report = warm_up(engine, fan_out=4)
+    assert report.prefill_compile_calls == 16 and report.failed == 0
+    assert calls == [(model.slopes.tolist(), model.config.scale, model.config.head_dim, model.dtype, 0)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(model, "backend", dataclasses.replace(model.backend, compile_prefill=broken))
+    assert warm_up(make_engine(model, tokenizer, max_num_seqs=4), fan_out=4).prefill_compile_calls == 0
+
+
+def test_fa4_compiles_one_kernel_per_group_start_and_window_flag(monkeypatch):
+    """flash-attn-4's compile key holds the score_mod (a head group's first head) and local vs causal:
+    compile_kernels makes one call per grid start, windowed and not, over that group's heads."""
+    import torch
+
+    from pipeline.engine.backends import alibi_window, fa4
+    from pipeline.engine.config import alibi_slopes
+
+    seen = []
+    monkeypatch.setattr(fa4, "_flash_attn_module", lambda: object())
+    monkeypatch.setattr(fa4, "_resolve", lambda *a, **k: ("fused", 0.5, [], {}))
+    monkeypatch.setattr(fa4, "_call", lambda _i, q, k, v, slopes, group, **kw: seen.append(
+        (group.start, group.stop, group.window, q.shape[2], slopes.numel(), kw["variant"])))
+    slopes = alibi_slopes(32, 16.0)
+    assert fa4.compile_kernels(slopes, scale=0.1, head_dim=8, dtype=torch.float32) == 16
+    starts = alibi_window.group_starts(32)
+    assert starts == list(range(0, 32, alibi_window.GROUP_ALIGN))
+    assert [(s, w) for s, _, w, _, _, _ in seen] == [(s, w) for s in starts for w in (None, fa4.COMPILE_WINDOW)]
+    assert all(stop - start == heads == n == alibi_window.GROUP_ALIGN for start, stop, _, heads, n, _ in seen)
+    monkeypatch.setattr(fa4, "_flash_attn_module", lambda: None)
+    assert fa4.compile_kernels(slopes, scale=0.1, head_dim=8, dtype=torch.float32) == 0

@@ -35,6 +35,9 @@ class AttentionBackend:
     decode: DecodeFn
     prefill_name: str
     decode_name: str
+    # compile_prefill(slopes, *, scale, head_dim, dtype) -> calls made: a JIT-compiling prefill
+    # backend's kernels compiled ahead of use (engine warm-up); None where nothing compiles per call
+    compile_prefill: Callable[..., int] | None = None
 
 
 def dense_reference(

@@ -26,9 +26,10 @@ whole prefix, which random ids do not share with real text, and unheld cached bl
 least-recently-used), but they would sit in the pool until evicted. The engine's counters (`stats()`)
 do count the warm-up's requests.
 
-Not covered: flash-attn-4 compiles one kernel per exact-window head-group start (alibi_window.py,
-up to heads / 4 of them) and the plan follows the activations, so a group start that random ids do
-not produce but a real document does still compiles at its first use.
+Before them, `compile_prefill` has the prefill backend compile its per-call kernels (flash-attn-4:
+one per exact-window head-group start and window/causal flag, alibi_window.py): the plan follows the
+activations, so random ids alone left some for the first real documents (bench/NOTES.md session 6
+run 3: a compile in the first corpus pass, none after).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class WarmupReport:
     cache_reset: bool  # False: some block was still held, or the reset had not run when we returned
     blocks_free_before: int
     blocks_free_after: int | None  # None when the reset had not run when we returned
+    prefill_compile_calls: int = 0  # compile_prefill's calls (flash-attn-4 kernel variants)
 
 
 def max_new_tokens(row: int, buckets: list[int]) -> int:
@@ -121,6 +123,24 @@ def _wait(engine: ServingEngine, futures: list[Future], deadline: float) -> bool
     return not pending
 
 
+def compile_prefill(engine: ServingEngine) -> int:
+    """The prefill backend's per-call JIT kernels compiled ahead (flash-attn-4's head-group and window
+    variants: which ones a document needs follows its activations, so random ids alone miss some).
+    Returns the calls made; 0 for a backend without them, or (with a warning) when compiling fails."""
+    compile_fn = getattr(engine.model.backend, "compile_prefill", None)
+    if compile_fn is None:
+        return 0
+    import torch
+
+    cfg = engine.model.config
+    try:
+        with torch.inference_mode():
+            return int(compile_fn(engine.model.slopes, scale=cfg.scale, head_dim=cfg.head_dim, dtype=engine.model.dtype))
+    except Exception as exc:  # noqa: BLE001 - a warm-up never fails the load: the kernels compile at first use
+        log.warning("engine warm-up: compiling the prefill kernels ahead failed (%s); they compile at first use", exc)
+        return 0
+
+
 def warm_up(engine: ServingEngine, *, timeout_s: float = WARMUP_TIMEOUT_S, fan_out: int | None = None,
             long_tokens: int | None = None, seed: int = 0) -> WarmupReport:
     """Run the synthetic requests through the engine and wait for them (at most timeout_s: past it
@@ -135,6 +155,7 @@ def warm_up(engine: ServingEngine, *, timeout_s: float = WARMUP_TIMEOUT_S, fan_o
     if long_tokens is None:  # off CUDA: the shortest document whose continuations still form a prefix group
         long_tokens = engine.max_model_len if on_cuda else engine.config.min_shared_tokens + engine.config.block_size
     n_long = long_prompt_tokens(engine, fan_out, long_tokens)
+    compiled = compile_prefill(engine)  # while the engine is idle: nothing else uses the device yet
     free_before = engine.stats()["blocks_free"]
     submitted: list[tuple[str, Future]] = []
     timed_out = False
@@ -167,7 +188,7 @@ def warm_up(engine: ServingEngine, *, timeout_s: float = WARMUP_TIMEOUT_S, fan_o
         log.warning("engine warm-up left blocks held: %s free, %d before (prefix cache reset: %s)",
                     free_after, free_before, cache_reset)
     report = WarmupReport(time.monotonic() - start, n_long, len(submitted), len(errors), timed_out, cache_reset,
-                          free_before, free_after)
+                          free_before, free_after, compiled)
     log.info("engine warm-up: %d requests (a %d-token document with %d continuations and a score request, "
              "%d short prompts; decode batches down from %d) in %.1f s", report.requests, n_long, fan_out,
              fan_out, fan_out, report.seconds)

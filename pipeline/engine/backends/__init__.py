@@ -83,4 +83,5 @@ def select_backend(device: torch.device | str, prefer: str | None = None) -> Att
         decode=decode_mod.decode,
         prefill_name=prefill_name,
         decode_name=decode_name,
+        compile_prefill=getattr(prefill_mod, "compile_kernels", None),
     )

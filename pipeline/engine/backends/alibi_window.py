@@ -157,6 +157,16 @@ def plan_groups(
     return groups[::-1]
 
 
+def group_align(heads: int) -> int:
+    """The grid head groups start on: GROUP_ALIGN, or 1 for few heads (few starts anyway)."""
+    return GROUP_ALIGN if heads >= 4 * GROUP_ALIGN else 1
+
+
+def group_starts(heads: int) -> list[int]:
+    """Every head a group of a windowed plan can start at (each one a kernel of its own in flash-attn-4)."""
+    return list(range(0, heads, group_align(heads)))
+
+
 def window_groups(
     q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor, host_slopes: list[float], *, scale: float
 ) -> Iterator[HeadGroup]:
@@ -169,7 +179,7 @@ def window_groups(
     heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
     # rounded up to the group grid: a few full heads more in the planned part keep every launch's
     # first head on the grid (their windows come out unbounded, the same causal work)
-    align = GROUP_ALIGN if heads >= 4 * GROUP_ALIGN else 1  # few heads: few starts anyway
+    align = group_align(heads)
     planned = min(heads, -(-always_full_from(host_slopes, tk) // align) * align)
     first = slice(0, planned)
     pending = head_windows_async(q[:, :, first], k[:, :, first], slopes[first], scale=scale) if planned else None

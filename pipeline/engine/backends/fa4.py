@@ -41,7 +41,14 @@ from typing import Any
 import torch
 
 from pipeline.engine.backends import fa4_fused
-from pipeline.engine.backends.alibi_window import HeadGroup, always_full_from, causal_work, window_groups
+from pipeline.engine.backends.alibi_window import (
+    HeadGroup,
+    always_full_from,
+    causal_work,
+    group_align,
+    group_starts,
+    window_groups,
+)
 from pipeline.engine.backends.fa4_score_mods import score_mod
 
 log = logging.getLogger(__name__)
@@ -142,17 +149,8 @@ def prefill(
     if unknown:
         raise TypeError(f"unknown fa4 options {sorted(unknown)}")
     options = {**DEFAULTS, **overrides}
-    variant, windows = options.pop("variant"), options.pop("windows")
-    step, host_slopes = _slope_info(slopes)
-    if variant == "aux":
-        step = None
-    if step is None:
-        variant = "aux"
-    kernel_options = {name: value for name, value in options.items() if value is not None}
-    if "tile_mn" in kernel_options:
-        kernel_options["tile_mn"] = tuple(kernel_options["tile_mn"])
-    if variant == "fused" and not _fused_ok(interface, step, scale, q.shape[-1], q.device, kernel_options):
-        variant = "exp2"
+    windows = options.pop("windows")
+    variant, step, host_slopes, kernel_options = _resolve(interface, slopes, scale, q.shape[-1], q.device, options)
     call = functools.partial(_call, interface, variant=variant, step=step, scale=scale, options=kernel_options)
 
     heads, tk = q.shape[2], k.shape[1]
@@ -165,6 +163,58 @@ def prefill(
         hs = slice(group.start, group.stop)
         call(q[:, :, hs], k[:, :, hs], v[:, :, hs], slopes[hs], group, out=out[:, :, hs])
     return out
+
+
+def _resolve(interface: Any, slopes: torch.Tensor, scale: float, head_dim: int, device: torch.device,
+             options: dict[str, Any]) -> tuple[str, float | None, list[float], dict[str, Any]]:
+    """(variant, slope step, slopes on the host, kernel options) for these slopes and options: the
+    geometric variants need the slopes' series (else "aux"); "fused" needs its check to pass."""
+    options = dict(options)
+    variant = options.pop("variant")
+    step, host_slopes = _slope_info(slopes)
+    if variant == "aux":
+        step = None
+    if step is None:
+        variant = "aux"
+    kernel_options = {name: value for name, value in options.items() if value is not None}
+    if "tile_mn" in kernel_options:
+        kernel_options["tile_mn"] = tuple(kernel_options["tile_mn"])
+    if variant == "fused" and not _fused_ok(interface, step, scale, head_dim, device, kernel_options):
+        variant = "exp2"
+    return variant, step, host_slopes, kernel_options
+
+
+COMPILE_TOKENS = 1024  # queries of each compile call: several query tiles, as a long prefill's calls have
+COMPILE_WINDOW = 256
+
+
+def compile_kernels(slopes: torch.Tensor, *, scale: float, head_dim: int, dtype: torch.dtype) -> int:
+    """Compile now the kernels a long prefill with these slopes can ask for, each JIT-compiled at its
+    first use otherwise (seconds apiece, in the middle of a request: bench/NOTES.md session 6 run 3).
+    flash-attn-4's compile key holds the score_mod, which carries a head group's first head, and
+    whether the call is local (a window) or causal; shapes are dynamic. So one small call per group
+    start on the grid, once with a window and once without. (A prompt tail's short-query causal call
+    over head 0 is another kernel: the engine warm-up's own requests compile it.) Returns the calls
+    made; 0 where flash-attn-4 is absent."""
+    interface = _flash_attn_module()
+    if interface is None:
+        return 0
+    device = slopes.device
+    variant, step, _, kernel_options = _resolve(interface, slopes, scale, head_dim, device, DEFAULTS)
+    heads = slopes.numel()
+    starts = group_starts(heads) if variant in GROUPABLE else [0]
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, COMPILE_TOKENS, heads, head_dim, device=device, dtype=dtype, generator=gen)
+               for _ in range(3))
+    calls = 0
+    for start in starts:
+        stop = min(heads, start + group_align(heads))
+        hs = slice(start, stop)
+        for window in (None, COMPILE_WINDOW):
+            _call(interface, q[:, :, hs], k[:, :, hs], v[:, :, hs], slopes[hs], HeadGroup(start, stop, window),
+                  variant=variant, step=step, scale=scale, options=kernel_options)
+            calls += 1
+    return calls
 
 
 def windows_pay(tq: int, tk: int) -> bool:
