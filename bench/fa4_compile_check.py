@@ -30,6 +30,7 @@ def main() -> None:
     calls = fa4.compile_kernels(slopes, scale=scale, head_dim=128, dtype=torch.bfloat16)
     torch.cuda.synchronize()
     out = {"compile_calls": calls, "compile_s": round(time.perf_counter() - t0, 2), "kernels_after": len(cache)}
+    print(json.dumps(out), flush=True)  # the compiles alone took > 100 s in session 6: report as it goes
     rows = []
     gen = torch.Generator(device=dev).manual_seed(1)
     for tq, tk, norm in [(4096, 4096, 1.0), (16384, 16384, 1.0), (16384, 16384, 3.0), (16384, 32768, 0.5),
@@ -43,6 +44,7 @@ def main() -> None:
         torch.cuda.synchronize()
         rows.append({"tq": tq, "tk": tk, "norm": norm, "new_kernels": len(cache) - before,
                      "s": round(time.perf_counter() - t, 3)})
+        print(json.dumps(rows[-1]), flush=True)
     out["prefills"] = rows
     print(json.dumps(out, indent=1))
 

@@ -200,7 +200,8 @@ def compile_kernels(slopes: torch.Tensor, *, scale: float, head_dim: int, dtype:
     if interface is None:
         return 0
     device = slopes.device
-    variant, step, _, kernel_options = _resolve(interface, slopes, scale, head_dim, device, DEFAULTS)
+    options = {name: value for name, value in DEFAULTS.items() if name != "windows"}  # a plan option, not a kernel's
+    variant, step, _, kernel_options = _resolve(interface, slopes, scale, head_dim, device, options)
     heads = slopes.numel()
     starts = group_starts(heads) if variant in GROUPABLE else [0]
     gen = torch.Generator(device=device).manual_seed(0)
