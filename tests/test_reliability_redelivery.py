@@ -100,6 +100,9 @@ def test_a_killed_workers_late_redelivery_changes_nothing(
             job = poll_job(client, h, job_id, timeout=120)
             recovered_s = time.monotonic() - killed_at
             assert job["status"] == "succeeded" and job["attempts"] == 2, job
+            # the survivor acks its own delivery when the task returns, just after the commit the poll
+            # saw (acks_late): wait for that, then only the killed worker's message is left
+            wait_for(lambda: unacked.hlen("unacked") <= 1, 15, 0.05, what="the survivor to ack its delivery")
             assert unacked.hlen("unacked") == 1, "the killed worker's message must still be waiting"
             before = _snapshot(url, job_id, doc["id"])
             survivor.stop()
