@@ -34,10 +34,11 @@ from typing import Any
 import torch
 
 from bench.engine import COPY_TBPS, Bench
-from pipeline.engine.core.requests import GenerateRequest, SamplingParams
+from pipeline.engine.core.requests import GenerateRequest, SamplingParams, ScoreRequest
 from pipeline.engine.generate import DenseGenerator
 from pipeline.engine.paged_cache import bytes_per_token
 from pipeline.engine.prefill import prefill_chunked
+from pipeline.engine.score import score
 from pipeline.engine.serving import EngineConfig, ServingEngine
 from pipeline.engine.tokenizer import Tokenizer
 
@@ -100,8 +101,21 @@ def check(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator) -
     agree = [sum(x == y for x, y in zip(r.tokens, a, strict=True)) / 16 for r, a in zip(results, alone, strict=True)]
     first_diff = [next((i for i, (x, y) in enumerate(zip(r.tokens, a, strict=True)) if x != y), 16)
                   for r, a in zip(results, alone, strict=True)]
+    # where the two paths first pick differently, how far apart the two picks are in log p (each path's
+    # own): near-ties of random bf16 weights come out at a few hundredths of a nat, a wrong kernel at more
+    gaps: list[dict | None] = []
+    for p, r, a, i in zip(prompts, results, alone, first_diff, strict=True):
+        if i >= 16:
+            gaps.append(None)
+            continue
+        prefix, picks = p + a[:i], [[r.tokens[i]], [a[i]]]
+        ours = eng.submit(ScoreRequest(prefix_ids=prefix, continuations=picks))
+        eng.run_until_idle()
+        theirs = score(dense.model, prefix, picks)
+        gaps.append({"ours_nats": round(abs(ours.result().logprobs[0] - ours.result().logprobs[1]), 4),
+                     "dense_nats": round(abs(theirs[0] - theirs[1]), 4)})
     return {"doc_tokens": n, "token_agreement": agree, "first_divergence": first_diff,
-            "cached_tokens": [r.cached_tokens for r in results]}
+            "divergence_gap": gaps, "cached_tokens": [r.cached_tokens for r in results]}
 
 
 def document(b: Bench, eng: ServingEngine, corpus: Corpus, dense: DenseGenerator) -> dict:
