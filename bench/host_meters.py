@@ -5,7 +5,8 @@ generator (one host sync per windowed attention call), and records per step:
   wall_ms    inside ServingEngine.step
   cpu_ms     the engine thread's CPU time in it (time.thread_time); wall - cpu is time the thread
              waited: for the device (CUDA), the GIL, or a CPU core on a loaded machine
-  forwards   model forwards launched: one per prefill chunk, one for all decode rows
+  forwards   model forwards launched: one per prefill chunk (one for all with batch_prefills), one for all
+             decode rows
   chunks     prefill chunks; synced: windowed fa4 attention calls (each waits for the device);
   captured   seconds spent capturing CUDA graphs in it
 JobMeter sums each job thread's CPU time (pure-Python work there holds the GIL the engine needs).
@@ -44,7 +45,8 @@ class StepMeter:
         launch, capture = runner.launch, runner._capture
 
         def counted_launch(out: Any, sampling: Any) -> Any:
-            self._now.forwards += len(out.prefills) + (1 if out.decodes else 0)
+            together = runner.batch_prefills and len(out.prefills) > 1  # one forward for all chunks
+            self._now.forwards += (1 if together else len(out.prefills)) + (1 if out.decodes else 0)
             self._now.chunks += len(out.prefills)
             return launch(out, sampling)
 

@@ -105,7 +105,8 @@ def build_model(args: argparse.Namespace, vocab: int, device: torch.device) -> M
 
 def new_engine(model: Mpt, tok: Tokenizer, args: argparse.Namespace) -> ServingEngine:
     per_token = 2 * model.config.n_layers * model.config.d_model * model.dtype.itemsize
-    config = EngineConfig(kv_cache_bytes=args.kv_tokens * per_token, async_scheduling=not args.sync)
+    config = EngineConfig(kv_cache_bytes=args.kv_tokens * per_token, async_scheduling=not args.sync,
+                          batch_prefills=args.batch_prefills)
     return ServingEngine(model, tok, config, model_name="mpt-7b-storywriter (random weights)")
 
 
@@ -222,6 +223,7 @@ def main() -> None:
     ap.add_argument("--summary-tokens", type=int, default=SUMMARY_TOKENS)
     ap.add_argument("--repeats", type=int, default=1, help="measured runs (later ones on shuffled copies)")
     ap.add_argument("--sync", action="store_true", help="EngineConfig(async_scheduling=False)")
+    ap.add_argument("--batch-prefills", action="store_true", help="EngineConfig(batch_prefills=True)")
     ap.add_argument("--profile", action="store_true", help="cProfile the engine thread and the job threads")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--gil-probe", action="store_true", help="only: engine steps while a thread tokenizes")

@@ -20,7 +20,8 @@ right after setup, with natural lengths last, since it needs what ours generated
                documents at once: docs/hour = docs / wall, busy fraction = ServingEngine.busy_s / wall
                (and NVML's GPU utilization, sampled), tokens from engine.stats()
   variants     the corpus again on the same engine under --variants settings (the prefix cache emptied
-               before each): the GIL switch interval, documents in flight, the step's token budget
+               before each): the GIL switch interval, documents in flight, the step's token budget,
+               a step's prefill chunks as one forward
   ours_subset  HF's documents again, on a fresh engine (nothing from the prefix cache; warmed up on
                shuffled copies of them): the same-documents rate
   summary      the table: ours docs/hour, HF docs/hour (its documents, and estimated over the documents
@@ -199,7 +200,7 @@ def ours(b: TasksBench, args: argparse.Namespace, name: str = "corpus", docs: li
     return res
 
 
-VARIANT_KEYS = ("switch", "inflight", "step_tokens")
+VARIANT_KEYS = ("switch", "inflight", "step_tokens", "batch_prefills")
 
 
 def parse_variants(text: str) -> list[dict[str, float]]:
@@ -224,7 +225,7 @@ def variants(b: TasksBench, args: argparse.Namespace) -> dict:
 
     serving: ServingEngine = b.private["serving"]
     sched = serving.scheduler
-    base = (sys.getswitchinterval(), sched.max_num_batched_tokens, sched.max_prefill_chunk)
+    base = (sys.getswitchinterval(), sched.max_num_batched_tokens, sched.max_prefill_chunk, serving.runner.batch_prefills)
     out = {}
     for variant in parse_variants(args.variants):
         name = ",".join(f"{k}={v:g}" for k, v in variant.items())
@@ -238,12 +239,14 @@ def variants(b: TasksBench, args: argparse.Namespace) -> dict:
         sys.setswitchinterval(variant.get("switch", base[0]))
         tokens = int(variant.get("step_tokens", base[1]))
         sched.max_num_batched_tokens, sched.max_prefill_chunk = tokens, min(tokens, max(base[2], tokens))
+        serving.runner.batch_prefills = bool(variant.get("batch_prefills", base[3]))
         run_args = argparse.Namespace(**{**vars(args), "inflight": int(variant.get("inflight", args.inflight))})
         try:
             res = ours(b, run_args, f"variant {name}")
         finally:
             sys.setswitchinterval(base[0])
             sched.max_num_batched_tokens, sched.max_prefill_chunk = base[1], base[2]
+            serving.runner.batch_prefills = base[3]
         out[name] = {k: v for k, v in res.items() if k != "per_document"}
     return out
 
@@ -399,7 +402,8 @@ def main() -> None:
     ap.add_argument("--warmup-grace-s", type=float, default=180.0, help="warm-up documents run to the end")
     ap.add_argument("--subset-reserve-s", type=float, default=30.0, help="kept for the ours_subset stage")
     ap.add_argument("--variants", default="", help="';'-separated settings the corpus runs again under "
-                    "(variants stage): switch=<GIL switch interval s>, inflight=<documents>, step_tokens=<n>")
+                    "(variants stage): switch=<GIL switch interval s>, inflight=<documents>, step_tokens=<n>, "
+                    "batch_prefills=<0|1>")
     ap.add_argument("--hf-docs", type=int, default=3)
     ap.add_argument("--hf-max-tokens", type=int, default=16384,
                     help="HF's truncation: what it holds on an H200 (its eager attention ran 16K, ran out of "

@@ -43,7 +43,9 @@ def greedy(n: int) -> SamplingParams:
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), n_docs=st.integers(1, 3), tasks=st.integers(1, 4))
-def test_shared_prefix_continuous_batching_equals_each_request_alone(tiny_model, tiny_generator, seed, n_docs, tasks):
+@pytest.mark.parametrize("batch_prefills", [False, True])
+def test_shared_prefix_continuous_batching_equals_each_request_alone(tiny_model, tiny_generator, batch_prefills, seed,
+                                                                      n_docs, tasks):
     model, tokenizer = tiny_model
     rng = random.Random(seed)
     vocab = model.config.vocab_size
@@ -53,7 +55,8 @@ def test_shared_prefix_continuous_batching_equals_each_request_alone(tiny_model,
         for _ in range(tasks):
             requests.append((doc + random_ids(rng, rng.randrange(1, 12), vocab), greedy(rng.randrange(1, 10))))
     rng.shuffle(requests)
-    engine = make_engine(model, tokenizer, blocks=rng.choice([24, 64, 256]))  # 24 blocks force preemption
+    engine = make_engine(model, tokenizer, blocks=rng.choice([24, 64, 256]),  # 24 blocks force preemption
+                         batch_prefills=batch_prefills)
     futures = []
     for prompt, params in requests:  # arrivals interleaved with steps: continuous batching
         futures.append(engine.submit(GenerateRequest(prompt_ids=prompt, params=params)))
@@ -123,10 +126,11 @@ def test_scores_equal_the_dense_reference_and_share_the_prefix(tiny_model):
     assert got.cached_tokens > 0  # the continuations after the first found the prefix's blocks
 
 
-def test_scores_survive_preemption_in_a_tiny_pool(tiny_model):
+@pytest.mark.parametrize("batch_prefills", [False, True])
+def test_scores_survive_preemption_in_a_tiny_pool(tiny_model, batch_prefills):
     model, tokenizer = tiny_model
     rng = random.Random(8)
-    engine = make_engine(model, tokenizer, blocks=7, budget=64, chunk=16)
+    engine = make_engine(model, tokenizer, blocks=7, budget=64, chunk=16, batch_prefills=batch_prefills)
     cases = []
     for _ in range(6):
         prefix = random_ids(rng, rng.randrange(50, 90), model.config.vocab_size)
@@ -274,3 +278,37 @@ def test_engine_thread_keeps_the_gil_switch_interval_off_cuda_and_counts_host_ti
     finally:
         engine.shutdown()
         sys.setswitchinterval(before)
+
+
+def test_a_steps_prefill_chunks_as_one_forward_give_what_each_gives_alone(tiny_model, tiny_generator):
+    """batch_prefills: a document's task tails, label continuations and another document's chunk in
+    one forward per step (counted) give the tokens and scores of each request run alone."""
+    model, tokenizer = tiny_model
+    rng = random.Random(21)
+    vocab = model.config.vocab_size
+    doc, other = random_ids(rng, 100, vocab), random_ids(rng, 70, vocab)
+    tails = [doc + random_ids(rng, rng.randrange(2, 9), vocab) for _ in range(4)] + [other]
+    labels = [random_ids(rng, n, vocab) for n in (1, 2, 4)]
+    engine = make_engine(model, tokenizer, budget=512, chunk=512, batch_prefills=True)
+    forwards, steps_with_many = [], 0
+    segments = model.prefill_segments
+
+    def count(tokens, cache, metas, rows):
+        forwards.append(len(metas))
+        return segments(tokens, cache, metas, rows)
+
+    model.prefill_segments = count
+    try:
+        first = engine.submit(GenerateRequest(prompt_ids=doc + [1, 2], params=greedy(3)))
+        engine.run_until_idle()  # the document's blocks are cached: the rest prefill only their tails
+        gens = [engine.submit(GenerateRequest(prompt_ids=p, params=greedy(5))) for p in tails]
+        scores = engine.submit(ScoreRequest(prefix_ids=doc, continuations=labels))
+        engine.run_until_idle()
+    finally:
+        del model.prefill_segments
+    steps_with_many = sum(n > 1 for n in forwards)
+    assert steps_with_many >= 1 and max(forwards) >= 5  # tails, labels and the other document together
+    assert first.result().tokens == alone(tiny_generator, doc + [1, 2], greedy(3))
+    for p, f in zip(tails, gens, strict=True):
+        assert f.result().tokens == alone(tiny_generator, p, greedy(5))
+    assert scores.result().logprobs == pytest.approx(score(model, doc, labels), abs=1e-4)

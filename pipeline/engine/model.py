@@ -3,6 +3,7 @@ final norm, tied LM head. Parameter names match HF checkpoints minus the "transf
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -150,14 +151,28 @@ class Block(nn.Module):
         self.ffn = MLP(config)
 
     def prefill(
-        self, x: torch.Tensor, kv: LayerCache, meta: PrefillMeta, backend: AttentionBackend, slopes: torch.Tensor
+        self, x: torch.Tensor, kv: LayerCache, meta: PrefillMeta | Sequence[PrefillMeta],
+        backend: AttentionBackend, slopes: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, T, d_model] at positions [meta.start, meta.end) of the sequences `meta` names."""
+        """x [B, T, d_model] at positions [meta.start, meta.end) of the sequences `meta` names; or, with
+        a list of metas (B = 1), several sequences' chunks one after another along T: the projections
+        and the MLP run once over all of them, attention chunk by chunk."""
         _, h = self.norm_1.add_forward(x, None)
         q, k, v = self.attn.project(h)
-        kv.write_prefill(k, v, meta)
-        keys, values = kv.prefill_kv(meta)  # [B, end, H, D] each
-        a = backend.prefill(q, keys, values, slopes, scale=self.attn.config.scale)
+        scale = self.attn.config.scale
+        if isinstance(meta, PrefillMeta):
+            kv.write_prefill(k, v, meta)
+            keys, values = kv.prefill_kv(meta)  # [B, end, H, D] each
+            a = backend.prefill(q, keys, values, slopes, scale=scale)
+        else:
+            a = torch.empty_like(q)
+            offset = 0
+            for part in meta:
+                rows = slice(offset, offset + part.num_tokens)
+                kv.write_prefill(k[:, rows], v[:, rows], part)
+                keys, values = kv.prefill_kv(part)  # [1, end, H, D] each
+                a[:, rows] = backend.prefill(q[:, rows], keys, values, slopes, scale=scale)
+                offset += part.num_tokens
         x = self.attn.output(a, residual=x)
         _, h = self.norm_2.add_forward(x, None)
         return self.ffn(h, residual=x)
@@ -267,6 +282,20 @@ class Mpt(nn.Module):
         if logits_from is None:
             return None
         return self.logits(x[:, logits_from:])
+
+    @torch.inference_mode()
+    def prefill_segments(self, tokens: torch.Tensor, cache: Cache, metas: Sequence[PrefillMeta],
+                         logit_rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Several sequences' chunks as one forward: tokens [1, T] hold them one after another (metas[i]
+        names the next metas[i].num_tokens), so each weight matrix is read once for all of them.
+        Returns float32 logits [N, vocab] at positions logit_rows [N] (indices into T), or None."""
+        for meta in metas:
+            cache.check_prefill(meta)
+        backend = self._backend()
+        x = self.wte(tokens)  # [1, T, d_model]
+        for i, block in enumerate(self.blocks):
+            x = block.prefill(x, cache.layer(i), metas, backend, self.slopes)
+        return None if logit_rows is None else self.logits(x[0].index_select(0, logit_rows))  # [N, vocab]
 
     def decode(
         self, tokens: torch.Tensor, cache: Cache, positions: torch.Tensor, meta: DecodeMeta | None = None

@@ -1,8 +1,10 @@
 """The model runner: turns one scheduler step plan into tensors, runs the model, samples.
 
-Per step: each prefill chunk runs as its own forward (a chunk is hundreds to thousands of tokens:
-compute-bound, batching adds nothing), then all decoding sequences run as one batched step over the
-paged cache. Decode inputs live in static buffers per batch-size bucket, so on CUDA each bucket's
+Per step: each prefill chunk runs as its own forward, or (`batch_prefills`) all of the step's
+chunks as one forward whose projections and MLP run over their tokens together and whose attention
+runs chunk by chunk: a document's task tails and label continuations are tens of tokens each, and
+each forward of its own reads every weight and launches every kernel again. Then all decoding
+sequences run as one batched step over the paged cache. Decode inputs live in static buffers per batch-size bucket, so on CUDA each bucket's
 step is captured once into a CUDA graph and replayed (padded rows read and write the pool's scratch
 block). Decoding rows that share a document's blocks are handed to the attention kernel as groups
 (CascadeMeta): the shared prefix is read once per step for the whole group.
@@ -60,8 +62,9 @@ def buckets_for(max_num_seqs: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model: Mpt, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, batch_prefills: bool = False) -> None:
         self.model, self.cache = model, cache
+        self.batch_prefills = batch_prefills
         self.device = model.device
         self.block_size = cache.block_size
         self.max_blocks = -(-max_model_len // cache.block_size)
@@ -90,8 +93,11 @@ class ModelRunner:
             handed_over = all(state.params.is_greedy for state in states)
             parts.append(self._sample_rows(logits, logp, picks, states))
         last: list[tuple[str, torch.Tensor]] = []  # (seq id, logits [V]) of prompts completed now
-        for chunk in out.prefills:
-            row = self._prefill(chunk, scored)
+        if self.batch_prefills and len(out.prefills) > 1:
+            rows = self._prefill_together(out.prefills, scored)
+        else:
+            rows = [self._prefill(chunk, scored) for chunk in out.prefills]
+        for chunk, row in zip(out.prefills, rows, strict=True):
             if row is not None:
                 last.append((chunk.seq.seq_id, row))
         if last:
@@ -138,6 +144,47 @@ class ModelRunner:
         targets = to_device(np.asarray(ids[lo + 1 : hi + 1], dtype=np.int64), self.device)
         scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
         return None
+
+    def _prefill_together(self, chunks: Sequence[ScheduledSeq],
+                          scored: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor | None]:
+        """Every prefill chunk of the step as one forward (Mpt.prefill_segments): per chunk what
+        `_prefill` returns and scores for it alone, the logits taken at the same positions."""
+        ids: list[int] = []
+        metas: list[PrefillMeta] = []
+        wanted: list[int] = []  # positions along the joined tokens whose logits are needed
+        spans: list[tuple[int, int]] = []  # per chunk: its first row in the logits, how many
+        offset = 0
+        for chunk in chunks:
+            seq, s, n = chunk.seq, chunk.start, chunk.num_tokens
+            ids.extend(seq.token_ids[s : s + n])
+            metas.append(PrefillMeta(start=s, num_tokens=n, block_ids=tuple(seq.block_ids),
+                                     block_index=to_device(np.asarray(seq.block_ids, dtype=np.int64), self.device)))
+            if seq.score_from is None:
+                rows = [offset + n - 1] if chunk.samples else []
+            else:  # positions whose next token is a target, as in `_prefill`
+                lo, hi = max(s, seq.score_from), min(s + n, len(seq.token_ids) - 1)
+                rows = list(range(offset + lo - s, offset + hi - s))
+            spans.append((len(wanted), len(rows)))
+            wanted.extend(rows)
+            offset += n
+        tokens = to_device(np.asarray(ids, dtype=np.int64), self.device)[None]  # [1, T]
+        index = to_device(np.asarray(wanted, dtype=np.int64), self.device) if wanted else None
+        logits = self.model.prefill_segments(tokens, self.cache, metas, index)  # [R, V]
+        out: list[torch.Tensor | None] = []
+        for chunk, (first, count) in zip(chunks, spans, strict=True):
+            seq = chunk.seq
+            if count and seq.score_from is None:
+                assert logits is not None
+                out.append(logits[first])
+                continue
+            if count:
+                assert logits is not None
+                lo = max(chunk.start, seq.score_from)
+                logp = torch.log_softmax(logits[first : first + count], dim=-1)  # [count, V]
+                targets = to_device(np.asarray(seq.token_ids[lo + 1 : lo + 1 + count], dtype=np.int64), self.device)
+                scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
+            out.append(None)
+        return out
 
     # --- decode -------------------------------------------------------------------------------
 

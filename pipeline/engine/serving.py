@@ -64,6 +64,8 @@ class EngineConfig:
     # 0.5 ms took the tasks run from 2,027 to 2,557 documents/hour (bench/NOTES.md session 6 run 2).
     # Off CUDA it is left alone (not measured there; the engine's own ops compete for the same cores)
     gil_switch_interval_s: float | None = 0.0005
+    # a step's prefill chunks as one forward (runner.py); off until measured on the H200
+    batch_prefills: bool = False
 
 
 @dataclass
@@ -97,7 +99,8 @@ class ServingEngine:
             max_num_seqs=cfg.max_num_seqs, min_shared_tokens=cfg.min_shared_tokens,
             enable_prefix_caching=cfg.enable_prefix_caching)
         self.runner = ModelRunner(model, self.cache, max_num_seqs=cfg.max_num_seqs,
-                                  max_model_len=self.max_model_len, cuda_graphs=cfg.cuda_graphs)
+                                  max_model_len=self.max_model_len, cuda_graphs=cfg.cuda_graphs,
+                                  batch_prefills=cfg.batch_prefills)
         self.book = RequestBook(self.scheduler, tokenizer, model.device, self.max_model_len)
         self.async_scheduling = cfg.async_scheduling  # switchable between steps (benchmarks compare both)
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
