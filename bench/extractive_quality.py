@@ -4,7 +4,7 @@ point PYTHONPATH at an older checkout for a same-run baseline).
 - classify: accuracy with the default labels (contract, report, paper, form, other) on the corpus
   PDFs whose MANIFEST kind is contract, report or paper.
 - qa, CUAD: per contract, one plain question per CUAD category its annotators marked (the questions of
-  bench/extractive_qa_cuad.py); a hit when a cited evidence segment lies inside an annotated clause or
+  bench/extractive_qa_cuad.py), CUAD_HELD_OUT's and CUAD_FRESH's (held out: never tuned on); a hit when a cited evidence segment lies inside an annotated clause or
   holds one; also top-1 (the answer itself).
 - qa, 10-Q: the docugami QnA rows on the two 10-Qs; a hit when the evidence holds the answer's key
   figure (ANSWER_KEYS, read off the annotated answers).
@@ -58,6 +58,24 @@ CUAD_HELD_OUT = {
     "Uncapped Liability": "Is any liability unlimited?",
     "Revenue/Profit Sharing": "Is revenue or profit shared between the parties?",
 }
+# Fresh: every other CUAD category the corpus contracts' annotators marked, one plain question each,
+# written before any change of the session that added them (2026-12-02) without reading the answers,
+# and run only before and after that work: the honest figure of what QA does on questions nobody tuned on.
+CUAD_FRESH = {
+    "Document Name": "What is the title of this agreement?",
+    "Most Favored Nation": "Is a party guaranteed terms at least as good as those given to others?",
+    "Competitive Restriction Exception": "Are there exceptions to the restrictions on competing?",
+    "No-Solicit Of Customers": "Is a party barred from soliciting the other's customers?",
+    "No-Solicit Of Employees": "Can a party hire or solicit the other's employees?",
+    "Non-Disparagement": "Are the parties prohibited from disparaging each other?",
+    "Rofr/Rofo/Rofn": "Does a party have a right of first refusal or first offer?",
+    "Joint Ip Ownership": "Is any intellectual property jointly owned?",
+    "Affiliate License-Licensor": "Does the license cover intellectual property of the licensor's affiliates?",
+    "Affiliate License-Licensee": "Can the licensee's affiliates use the licensed rights?",
+    "Source Code Escrow": "Is source code held in escrow?",
+    "Liquidated Damages": "Are there liquidated damages or a termination fee?",
+    "Third Party Beneficiary": "Can a third party enforce the agreement?",
+}
 TENQ = {"2022 Q3 AAPL": "report-aapl-10q-2022q3.pdf", "2023 Q1 NVDA": "report-nvda-10q-2023q1.pdf"}
 # The figure (or phrase) of each annotated answer that evidence must hold, by question prefix.
 ANSWER_KEYS = {
@@ -92,7 +110,7 @@ def cuad_clauses() -> dict[str, dict[str, list[str]]]:
     source = {Path(r["source_path"]).name: r["file"] for r in manifest()}
     with open(CORPUS / "annotations" / "cuad-master-clauses-shared.csv", newline="") as f:
         rows = {source[r["Filename"]]: r for r in csv.DictReader(f) if r["Filename"] in source}
-    return {pdf: {c: [plain(x) for x in ast.literal_eval(row[c] or "[]")] for c in {**CUAD_QUESTIONS, **CUAD_HELD_OUT}}
+    return {pdf: {c: [plain(x) for x in ast.literal_eval(row[c] or "[]")] for c in {**CUAD_QUESTIONS, **CUAD_HELD_OUT, **CUAD_FRESH}}
             for pdf, row in rows.items()}
 
 
@@ -146,7 +164,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     r = Runner()
-    report: dict = {"classify": {}, "cuad": [], "cuad_held_out": [], "tenq": [], "issue_cases": []}
+    report: dict = {"classify": {}, "cuad": [], "cuad_held_out": [], "cuad_fresh": [], "tenq": [], "issue_cases": []}
     kinds = {row["file"]: row["kind"] for row in manifest() if row["file"].endswith(".pdf")
              and row["kind"] in ("contract", "report", "paper")}
     clauses = cuad_clauses()
@@ -155,7 +173,7 @@ def main() -> None:
         docs[pdf] = doc = r.doc(pdf)
         got = r.task("classify", {"labels": DEFAULT_LABELS}, doc)["label"]
         report["classify"][pdf] = [kind, got]
-        for key, questions in (("cuad", CUAD_QUESTIONS), ("cuad_held_out", CUAD_HELD_OUT)):
+        for key, questions in (("cuad", CUAD_QUESTIONS), ("cuad_held_out", CUAD_HELD_OUT), ("cuad_fresh", CUAD_FRESH)):
             if pdf not in clauses:
                 break
             asked = [c for c in questions if clauses[pdf][c]]
@@ -181,6 +199,8 @@ def main() -> None:
         "cuad_evidence": f"{sum(x['evidence'] for x in report['cuad'])}/{len(report['cuad'])}",
         "cuad_held_out_evidence": f"{sum(x['evidence'] for x in report['cuad_held_out'])}/{len(report['cuad_held_out'])}",
         "cuad_held_out_top1": f"{sum(x['top1'] for x in report['cuad_held_out'])}/{len(report['cuad_held_out'])}",
+        "cuad_fresh_evidence": f"{sum(x['evidence'] for x in report['cuad_fresh'])}/{len(report['cuad_fresh'])}",
+        "cuad_fresh_top1": f"{sum(x['top1'] for x in report['cuad_fresh'])}/{len(report['cuad_fresh'])}",
         "tenq_evidence": f"{sum(x['evidence'] for x in report['tenq'])}/{len(report['tenq'])}",
         "issue_cases": f"{sum(x['ok'] for x in report['issue_cases'])}/{len(report['issue_cases'])}",
         "task_seconds": round(r.task_s, 1),
