@@ -1,10 +1,7 @@
 """The model runner: turns one scheduler step plan into tensors, runs the model, samples.
 
-Per step: each prefill chunk runs as its own forward, or (`batch_prefills`) all of the step's
-chunks as one forward whose projections and MLP run over their tokens together and whose attention
-runs chunk by chunk: a document's task tails and label continuations are tens of tokens each, and
-each forward of its own reads every weight and launches every kernel again. Then all decoding
-sequences run as one batched step over the paged cache. Decode inputs live in static buffers per batch-size bucket, so on CUDA each bucket's
+Per step: the prefill chunks run through chunk_prefill.py (each its own forward, or all of them one),
+then all decoding sequences run as one batched step over the paged cache. Decode inputs live in static buffers per batch-size bucket, so on CUDA each bucket's
 step is captured once into a CUDA graph and replayed (padded rows read and write the pool's scratch
 block). Decoding rows that share a document's blocks are handed to the attention kernel as groups
 (CascadeMeta): the shared prefix is read once per step for the whole group.
@@ -29,13 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.engine.chunk_prefill import ChunkPrefill
 from pipeline.engine.core.requests import SamplingParams
 from pipeline.engine.core.scheduler import PrefixGroup, ScheduledSeq, SchedulerOutput
 from pipeline.engine.decode_inputs import POSITION, SEQ_LEN, SLOT, SRC, TAKE, TOKEN, DecodeInputs
-from pipeline.engine.metadata import CascadeMeta, DecodeMeta, PrefillMeta
+from pipeline.engine.metadata import CascadeMeta, DecodeMeta
 from pipeline.engine.model import Mpt
 from pipeline.engine.paged_cache import PagedKVCache
-from pipeline.engine.readback import StepReadback, StepResult, host_tensor, to_device
+from pipeline.engine.readback import StepReadback, StepResult, host_tensor
 from pipeline.engine.sampling import greedy_pick, select_next
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,7 @@ class ModelRunner:
     def __init__(self, model: Mpt, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int,
                  cuda_graphs: bool | None = None, batch_prefills: bool = False) -> None:
         self.model, self.cache = model, cache
-        self.batch_prefills = batch_prefills
+        self.prefills = ChunkPrefill(model, cache, together=batch_prefills)
         self.device = model.device
         self.block_size = cache.block_size
         self.max_blocks = -(-max_model_len // cache.block_size)
@@ -93,10 +91,7 @@ class ModelRunner:
             handed_over = all(state.params.is_greedy for state in states)
             parts.append(self._sample_rows(logits, logp, picks, states))
         last: list[tuple[str, torch.Tensor]] = []  # (seq id, logits [V]) of prompts completed now
-        if self.batch_prefills and len(out.prefills) > 1:
-            rows = self._prefill_together(out.prefills, scored)
-        else:
-            rows = [self._prefill(chunk, scored) for chunk in out.prefills]
+        rows = self.prefills.run(out.prefills, scored)
         for chunk, row in zip(out.prefills, rows, strict=True):
             if row is not None:
                 last.append((chunk.seq.seq_id, row))
@@ -116,75 +111,18 @@ class ModelRunner:
         self._last_rows = {sid: i for i, sid in enumerate(ids)}
         return StepReadback(ids, picks, scored)
 
+    @property
+    def batch_prefills(self) -> bool:
+        """Whether a step's prefill chunks run as one forward (switchable between steps, for benches)."""
+        return self.prefills.together
+
+    @batch_prefills.setter
+    def batch_prefills(self, on: bool) -> None:
+        self.prefills.together = on
+
     def execute(self, out: SchedulerOutput, sampling: Mapping[str, SamplingState]) -> StepResult:
         """launch + wait (scripts and tests that step synchronously)."""
         return self.launch(out, sampling).result()
-
-    # --- prefill ------------------------------------------------------------------------------
-
-    def _prefill(self, chunk: ScheduledSeq, scored: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
-        """One chunk of one sequence. Returns the last position's logits [V] when the chunk completes a
-        generating sequence's prompt (its first token is sampled from them); a scoring chunk appends
-        (seq id, log p of its target tokens, on the device) to `scored`."""
-        seq, s, n = chunk.seq, chunk.start, chunk.num_tokens
-        e = s + n
-        ids = seq.token_ids
-        tokens = to_device(np.asarray(ids[s:e], dtype=np.int64), self.device)[None]  # [1, T]
-        meta = PrefillMeta(start=s, num_tokens=n, block_ids=tuple(seq.block_ids),
-                           block_index=to_device(np.asarray(seq.block_ids, dtype=np.int64), self.device))
-        if seq.score_from is None:
-            logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=-1 if chunk.samples else None)
-            return logits[0, -1] if logits is not None else None
-        lo, hi = max(s, seq.score_from), min(e, len(ids) - 1)  # positions whose next token is a target
-        if lo >= hi:
-            self.model.prefill(tokens, self.cache, meta=meta, logits_from=None)
-            return None
-        logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=lo - s)  # [1, e - lo, V]
-        logp = torch.log_softmax(logits[0, : hi - lo], dim=-1)  # [hi - lo, V]
-        targets = to_device(np.asarray(ids[lo + 1 : hi + 1], dtype=np.int64), self.device)
-        scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
-        return None
-
-    def _prefill_together(self, chunks: Sequence[ScheduledSeq],
-                          scored: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor | None]:
-        """Every prefill chunk of the step as one forward (Mpt.prefill_segments): per chunk what
-        `_prefill` returns and scores for it alone, the logits taken at the same positions."""
-        ids: list[int] = []
-        metas: list[PrefillMeta] = []
-        wanted: list[int] = []  # positions along the joined tokens whose logits are needed
-        spans: list[tuple[int, int]] = []  # per chunk: its first row in the logits, how many
-        offset = 0
-        for chunk in chunks:
-            seq, s, n = chunk.seq, chunk.start, chunk.num_tokens
-            ids.extend(seq.token_ids[s : s + n])
-            metas.append(PrefillMeta(start=s, num_tokens=n, block_ids=tuple(seq.block_ids),
-                                     block_index=to_device(np.asarray(seq.block_ids, dtype=np.int64), self.device)))
-            if seq.score_from is None:
-                rows = [offset + n - 1] if chunk.samples else []
-            else:  # positions whose next token is a target, as in `_prefill`
-                lo, hi = max(s, seq.score_from), min(s + n, len(seq.token_ids) - 1)
-                rows = list(range(offset + lo - s, offset + hi - s))
-            spans.append((len(wanted), len(rows)))
-            wanted.extend(rows)
-            offset += n
-        tokens = to_device(np.asarray(ids, dtype=np.int64), self.device)[None]  # [1, T]
-        index = to_device(np.asarray(wanted, dtype=np.int64), self.device) if wanted else None
-        logits = self.model.prefill_segments(tokens, self.cache, metas, index)  # [R, V]
-        out: list[torch.Tensor | None] = []
-        for chunk, (first, count) in zip(chunks, spans, strict=True):
-            seq = chunk.seq
-            if count and seq.score_from is None:
-                assert logits is not None
-                out.append(logits[first])
-                continue
-            if count:
-                assert logits is not None
-                lo = max(chunk.start, seq.score_from)
-                logp = torch.log_softmax(logits[first : first + count], dim=-1)  # [count, V]
-                targets = to_device(np.asarray(seq.token_ids[lo + 1 : lo + 1 + count], dtype=np.int64), self.device)
-                scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
-            out.append(None)
-        return out
 
     # --- decode -------------------------------------------------------------------------------
 

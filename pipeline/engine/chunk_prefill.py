@@ -1,0 +1,102 @@
+"""A step's prefill chunks into the paged cache: each chunk its own forward, or all of them one.
+
+Per chunk the result is the same either way: a generating sequence whose prompt the chunk completes
+gets its last position's logits [V] (its first token is sampled from them), a scoring sequence gets
+the log p of its target tokens appended to `scored`, anything else nothing. Together (`together`,
+EngineConfig.batch_prefills) the chunks' tokens run one after another through one forward
+(Mpt.prefill_segments): projections and MLP over all of them, attention chunk by chunk. A document's
+task tails and label continuations are tens of tokens each, and a forward of their own each reads
+every weight and launches every kernel again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.engine.core.scheduler import ScheduledSeq
+from pipeline.engine.metadata import PrefillMeta
+from pipeline.engine.model import Mpt
+from pipeline.engine.paged_cache import PagedKVCache
+from pipeline.engine.readback import to_device
+
+
+class ChunkPrefill:
+    def __init__(self, model: Mpt, cache: PagedKVCache, *, together: bool = False) -> None:
+        self.model, self.cache, self.together = model, cache, together
+        self.device = model.device
+
+    def run(self, chunks: Sequence[ScheduledSeq], scored: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor | None]:
+        """Per chunk: its prompt's last logits [V] or None; scoring chunks append (seq id, log p [n])."""
+        if self.together and len(chunks) > 1:
+            return self._together(chunks, scored)
+        return [self._one(chunk, scored) for chunk in chunks]
+
+    def _meta(self, chunk: ScheduledSeq) -> PrefillMeta:
+        seq = chunk.seq
+        return PrefillMeta(start=chunk.start, num_tokens=chunk.num_tokens, block_ids=tuple(seq.block_ids),
+                           block_index=to_device(np.asarray(seq.block_ids, dtype=np.int64), self.device))
+
+    def _one(self, chunk: ScheduledSeq, scored: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+        """One chunk of one sequence. Returns the last position's logits [V] when the chunk completes a
+        generating sequence's prompt (its first token is sampled from them); a scoring chunk appends
+        (seq id, log p of its target tokens, on the device) to `scored`."""
+        seq, s, n = chunk.seq, chunk.start, chunk.num_tokens
+        e = s + n
+        ids = seq.token_ids
+        tokens = to_device(np.asarray(ids[s:e], dtype=np.int64), self.device)[None]  # [1, T]
+        meta = self._meta(chunk)
+        if seq.score_from is None:
+            logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=-1 if chunk.samples else None)
+            return logits[0, -1] if logits is not None else None
+        lo, hi = max(s, seq.score_from), min(e, len(ids) - 1)  # positions whose next token is a target
+        if lo >= hi:
+            self.model.prefill(tokens, self.cache, meta=meta, logits_from=None)
+            return None
+        logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=lo - s)  # [1, e - lo, V]
+        logp = torch.log_softmax(logits[0, : hi - lo], dim=-1)  # [hi - lo, V]
+        targets = to_device(np.asarray(ids[lo + 1 : hi + 1], dtype=np.int64), self.device)
+        scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
+        return None
+
+    def _together(self, chunks: Sequence[ScheduledSeq],
+                          scored: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor | None]:
+        """Every prefill chunk of the step as one forward (Mpt.prefill_segments): per chunk what
+        `_one` returns and scores for it alone, the logits taken at the same positions."""
+        ids: list[int] = []
+        metas: list[PrefillMeta] = []
+        wanted: list[int] = []  # positions along the joined tokens whose logits are needed
+        spans: list[tuple[int, int]] = []  # per chunk: its first row in the logits, how many
+        offset = 0
+        for chunk in chunks:
+            seq, s, n = chunk.seq, chunk.start, chunk.num_tokens
+            ids.extend(seq.token_ids[s : s + n])
+            metas.append(self._meta(chunk))
+            if seq.score_from is None:
+                rows = [offset + n - 1] if chunk.samples else []
+            else:  # positions whose next token is a target, as in `_one`
+                lo, hi = max(s, seq.score_from), min(s + n, len(seq.token_ids) - 1)
+                rows = list(range(offset + lo - s, offset + hi - s))
+            spans.append((len(wanted), len(rows)))
+            wanted.extend(rows)
+            offset += n
+        tokens = to_device(np.asarray(ids, dtype=np.int64), self.device)[None]  # [1, T]
+        index = to_device(np.asarray(wanted, dtype=np.int64), self.device) if wanted else None
+        logits = self.model.prefill_segments(tokens, self.cache, metas, index)  # [R, V]
+        out: list[torch.Tensor | None] = []
+        for chunk, (first, count) in zip(chunks, spans, strict=True):
+            seq = chunk.seq
+            if count and seq.score_from is None:
+                assert logits is not None
+                out.append(logits[first])
+                continue
+            if count:
+                assert logits is not None
+                lo = max(chunk.start, seq.score_from)
+                logp = torch.log_softmax(logits[first : first + count], dim=-1)  # [count, V]
+                targets = to_device(np.asarray(seq.token_ids[lo + 1 : lo + 1 + count], dtype=np.int64), self.device)
+                scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
+            out.append(None)
+        return out
