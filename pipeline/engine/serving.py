@@ -60,13 +60,12 @@ class EngineConfig:
     async_scheduling: bool = True  # plan step N + 1 while step N runs; tokens read one step behind
     # the process's GIL switch interval once the engine thread runs on CUDA (None: Python's, 5 ms). Each
     # torch call releases the GIL and takes it back, so each of an eager prefill's ~700 calls can wait
-    # up to the interval for a job thread busy in Python (citations, retrieval) while the device idles:
-    # Its effect is not separated yet: run 2's 2,027 -> 2,557 documents/hour also compared an engine's
+    # up to the interval for a job thread busy in Python (citations, retrieval) while the device idles.
+    # Its gain is not separated yet: run 2's 2,027 -> 2,557 documents/hour also compared an engine's
     # first pass with a second, and the one pair differing in it alone (16 documents in flight) showed
-    # none (bench/NOTES.md session 6, run 3's correction).
-    # Off CUDA it is left alone (not measured there; the engine's own ops compete for the same cores)
+    # none (bench/NOTES.md session 6, run 3's correction). Off CUDA it is left alone (not measured there)
     gil_switch_interval_s: float | None = 0.0005
-    # a step's prefill chunks as one forward (runner.py); off until measured on the H200
+    # a step's prefill chunks as one forward (chunk_prefill.py); off until measured on the H200
     batch_prefills: bool = False
 
 
