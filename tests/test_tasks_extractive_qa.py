@@ -53,7 +53,8 @@ def test_a_clause_is_found_through_the_heading_segmentation_drops(extractive_eng
     clause = next(i for i, t in enumerate(texts) if t.startswith("During the Term"))
     assert headings[clause] == "2.5 Non-Compete Covenant."
     assert headings[clause + 1] == "8.1 Confidentiality."  # a heading lasts until the next one
-    assert qa_facts.is_contents_line(next(t for t in texts if t.startswith("1.1 Definitions")))
+    # the contents line's own leading number is a label, cut from its segment like a clause's
+    assert qa_facts.is_contents_line(next(t for t in texts if t.startswith("Definitions 1.2")))
     assert not qa_facts.is_contents_line(texts[clause])
 
 
@@ -134,3 +135,33 @@ def test_a_piece_of_a_cut_sentence_is_cited_as_the_whole_sentence(extractive_eng
     assert normalized(doc.full_text[cited["char_start"]:cited["char_end"]]) == answer["answer"]
     whole = whole_sentence(doc, split_sentences(doc), split_sentences(doc).index(pieces[1]), max_words=40)
     assert whole == pieces[1]  # longer than max_words: the piece alone
+
+
+def test_an_enumerated_clause_is_a_segment_of_its_own_without_its_label():
+    # CUAD-style provisions: one per lettered item; a segment running across two holds neither whole
+    doc = document_from_pages([
+        "13.1 EXCEPT IN THE CASE OF FRAUD, NEITHER PARTY SHALL BE LIABLE FOR INDIRECT DAMAGES OF ANY KIND. "
+        "(ii) ENERGOUS will have the right to terminate this Agreement upon written notice to DIALOG. "
+        "(b) The warranty contained in this Section shall not apply to any misuse of the products. "
+        "The price is 3.5 million dollars for the first year of the term of this agreement."])
+    texts = [s.text for s in split_sentences(doc)]
+    assert texts == ["EXCEPT IN THE CASE OF FRAUD, NEITHER PARTY SHALL BE LIABLE FOR INDIRECT DAMAGES OF ANY KIND.",
+                     "ENERGOUS will have the right to terminate this Agreement upon written notice to DIALOG.",
+                     "The warranty contained in this Section shall not apply to any misuse of the products.",
+                     "The price is 3.5 million dollars for the first year of the term of this agreement."]
+    for s in split_sentences(doc):
+        assert normalized(doc.full_text[s.char_start:s.char_end]) == s.text
+
+
+def test_only_a_section_title_is_embedded_with_its_segments():
+    headings = ["", "11. Warranty.", "11. Warranty.", "ACME CORP NOTES TO FINANCIAL STATEMENTS", "x",
+                "ACME CORP NOTES TO FINANCIAL STATEMENTS (Continued)", "x", "ACME CORP NOTES TO FINANCIAL STATEMENTS",
+                "Three Months Ended April 30, 2023", "Other 62 63"]
+    titles = qa_facts.section_titles(headings)
+    assert titles[1] == titles[2] == "11. Warranty."
+    assert titles[3:] == [""] * 7  # a running page header, a table's column heads, a dropped row
+
+
+def test_a_who_question_prefers_the_sentence_naming_the_companies(extractive_engine, contract):
+    answer = _answer(extractive_engine, contract, "Who are the parties to the agreement?")
+    assert "by and between Acme Corp. and Widget Ltd." in answer["answer"], answer

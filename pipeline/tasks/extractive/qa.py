@@ -8,10 +8,11 @@ qa_facts.py):
   not just "revenue"),
 - a cross-check of the question's numbers and names (years, "Q3", "Delaware"): a sentence that names
   a different one of the same kind loses; a question asking for an amount prefers a sentence that
-  states one, a question asking when (a date, a term) one that states a date or duration.
-Only the best SHORTLIST by that score (and the opening sentences) are embedded; their cosine with
-the question completes the score. Headings, fragments and contents lines rank after every full
-sentence. The answer is the best sentence; evidence the best EVIDENCE distinct sentences; "not
+  states one, a question asking when (a date, a term) one that states a date or duration, a
+  who-question one naming a company ("by and between Acme Corp. and Widget Ltd.").
+Only the best SHORTLIST by that score (and the opening sentences) are embedded, each with its section
+title (qa_facts.section_titles); their cosine with the question completes the score. Headings,
+fragments and contents lines rank after every full sentence. The answer is the best sentence; evidence the best EVIDENCE distinct sentences; "not
 stated in the document" when nothing shares a term or a meaning.
 """
 
@@ -33,13 +34,17 @@ from pipeline.types import DocumentText
 
 EVIDENCE = 3
 WHOLE_SENTENCE_WORDS = 120  # a segment cut from a sentence this long or shorter is cited whole
-SHORTLIST = 4  # segments embedded per question: the best lexically (as good as 12: bench/NOTES.md)
+# segments embedded per question, the best lexically: an answer often ranks 5th-15th lexically and only an
+# embedded one can be lifted by its meaning (4 was as good in-sample, not held out: bench/RESULTS.md; 12
+# finds 2 more of 55 held out at ~0.1 s more per 5 questions)
+SHORTLIST = 8
 MEANING_SAMPLE = 24  # no shared term: segments spread over the document, compared by meaning alone
 LEAD = 3  # the opening sentences are always candidates: parties and dates live in the preamble
-WEIGHTS = {"bm25": 0.2, "window": 0.15, "cosine": 0.3, "coverage": 0.35}
+WEIGHTS = {"bm25": 0.2, "window": 0.15, "cosine": 0.5, "coverage": 0.35}
 ENTITY_PENALTY = 0.1  # per kind of name/number the sentence contradicts
 AMOUNT_BONUS = 0.05
 DATE_BONUS = 0.2
+WHO_BONUS = 0.3  # a who-question's answer names someone: the preamble's "by and between X Inc. and Y Ltd."
 EXPANSIONS = {  # question word -> how contracts and filings say it
     "expire": "term until remain effect", "assign": "assignment transfer consent",
     "exclusive": "exclusivity exclusively solely sole", "compete": "competing competitive",
@@ -49,6 +54,7 @@ EXPANSIONS = {  # question word -> how contracts and filings say it
 NOT_STATED_BELOW = 0.25  # a best cosine this low with no shared term: the document does not say
 _AMOUNT_QUESTION = re.compile(r"^\s*(how (much|many)|what (was|were|is|are) (the )?(total|amount|number))", re.I)
 _DATE_QUESTION = re.compile(r"^\s*when\b|\bdate\b|\bexpire|\bterm of\b", re.I)
+_WHO_QUESTION = re.compile(r"^\s*who\b", re.I)
 # when it ends, not when it was made
 _END_QUESTION = re.compile(r"\b(expir\w*|terminat\w*|end|ends|until|renew\w*)\b|\bterm of\b", re.I)
 
@@ -71,7 +77,7 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     progress(0.2, "embedding")
     plans = [plan(index, facts, q) for q in questions]
     # one length-sorted embedding pass over every question's candidates; rank() then hits the cache
-    engine.embed(list(dict.fromkeys([index.texts[i] for p in plans for i in p.candidates] + questions)))
+    engine.embed(list(dict.fromkeys([embedded_text(index, facts, i) for p in plans for i in p.candidates] + questions)))
     progress(0.8, "retrieving")
     answers = []
     for qi, question in enumerate(questions):
@@ -128,11 +134,19 @@ def rank(engine, index, facts: QaFacts, question: str,  # noqa: ANN001
     """[(sentence index, fused score, cosine)] best first; full sentences before headings/fragments."""
     planned = planned or plan(index, facts, question)
     candidates = planned.candidates
-    vectors = engine.embed([index.texts[i] for i in candidates] + [question])  # [C+1, D]
+    vectors = engine.embed([embedded_text(index, facts, i) for i in candidates] + [question])  # [C+1, D]
     cosine = vectors[:-1] @ vectors[-1]  # [C]
     fused = planned.lexical[candidates] + WEIGHTS["cosine"] * np.clip(cosine, 0.0, None)  # [C]
     scored = sorted((bool(facts.short[i]), -float(fused[j]), i, float(cosine[j])) for j, i in enumerate(candidates))
     return [(i, -neg, cos) for _, neg, i, cos in scored]
+
+
+def embedded_text(index, facts: QaFacts, i: int) -> str:  # noqa: ANN001
+    """What segment i is embedded as: with its section title, so that "The above warranties are valid
+    for a period of ..." under "11. Warranty." means what it is about (a clause rarely repeats the
+    words of its title, and a question's words are often the title's)."""
+    title, text = facts.titles[i], index.texts[i]
+    return f"{title} {text}" if title and title not in text else text
 
 
 def distinct(texts: dict[int, str] | list[str], ranked: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
@@ -179,6 +193,8 @@ def cross_check(facts: QaFacts, question: str) -> np.ndarray:
         out += AMOUNT_BONUS * facts.money
     if _DATE_QUESTION.search(question):
         out += DATE_BONUS * facts.date
+    if _WHO_QUESTION.search(question):
+        out += WHO_BONUS * facts.organization
     if _DATE_QUESTION.search(question) and not _END_QUESTION.search(question):
         # "entered into as of December 18, 1998" says when it was made, not when it ends (only the first
         # dated segments count: definitions further on date the agreements they name the same way)

@@ -7,7 +7,7 @@
   the next heading.
 - postings: which windows hold each term (the question-term coverage of every window at once).
 - per segment: the years / quarters / states it names (the cross-check), whether it states an amount,
-  a date or duration, the agreement's own date ("entered into as of ..."), and whether it is a
+  a date or duration, a company, the agreement's own date ("entered into as of ..."), and whether it is a
   heading, a fragment or a table-of-contents line (those rank after every full sentence).
 
 Pure Python + numpy, no embeddings: qa.py scores every segment with these before it embeds any.
@@ -24,6 +24,7 @@ from pipeline.tasks.retrieval import Bm25, terms
 
 MIN_ANSWER_WORDS = 7  # shorter segments (headings, fragments) rank after every full sentence
 HEADING_WORDS = 12  # dropped text longer than this between two segments is not a heading
+TITLE_RUNS = 2  # a title heads its section and may head its table-of-contents line; a running header heads every page
 DATED_FIRST = 4  # the document's own date ("dated as of") is among its first dated segments
 
 # Patterns of lowercased text (case-insensitive matching costs twice as much over a document's segments)
@@ -38,6 +39,9 @@ CALENDAR_DATE = re.compile(rf"\b{_MONTH}\s+\d{{1,2}}(st|nd|rd|th)?,?\s+\d{{4}}|\
                            rf"(day\s+of\s+)?{_MONTH},?\s+\d{{4}}")
 DATED_AS_OF = re.compile(r"\b(dated|entered into|made|effective|executed)\b[^.;]{0,40}?\b(as of|on|this)\b[^.;]{0,12}?("
                          + CALENDAR_DATE.pattern + ")")
+# a company's legal form, abbreviated, names a party ("Nuance Communications, Inc.", "Dialog Semiconductor (UK)
+# Ltd."); "a corporation duly organized" and "not limited to" name no one
+ORGANIZATION = re.compile(r"\b(inc|ltd|llc|l\.l\.c|corp|plc|gmbh|l\.p|n\.v|s\.a)\b\.?")
 YEAR = re.compile(r"\b(19|20)\d\d\b")
 QUARTER = re.compile(r"\b(q[1-4]|first|second|third|fourth) quarter\b|\bq[1-4]\b")
 _STATES = ("alabama|alaska|arizona|arkansas|california|colorado|connecticut|delaware|florida|georgia|hawaii|"
@@ -48,6 +52,8 @@ STATE = re.compile(r"\b(new york|new jersey|new hampshire|new mexico|north carol
                    r"south dakota|rhode island|west virginia|england|" + _STATES + r")\b")
 NAMED = {"year": YEAR, "quarter": QUARTER, "state": STATE}  # kinds of name/number a question can pin
 _SECTION_NUMBER = re.compile(r"(?<![\d.,$])\b\d{1,2}\.\d{1,2}\b(?![\d,%])")
+_LEADING_NUMBER = re.compile(r"^\s*(section\s+|article\s+)?[\dA-Za-z]{0,2}(\.\d+)*\.?\s", re.I)
+_DIGIT = re.compile(r"\d")
 _WORD = re.compile(r"[^\W\d_]{3,}")
 
 
@@ -58,9 +64,11 @@ class QaFacts:
     short: np.ndarray  # [S] bool: heading, fragment or contents line
     money: np.ndarray  # [S] bool: states an amount of money or a large figure
     date: np.ndarray  # [S] bool: states a date or a duration in years/months
+    organization: np.ndarray  # [S] bool: names a company by its legal form
     dated_as_of: np.ndarray  # [S] bool: "entered into as of December 18, 1998", among the first dated
     named: dict[str, list[frozenset[str]]]  # kind -> [S] what each segment names
     dated: list[int]  # segments stating a calendar date, in reading order
+    titles: list[str]  # [S] the section title each segment sits under, or '' (section_titles)
 
 
 def is_heading(text: str) -> bool:
@@ -103,6 +111,25 @@ def section_headings(full_text: str, spans: list[tuple[int, int]], texts: list[s
     return out
 
 
+def section_titles(headings: list[str]) -> list[str]:
+    """[S] the heading as a title of what the segment is about, or '': a heading in title form, without
+    figures past its own number, whose first words head at most TITLE_RUNS runs of segments. A running page header
+    ("NVIDIA CORPORATION AND SUBSIDIARIES NOTES TO ... (Continued)") heads a run on every page, and a
+    table's column heads ("Three Months Ended April 30, 2023") or dropped cells ("Other 62 63") are not
+    titles: either would make a segment mean what the page or the table is, not what it says."""
+    runs: dict[str, int] = {}
+    for i, heading in enumerate(headings):
+        if heading and (i == 0 or headings[i - 1] != heading):
+            runs[_title_key(heading)] = runs.get(_title_key(heading), 0) + 1
+    titles = {h for h in set(headings) if h and runs[_title_key(h)] <= TITLE_RUNS and is_heading(h)
+              and not _DIGIT.search(_LEADING_NUMBER.sub("", h))}
+    return [h if h in titles else "" for h in headings]
+
+
+def _title_key(heading: str) -> str:
+    return " ".join(heading.lower().split()[:4])
+
+
 def build(full_text: str, spans: list[tuple[int, int]], own: list[list[str]], texts: list[str]) -> QaFacts:
     """spans: the segments' (char_start, char_end) in full_text; own: their BM25 terms; texts: their text."""
     headings = section_headings(full_text, spans, texts)
@@ -124,7 +151,8 @@ def build(full_text: str, spans: list[tuple[int, int]], own: list[list[str]], te
     return QaFacts(
         windows=windows, postings={t: np.array(ix) for t, ix in postings.items()},
         short=np.array([is_short(t) for t in texts], dtype=bool), money=flags(MONEY), date=flags(DATE),
+        organization=flags(ORGANIZATION),
         dated_as_of=dated_as_of,
         named={kind: [frozenset(m.group(0) for m in p.finditer(t)) for t in lowered]
                for kind, p in NAMED.items()},
-        dated=dated)
+        dated=dated, titles=section_titles(headings))
