@@ -39,30 +39,38 @@ class ChunkPrefill:
         return PrefillMeta(start=chunk.start, num_tokens=chunk.num_tokens, block_ids=tuple(seq.block_ids),
                            block_index=to_device(np.asarray(seq.block_ids, dtype=np.int64), self.device))
 
+    def _targets(self, chunk: ScheduledSeq) -> tuple[int, int]:
+        """A scoring chunk's positions [lo, hi) whose next token is a target (empty when lo >= hi)."""
+        seq = chunk.seq
+        return max(chunk.start, seq.score_from), min(chunk.start + chunk.num_tokens, len(seq.token_ids) - 1)
+
+    def _score(self, chunk: ScheduledSeq, lo: int, logits: torch.Tensor, scored: list[tuple[str, torch.Tensor]]) -> None:
+        """(seq id, log p of the target tokens after positions lo, lo + 1, ...) from their logits [n, V]."""
+        seq = chunk.seq
+        logp = torch.log_softmax(logits, dim=-1)  # [n, V]
+        targets = to_device(np.asarray(seq.token_ids[lo + 1 : lo + 1 + len(logits)], dtype=np.int64), self.device)
+        scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
+
     def _one(self, chunk: ScheduledSeq, scored: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
         """One chunk of one sequence. Returns the last position's logits [V] when the chunk completes a
         generating sequence's prompt (its first token is sampled from them); a scoring chunk appends
         (seq id, log p of its target tokens, on the device) to `scored`."""
         seq, s, n = chunk.seq, chunk.start, chunk.num_tokens
-        e = s + n
-        ids = seq.token_ids
-        tokens = to_device(np.asarray(ids[s:e], dtype=np.int64), self.device)[None]  # [1, T]
+        tokens = to_device(np.asarray(seq.token_ids[s : s + n], dtype=np.int64), self.device)[None]  # [1, T]
         meta = self._meta(chunk)
         if seq.score_from is None:
             logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=-1 if chunk.samples else None)
             return logits[0, -1] if logits is not None else None
-        lo, hi = max(s, seq.score_from), min(e, len(ids) - 1)  # positions whose next token is a target
+        lo, hi = self._targets(chunk)
         if lo >= hi:
             self.model.prefill(tokens, self.cache, meta=meta, logits_from=None)
             return None
-        logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=lo - s)  # [1, e - lo, V]
-        logp = torch.log_softmax(logits[0, : hi - lo], dim=-1)  # [hi - lo, V]
-        targets = to_device(np.asarray(ids[lo + 1 : hi + 1], dtype=np.int64), self.device)
-        scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
+        logits = self.model.prefill(tokens, self.cache, meta=meta, logits_from=lo - s)  # [1, s + n - lo, V]
+        self._score(chunk, lo, logits[0, : hi - lo], scored)
         return None
 
     def _together(self, chunks: Sequence[ScheduledSeq],
-                          scored: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor | None]:
+                  scored: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor | None]:
         """Every prefill chunk of the step as one forward (Mpt.prefill_segments): per chunk what
         `_one` returns and scores for it alone, the logits taken at the same positions."""
         ids: list[int] = []
@@ -76,8 +84,8 @@ class ChunkPrefill:
             metas.append(self._meta(chunk))
             if seq.score_from is None:
                 rows = [offset + n - 1] if chunk.samples else []
-            else:  # positions whose next token is a target, as in `_one`
-                lo, hi = max(s, seq.score_from), min(s + n, len(seq.token_ids) - 1)
+            else:
+                lo, hi = self._targets(chunk)
                 rows = list(range(offset + lo - s, offset + hi - s))
             spans.append((len(wanted), len(rows)))
             wanted.extend(rows)
@@ -87,16 +95,11 @@ class ChunkPrefill:
         logits = self.model.prefill_segments(tokens, self.cache, metas, index)  # [R, V]
         out: list[torch.Tensor | None] = []
         for chunk, (first, count) in zip(chunks, spans, strict=True):
-            seq = chunk.seq
-            if count and seq.score_from is None:
-                assert logits is not None
-                out.append(logits[first])
-                continue
             if count:
                 assert logits is not None
-                lo = max(chunk.start, seq.score_from)
-                logp = torch.log_softmax(logits[first : first + count], dim=-1)  # [count, V]
-                targets = to_device(np.asarray(seq.token_ids[lo + 1 : lo + 1 + count], dtype=np.int64), self.device)
-                scored.append((seq.seq_id, logp.gather(-1, targets[:, None])[:, 0].double()))
+                if chunk.seq.score_from is None:
+                    out.append(logits[first])
+                    continue
+                self._score(chunk, self._targets(chunk)[0], logits[first : first + count], scored)
             out.append(None)
         return out

@@ -173,12 +173,16 @@ def write_kv(
         k_cache[rows, positions] = k  # [B, H, D] scattered to one slot per row
         v_cache[rows, positions] = v
         return
-    write_kernel = _triton()[1]
+    _launch_kv_write(k, v, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), positions)
+
+
+def _launch_kv_write(k: torch.Tensor, v: torch.Tensor, k_dst: torch.Tensor, v_dst: torch.Tensor, row_stride: int,
+                     position_stride: int, positions: torch.Tensor) -> None:
+    """Row b's H * D values of k and v to row_stride * b + position_stride * positions[b] of k_dst / v_dst."""
+    b, h, d = k.shape
     n_cols = h * d
-    grid = (b, -(-n_cols // _KV_BLOCK))
-    write_kernel[grid](
-        k, v, k.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), positions, n_cols,
-        BLOCK=_KV_BLOCK,
+    _triton()[1][(b, -(-n_cols // _KV_BLOCK))](
+        k, v, k.stride(0), k_dst, v_dst, row_stride, position_stride, positions, n_cols, BLOCK=_KV_BLOCK,
     )
 
 
@@ -190,15 +194,10 @@ def write_kv_slots(
     a row stride of 0, so the slot alone addresses the destination) instead of one index_copy_ per
     pool: a step runs it once per layer. Returns False, writing nothing, where the kernel does not
     apply (no Triton, the kernel switched off, another layout): the caller writes instead."""
-    b, h, d = k.shape
     if not (KERNELS.kv_write and _runs_triton(k) and k_pool.dtype == k.dtype == v.dtype
             and _kv_layout_ok(k_pool[None], v_pool[None], k, v)):
         return False
-    write_kernel = _triton()[1]
-    n_cols = h * d
-    write_kernel[(b, -(-n_cols // _KV_BLOCK))](
-        k, v, k.stride(0), k_pool, v_pool, 0, k_pool.stride(0), slots, n_cols, BLOCK=_KV_BLOCK,
-    )
+    _launch_kv_write(k, v, k_pool, v_pool, 0, k_pool.stride(0), slots)
     return True
 
 

@@ -159,19 +159,19 @@ class Block(nn.Module):
         and the MLP run once over all of them, attention chunk by chunk."""
         _, h = self.norm_1.add_forward(x, None)
         q, k, v = self.attn.project(h)
-        scale = self.attn.config.scale
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: PrefillMeta) -> torch.Tensor:
+            kv.write_prefill(k, v, part)
+            keys, values = kv.prefill_kv(part)  # [B, end, H, D] each
+            return backend.prefill(q, keys, values, slopes, scale=self.attn.config.scale)
+
         if isinstance(meta, PrefillMeta):
-            kv.write_prefill(k, v, meta)
-            keys, values = kv.prefill_kv(meta)  # [B, end, H, D] each
-            a = backend.prefill(q, keys, values, slopes, scale=scale)
+            a = attend(q, k, v, meta)
         else:
             a = torch.empty_like(q)
             offset = 0
             for part in meta:
                 rows = slice(offset, offset + part.num_tokens)
-                kv.write_prefill(k[:, rows], v[:, rows], part)
-                keys, values = kv.prefill_kv(part)  # [1, end, H, D] each
-                a[:, rows] = backend.prefill(q[:, rows], keys, values, slopes, scale=scale)
+                a[:, rows] = attend(q[:, rows], k[:, rows], v[:, rows], part)
                 offset += part.num_tokens
         x = self.attn.output(a, residual=x)
         _, h = self.norm_2.add_forward(x, None)

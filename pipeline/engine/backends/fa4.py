@@ -149,7 +149,7 @@ def prefill(
     if unknown:
         raise TypeError(f"unknown fa4 options {sorted(unknown)}")
     options = {**DEFAULTS, **overrides}
-    windows = options.pop("windows")
+    windows = options["windows"]
     variant, step, host_slopes, kernel_options = _resolve(interface, slopes, scale, q.shape[-1], q.device, options)
     call = functools.partial(_call, interface, variant=variant, step=step, scale=scale, options=kernel_options)
 
@@ -168,8 +168,9 @@ def prefill(
 def _resolve(interface: Any, slopes: torch.Tensor, scale: float, head_dim: int, device: torch.device,
              options: dict[str, Any]) -> tuple[str, float | None, list[float], dict[str, Any]]:
     """(variant, slope step, slopes on the host, kernel options) for these slopes and options: the
-    geometric variants need the slopes' series (else "aux"); "fused" needs its check to pass."""
-    options = dict(options)
+    geometric variants need the slopes' series (else "aux"); "fused" needs its check to pass. The plan
+    option `windows` is not a kernel's and is left out."""
+    options = {name: value for name, value in options.items() if name != "windows"}
     variant = options.pop("variant")
     step, host_slopes = _slope_info(slopes)
     if variant == "aux":
@@ -200,8 +201,7 @@ def compile_kernels(slopes: torch.Tensor, *, scale: float, head_dim: int, dtype:
     if interface is None:
         return 0
     device = slopes.device
-    options = {name: value for name, value in DEFAULTS.items() if name != "windows"}  # a plan option, not a kernel's
-    variant, step, _, kernel_options = _resolve(interface, slopes, scale, head_dim, device, options)
+    variant, step, _, kernel_options = _resolve(interface, slopes, scale, head_dim, device, DEFAULTS)
     heads = slopes.numel()
     starts = group_starts(heads) if variant in GROUPABLE else [0]
     gen = torch.Generator(device=device).manual_seed(0)
