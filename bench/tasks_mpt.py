@@ -65,6 +65,7 @@ from pipeline.engine.backends import select_backend
 from pipeline.engine.config import MptConfig
 from pipeline.engine.model import Mpt
 from pipeline.engine.serving import ServingEngine
+from pipeline.engine.step_trace import StepTrace
 from pipeline.engine.tokenizer import Tokenizer
 from pipeline.engine.warmup import warm_up
 from pipeline.tasks import validate_params
@@ -179,11 +180,13 @@ def ours(b: TasksBench, args: argparse.Namespace, name: str = "corpus", docs: li
         budget = 1.0  # a handful of documents: all start at once
     grace = max(5.0, min(args.grace_s, remaining(b, args) - budget))
     before, busy0 = serving.stats(), serving.busy_s
+    serving.trace = StepTrace()  # set between steps: the engine reads it once per launch
     sampler = GpuSampler(b.device)
     sampler.start()
     run = _runner(b, args).run(docs, budget_s=budget, grace_s=grace)
     b.private["gave_up"] = run["gave_up"]
     util = sampler.stop()
+    trace, serving.trace = serving.trace, None
     after = serving.stats()
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], int)
              and k in ("requests", "tokens_in", "tokens_out", "steps", "failed", "prefix_hit_tokens", "preemptions",
@@ -194,10 +197,25 @@ def ours(b: TasksBench, args: argparse.Namespace, name: str = "corpus", docs: li
            "docs_per_hour": round(done / wall * 3600, 1) if wall and done else None,
            "pages_per_hour": round(sum(r["pages"] for r in run["per_document"]) / wall * 3600, 1) if wall else None,
            "busy_fraction": round((serving.busy_s - busy0) / wall, 3) if wall else None,
-           "gpu_utilization_mean": util, **delta}
+           "gpu_utilization_mean": util, **delta, "step_trace": trace_summary(trace)}
     b.private.setdefault("per_document", {})[name] = run["per_document"]
     res["per_document"] = run["per_document"]
     return res
+
+
+def trace_summary(trace: StepTrace) -> dict:
+    """The step trace by kind, and decode-only steps by their rows (ms per step grows with the K/V
+    the rows read)."""
+    out = trace.summary()
+    by_rows: dict[str, list[float]] = {f"<={n}": [] for n in (1, 4, 8, 16, 32, 64, 1 << 30)}
+    steps = trace.steps
+    for i, step in enumerate(steps[:-1]):
+        if step.kind == "decode":
+            bucket = next(f"<={n}" for n in (1, 4, 8, 16, 32, 64, 1 << 30) if step.decode_rows <= n)
+            by_rows.setdefault(bucket, []).append(steps[i + 1].started - step.started)
+    out["decode_by_rows"] = {k: {"steps": len(v), "wall_s": round(sum(v), 3), "ms_per_step": round(sum(v) / len(v) * 1000, 3)}
+                             for k, v in by_rows.items() if v}
+    return out
 
 
 VARIANT_KEYS = ("switch", "inflight", "step_tokens", "batch_prefills")

@@ -312,3 +312,30 @@ def test_a_steps_prefill_chunks_as_one_forward_give_what_each_gives_alone(tiny_m
     for p, f in zip(tails, gens, strict=True):
         assert f.result().tokens == alone(tiny_generator, p, greedy(5))
     assert scores.result().logprobs == pytest.approx(score(model, doc, labels), abs=1e-4)
+
+
+def test_step_trace_records_every_step_and_its_prefill_tokens(tiny_model):
+    """The trace (bench/tasks_mpt.py's breakdown) sees each launched step once: its prefill chunks add
+    up to the prompt tokens computed, its decode rows to the tokens generated after each first one."""
+    from pipeline.engine.step_trace import LONG_CHUNK_TOKENS, StepTrace
+
+    model, tokenizer = tiny_model
+    rng = random.Random(5)
+    engine = make_engine(model, tokenizer, budget=96, chunk=40)
+    engine.trace = StepTrace()
+    prompts = [random_ids(rng, n, model.config.vocab_size) for n in (70, 9)]
+    futures = [engine.submit(GenerateRequest(prompt_ids=p, params=greedy(5))) for p in prompts]
+    engine.run_until_idle()
+    for f in futures:
+        f.result()
+    steps = engine.trace.steps
+    assert len(steps) == engine.stats()["steps"]
+    assert sum(sum(s.prefill_chunks) for s in steps) == sum(map(len, prompts))
+    assert sum(s.decode_rows for s in steps) == 2 * 4  # 5 tokens each, the first from the prompt's step
+    assert all(max(s.prefill_chunks, default=0) <= 40 for s in steps)
+    summary = engine.trace.summary()
+    kinds = summary["kinds"]
+    assert "long_prefill" not in kinds and LONG_CHUNK_TOKENS > 40
+    assert sum(k["steps"] for k in kinds.values()) == len(steps)
+    assert sum(k["prefill_tokens"] for k in kinds.values()) == sum(map(len, prompts))
+    assert abs(sum(k["wall_s"] for k in kinds.values()) - summary["span_s"]) < 1e-2

@@ -38,6 +38,7 @@ from pipeline.engine.paged_cache import GIB, PagedKVCache, bytes_per_token, plan
 from pipeline.engine.readback import StepReadback
 from pipeline.engine.request_book import RequestBook, Tracked
 from pipeline.engine.runner import ModelRunner
+from pipeline.engine.step_trace import StepTrace
 from pipeline.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class _Launched:
     owners: dict[str, Tracked | None]
     scoring: dict[str, tuple[Sequence, int]]  # seq id -> (seq, num_preemptions at launch): preempted since,
     # its positions are recomputed and these scores are stale
+    trace_index: int = -1  # its StepTrace record, when the engine traces
 
 
 class ServingEngine:
@@ -110,6 +112,7 @@ class ServingEngine:
         self.busy_s = 0.0  # wall time inside steps (the engine thread's share of the device's work)
         self.launch_s = 0.0  # of which: queuing steps on the device (host work the device may wait for)
         self.wait_s = 0.0  # and waiting for a step's results (the device ahead of the host)
+        self.trace: StepTrace | None = None  # per-step record, off unless set (benchmarks)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -249,15 +252,23 @@ class ServingEngine:
         scoring = {p.seq.seq_id: (p.seq, p.seq.num_preemptions) for p in out.prefills if p.seq.score_from is not None}
         start = time.perf_counter()
         readback = self.runner.launch(out, self.book.sampling)
-        self.launch_s += time.perf_counter() - start
+        launch_s = time.perf_counter() - start
+        self.launch_s += launch_s
         self.scheduler.update(out)  # computed counts + placeholders: the next plan builds on this one
         self._steps += 1
-        return _Launched(out, readback, owners, scoring)
+        trace_index = -1
+        if self.trace is not None:
+            trace_index = self.trace.launched(start, launch_s, len(out.decodes),
+                                              tuple(p.num_tokens for p in out.prefills))
+        return _Launched(out, readback, owners, scoring, trace_index)
 
     def _apply(self, launched: _Launched) -> None:
         start = time.perf_counter()
         result = launched.readback.result()
-        self.wait_s += time.perf_counter() - start
+        wait_s = time.perf_counter() - start
+        self.wait_s += wait_s
+        if self.trace is not None:
+            self.trace.waited(launched.trace_index, wait_s)
         for seq_id, values in result.scored.items():
             seq, epoch = launched.scoring[seq_id]
             tracked = launched.owners[seq_id]
