@@ -247,6 +247,8 @@ def variants(b: TasksBench, args: argparse.Namespace) -> dict:
     out = {}
     for variant in parse_variants(args.variants):
         name = ",".join(f"{k}={v:g}" for k, v in variant.items())
+        if name in out:  # a setting repeated (an A/B/A): each run keeps its own entry
+            name = f"{name} #{sum(1 for n in out if n.split(' #')[0] == name) + 1}"
         if remaining(b, args) < 60:
             out[name] = {"skipped": f"{remaining(b, args):.0f} s left"}
             continue

@@ -66,8 +66,9 @@ class EngineConfig:
     # first pass with a second, and the one pair differing in it alone (16 documents in flight) showed
     # none (bench/NOTES.md session 6, run 3's correction). Off CUDA it is left alone (not measured there)
     gil_switch_interval_s: float | None = 0.0005
-    # a step's prefill chunks as one forward (chunk_prefill.py); off until measured on the H200
-    batch_prefills: bool = False
+    # a step's prefill chunks as one forward (chunk_prefill.py). H200, the tasks bench's corpus on a warm
+    # engine: 38.5 s with, 42.0 s without (bench/NOTES.md session 7, run 1)
+    batch_prefills: bool = True
 
 
 @dataclass
