@@ -218,7 +218,7 @@ def trace_summary(trace: StepTrace) -> dict:
     return out
 
 
-VARIANT_KEYS = ("switch", "inflight", "step_tokens", "batch_prefills")
+VARIANT_KEYS = ("switch", "inflight", "step_tokens", "batch_prefills", "skip")
 
 
 def parse_variants(text: str) -> list[dict[str, float]]:
@@ -235,6 +235,14 @@ def parse_variants(text: str) -> list[dict[str, float]]:
     return out
 
 
+def set_skip(serving: ServingEngine, on: bool) -> None:
+    """Exact key skipping in decode attention on or off; the decode graphs captured with the other
+    setting are dropped (the next steps capture them again). Between steps: the engine is idle here."""
+    if serving.cache.skip_decode != on:
+        serving.cache.skip_decode = on
+        serving.runner.drop_graphs()
+
+
 def variants(b: TasksBench, args: argparse.Namespace) -> dict:
     """The corpus again on the same warm engine under each --variants setting (the GIL switch interval,
     documents in flight, the step's token budget and prefill chunk), the prefix cache emptied before
@@ -243,7 +251,8 @@ def variants(b: TasksBench, args: argparse.Namespace) -> dict:
 
     serving: ServingEngine = b.private["serving"]
     sched = serving.scheduler
-    base = (sys.getswitchinterval(), sched.max_num_batched_tokens, sched.max_prefill_chunk, serving.runner.batch_prefills)
+    base = (sys.getswitchinterval(), sched.max_num_batched_tokens, sched.max_prefill_chunk, serving.runner.batch_prefills,
+            serving.cache.skip_decode)
     out = {}
     for variant in parse_variants(args.variants):
         name = ",".join(f"{k}={v:g}" for k, v in variant.items())
@@ -260,6 +269,7 @@ def variants(b: TasksBench, args: argparse.Namespace) -> dict:
         tokens = int(variant.get("step_tokens", base[1]))
         sched.max_num_batched_tokens, sched.max_prefill_chunk = tokens, min(tokens, max(base[2], tokens))
         serving.runner.batch_prefills = bool(variant.get("batch_prefills", base[3]))
+        set_skip(serving, bool(variant.get("skip", base[4])))
         run_args = argparse.Namespace(**{**vars(args), "inflight": int(variant.get("inflight", args.inflight))})
         try:
             res = ours(b, run_args, f"variant {name}")
@@ -267,6 +277,7 @@ def variants(b: TasksBench, args: argparse.Namespace) -> dict:
             sys.setswitchinterval(base[0])
             sched.max_num_batched_tokens, sched.max_prefill_chunk = base[1], base[2]
             serving.runner.batch_prefills = base[3]
+            set_skip(serving, base[4])
         out[name] = {k: v for k, v in res.items() if k != "per_document"}
     return out
 
@@ -423,7 +434,7 @@ def main() -> None:
     ap.add_argument("--subset-reserve-s", type=float, default=30.0, help="kept for the ours_subset stage")
     ap.add_argument("--variants", default="", help="';'-separated settings the corpus runs again under "
                     "(variants stage): switch=<GIL switch interval s>, inflight=<documents>, step_tokens=<n>, "
-                    "batch_prefills=<0|1>")
+                    "batch_prefills=<0|1>, skip=<0|1> (exact key skipping in decode attention)")
     ap.add_argument("--hf-docs", type=int, default=3)
     ap.add_argument("--hf-max-tokens", type=int, default=16384,
                     help="HF's truncation: what it holds on an H200 (its eager attention ran 16K, ran out of "

@@ -256,3 +256,24 @@ def test_split_configs_cover_every_key():
         cfg = config_for(length)
         splits = split_count(length, cfg)
         assert splits * cfg.keys_per_split >= length > (splits - 1) * cfg.keys_per_split
+
+
+@pytest.mark.usefixtures("interpreted_triton")
+def test_triton_paged_write_keeps_block_key_norms_like_the_torch_rule(monkeypatch):
+    """The decode write's kernel also keeps the paged pool's key norms (paged.update_key_norms' rule):
+    a row at a block's first slot restarts that block's entry, the others take the max."""
+    from pipeline.engine.backends import paged
+
+    blocks, bs, h, d = 5 + 1, 4, 2, 8  # the last block is the pool's scratch block (its norms mean nothing)
+    k = torch.randn(3, h, d).to(torch.bfloat16)
+    v = torch.randn(3, h, d).to(torch.bfloat16)
+    slots = torch.tensor([2 * bs, 3 * bs + 2, 1], dtype=torch.int32)  # first slot of block 2; mid-blocks 3, 0
+    pools = [torch.zeros(blocks, bs, h, d, dtype=torch.bfloat16) for _ in range(4)]
+    norms = [torch.full((blocks, h), 7.0) for _ in range(2)]  # stale entries
+    paged.write(pools[0], pools[1], k, v, slots, key_norms=norms[0])  # CPU: the torch path
+    monkeypatch.setattr(fused, "_runs_triton", lambda t: True)  # CPU tensors through the interpreter
+    paged.write(pools[2], pools[3], k, v, slots, key_norms=norms[1])
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+    torch.testing.assert_close(norms[1][:-1], norms[0][:-1], rtol=1e-6, atol=1e-6)
+    want = torch.linalg.vector_norm(k.float(), dim=-1)
+    assert torch.allclose(norms[1][2], want[0]) and (norms[1][3] == 7.0).all()  # restarted; max(7, small)

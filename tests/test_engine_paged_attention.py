@@ -226,3 +226,133 @@ def test_grid_sizes_come_from_shapes_and_cover_every_key():
     assert pt.grid_sizes(8, 32, 65536, 4, 8, 65536, cfg)["prefix_splits"] * 32 == 512  # 16 rows per program
     wide = pt.grid_sizes(64, 32, 4096, 1, 64, 4096, cfg)
     assert wide["rows"] == 32 and wide["chunks"] == 2
+
+
+# --- exact skipping (key norms) ------------------------------------------------------------------------
+
+LOG2E = 1 / math.log(2)
+
+
+def block_norms(case: Case) -> torch.Tensor:
+    """What the cache's writes keep: each block's largest key norm per head over its written keys
+    (the case's NaN slots are unwritten; fully unused blocks get 0)."""
+    norms = torch.linalg.vector_norm(case.k_pool.float(), dim=-1)  # [blocks, bs, H]
+    return torch.nan_to_num(norms, nan=0.0).amax(dim=1).contiguous()  # [blocks, H]
+
+
+def first_kept(case: Case, norms: torch.Tensor, r: int, first_block: int, stop_block: int) -> list[int]:
+    """Per head, the first block index in [first_block, stop_block) of row r's table whose bound says
+    it may hold a weight that is not exactly 0.0 (float64; the kernels' rule, paged.py)."""
+    bs = case.k_pool.shape[1]
+    n = int(case.seq_lens[r])
+    q = case.q[r].double()  # [H, D]
+    k_diag = case.k_pool[int(case.tables[r, (n - 1) // bs]), (n - 1) % bs].double()  # [H, D]
+    qn = q.norm(dim=-1) * case.scale * LOG2E
+    s_diag = (q * k_diag).sum(-1) * case.scale * LOG2E
+    out = []
+    for h in range(q.shape[0]):
+        kept = stop_block
+        for i in range(first_block, stop_block):
+            near = min((i + 1) * bs - 1, n - 1)
+            bound = qn[h] * norms[int(case.tables[r, i]), h] - float(case.slopes[h]) * LOG2E * (n - 1 - near) - s_diag[h]
+            if bound >= paged_triton_bound():
+                kept = i
+                break
+        out.append(kept)
+    return out
+
+
+def paged_triton_bound() -> float:
+    from pipeline.engine.backends import paged_triton
+
+    return paged_triton.SKIP_BOUND_LOG2
+
+
+def skipping_case(cascade: bool) -> Case:
+    """Steep heads over 28-40 blocks of 16 keys (most of their keys provably weigh 0.0), a flat head
+    (slope 0: nothing is skippable) and, in an early block of row 0, one huge key aligned with its
+    query on head 1: far back, yet it dominates that row's output, so its block must be read."""
+    groups = ((24, (0, 1)), (0, ())) if cascade else ((0, ()),)
+    own = (40, 5 * 16 + 3, 16 * 30) if cascade else (16 * 28 + 5, 16 * 33, 7 * 16)
+    case = make_case(16, h=4, seed=21, groups=groups, own=own, max_blocks=48)
+    case.slopes = torch.tensor([1.5, 0.6, 0.25, 0.0])
+    far = 2 if cascade else 1  # a block of row 0 ~400 keys back
+    blk, h = int(case.tables[0, far]), 1
+    case.k_pool[blk, 3, h] = case.q[0, h] / case.q[0, h].norm() * 1200.0
+    return case
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_triton_skipping_reads_no_skippable_block_and_changes_nothing(interpreted_paged, cascade):
+    """Every block the bound lets a query skip is poisoned with NaN after the norms are taken: the
+    kernels with key norms must still give float64's result (they never read those blocks), while
+    without norms they read them and turn NaN (the poison is real). The huge far key's block is kept."""
+    pt = interpreted_paged
+    case = skipping_case(cascade)
+    norms = block_norms(case)
+    ref = reference(case)
+    bs = 16
+    poisoned = 0
+    plen = {r: int(case.cascade.prefix_lens[g]) for r, g in enumerate(case.cascade.row_group.tolist()) if g >= 0}
+    for r, n in enumerate(case.seq_lens.tolist()):
+        start_block = plen.get(r, 0) // bs if cascade else 0
+        for h, kept in enumerate(first_kept(case, norms, r, start_block, -(-n // bs))):
+            for i in range(start_block, kept):
+                case.k_pool[int(case.tables[r, i]), :, h] = math.nan
+                case.v_pool[int(case.tables[r, i]), :, h] = math.nan
+                poisoned += 1
+    if cascade:  # the shared prefix: blocks no row of the group needs
+        rows = [r for r in plen]
+        n_pref = plen[rows[0]] // bs
+        for h in range(4):
+            kept = min(first_kept(case, norms, r, 0, n_pref)[h] for r in rows)
+            for i in range(kept):
+                case.k_pool[int(case.tables[rows[0], i]), :, h] = math.nan
+                poisoned += 1
+    assert poisoned >= 20  # the steep heads skip most of their keys
+    assert first_kept(case, norms, 0, 0, 10)[1] <= (2 if cascade else 1)  # the huge key's block is kept
+    out = pt.decode(case.q, case.k_pool, case.v_pool, case.tables, case.seq_lens, case.slopes, scale=case.scale,
+                    cascade=case.cascade if cascade else None, key_norms=norms, config=small_config(pt))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert (ref[0, 1] - case.v_pool[int(case.tables[0, 2 if cascade else 1]), 3, 1].double()).abs().max() < 1e-3
+    unskipped = run_triton(pt, case, cascade)
+    assert unskipped.isnan().any()
+
+
+def test_update_key_norms_restarts_fresh_blocks_and_maxes_the_rest():
+    norms = torch.full((4, 2), 9.0)  # stale values from the blocks' earlier owners
+    k = torch.tensor([[[3.0, 4.0], [0.0, 1.0]], [[0.0, 2.0], [6.0, 8.0]], [[1.0, 0.0], [0.0, 0.0]]])  # [3, H, D]
+    blocks = torch.tensor([1, 1, 2])
+    paged.update_key_norms(norms, k, blocks, torch.tensor([1]))  # block 1 starts here, block 2 continues
+    assert norms.tolist() == [[9.0, 9.0], [5.0, 10.0], [9.0, 9.0], [9.0, 9.0]]
+
+
+def test_paged_layer_writes_keep_every_blocks_key_norms(tiny_model):
+    """Through the cache's own writes (prefill chunks starting mid-block, decode rows), over blocks that
+    held other keys before: each block's entry is the max norm of the keys it holds now."""
+    from pipeline.engine.metadata import DecodeMeta, PrefillMeta
+    from pipeline.engine.paged_cache import PagedKVCache, PoolSize, bytes_per_token
+
+    model, _ = tiny_model
+    cfg = model.config
+    bs = 8
+    cache = PagedKVCache(cfg, PoolSize(6, bs, bs * bytes_per_token(cfg, torch.float32)), device="cpu",
+                         dtype=torch.float32)
+    layer = cache.layer(0)
+    g = torch.Generator().manual_seed(0)
+
+    def keys(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(1, n, cfg.n_heads, cfg.head_dim, generator=g) * 3 for _ in range(2))
+
+    ids = (4, 1, 5)
+    stale = keys(3 * bs)  # an earlier owner of the same blocks, with larger keys
+    layer.write_prefill(*(t * 10 for t in stale), PrefillMeta(start=0, num_tokens=3 * bs, block_ids=ids))
+    layer.write_prefill(*keys(11), PrefillMeta(start=0, num_tokens=11, block_ids=ids))  # block 4, half of 1
+    layer.write_prefill(*keys(6), PrefillMeta(start=11, num_tokens=6, block_ids=ids))  # rest of 1, into 5
+    k1, v1 = keys(1)
+    layer.write_decode(k1[:, 0], v1[:, 0], DecodeMeta(positions=torch.tensor([17]), seq_lens=torch.tensor([18]),
+                                                      slot_mapping=torch.tensor([5 * bs + 1])))
+    held = {4: bs, 1: bs, 5: 2}  # keys each block holds now
+    for blk, count in held.items():
+        want = torch.linalg.vector_norm(layer.k[blk, :count], dim=-1).amax(dim=0)  # [H]
+        torch.testing.assert_close(cache.key_norms[0, blk], want)

@@ -19,7 +19,7 @@ import torch
 from pipeline.engine.core.scheduler import ScheduledSeq
 from pipeline.engine.metadata import PrefillMeta
 from pipeline.engine.model import Mpt
-from pipeline.engine.paged_cache import PagedKVCache
+from pipeline.engine.paged_cache import PagedKVCache, norm_index
 from pipeline.engine.readback import to_device
 
 
@@ -36,8 +36,11 @@ class ChunkPrefill:
 
     def _meta(self, chunk: ScheduledSeq) -> PrefillMeta:
         seq = chunk.seq
-        return PrefillMeta(start=chunk.start, num_tokens=chunk.num_tokens, block_ids=tuple(seq.block_ids),
-                           block_index=to_device(np.asarray(seq.block_ids, dtype=np.int64), self.device))
+        ids = tuple(seq.block_ids)
+        return PrefillMeta(start=chunk.start, num_tokens=chunk.num_tokens, block_ids=ids,
+                           block_index=to_device(np.asarray(ids, dtype=np.int64), self.device),
+                           norm_index=norm_index(ids, chunk.start, chunk.num_tokens, self.cache.block_size,
+                                                 self.cache.scratch_block, self.device))
 
     def _targets(self, chunk: ScheduledSeq) -> tuple[int, int]:
         """A scoring chunk's positions [lo, hi) whose next token is a target (empty when lo >= hi)."""

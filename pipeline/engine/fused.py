@@ -73,7 +73,8 @@ def _triton(triton: Any, tl: Any) -> Any:
     @triton.jit
     def write_kv(
         k_ptr, v_ptr, src_row_stride, k_cache_ptr, v_cache_ptr, cache_row_stride, cache_pos_stride,
-        positions_ptr, n_cols, BLOCK: tl.constexpr,
+        positions_ptr, n_cols, norms_ptr, n_heads, block_size, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+        NORMS: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -81,8 +82,18 @@ def _triton(triton: Any, tl: Any) -> Any:
         position = tl.load(positions_ptr + row).to(tl.int64)
         src = row * src_row_stride + cols
         dst = row * cache_row_stride + position * cache_pos_stride + cols
-        tl.store(k_cache_ptr + dst, tl.load(k_ptr + src, mask=mask), mask=mask)
+        k = tl.load(k_ptr + src, mask=mask, other=0.0)
+        tl.store(k_cache_ptr + dst, k, mask=mask)
         tl.store(v_cache_ptr + dst, tl.load(v_ptr + src, mask=mask), mask=mask)
+        if NORMS:  # the paged pool's per-block key norms (position = the slot; paged.update_key_norms)
+            kf = k.to(tl.float32)
+            norm = tl.sqrt(tl.sum(tl.reshape(kf * kf, (BLOCK // HEAD_DIM, HEAD_DIM)), axis=1))  # [heads here]
+            head = tl.program_id(1) * (BLOCK // HEAD_DIM) + tl.arange(0, BLOCK // HEAD_DIM)
+            at = norms_ptr + (position // block_size) * n_heads + head
+            live = head < n_heads
+            old = tl.load(at, mask=live, other=0.0)
+            fresh = position % block_size == 0  # the block's first key: what it held before is gone
+            tl.store(at, tl.where(fresh, norm, tl.maximum(old, norm)), mask=live)
 
     @triton.jit
     def gelu_lookup(x_ptr, out_ptr, table_ptr, n, BLOCK: tl.constexpr):
@@ -177,27 +188,37 @@ def write_kv(
 
 
 def _launch_kv_write(k: torch.Tensor, v: torch.Tensor, k_dst: torch.Tensor, v_dst: torch.Tensor, row_stride: int,
-                     position_stride: int, positions: torch.Tensor) -> None:
-    """Row b's H * D values of k and v to row_stride * b + position_stride * positions[b] of k_dst / v_dst."""
+                     position_stride: int, positions: torch.Tensor, key_norms: torch.Tensor | None = None,
+                     block_size: int = 1) -> None:
+    """Row b's H * D values of k and v to row_stride * b + position_stride * positions[b] of k_dst / v_dst
+    (and, given key_norms, each head's key norm into block positions[b] // block_size's entry)."""
     b, h, d = k.shape
     n_cols = h * d
-    _triton()[1][(b, -(-n_cols // _KV_BLOCK))](
-        k, v, k.stride(0), k_dst, v_dst, row_stride, position_stride, positions, n_cols, BLOCK=_KV_BLOCK,
+    block = max(_KV_BLOCK, d)  # whole heads per program, for the norms
+    _triton()[1][(b, -(-n_cols // block))](
+        k, v, k.stride(0), k_dst, v_dst, row_stride, position_stride, positions, n_cols,
+        key_norms if key_norms is not None else positions, h, block_size, BLOCK=block, HEAD_DIM=d,
+        NORMS=key_norms is not None,
     )
 
 
 def write_kv_slots(
-    k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+    *, key_norms: torch.Tensor | None = None, block_size: int = 1,
 ) -> bool:
     """The paged cache's decode write: k_pool[slots[b]] = k[b] and the same for V, pools flat
-    [num_slots, H, D], k and v [B, H, D], slots [B] int32 or int64. One kernel (the dense write's, with
-    a row stride of 0, so the slot alone addresses the destination) instead of one index_copy_ per
-    pool: a step runs it once per layer. Returns False, writing nothing, where the kernel does not
-    apply (no Triton, the kernel switched off, another layout): the caller writes instead."""
+    [num_slots, H, D], k and v [B, H, D], slots [B] int32 or int64; with key_norms [num_blocks, H]
+    float32, each row's per-head key norm into its block's entry (paged.update_key_norms' rule). One
+    kernel (the dense write's, with a row stride of 0, so the slot alone addresses the destination)
+    instead of one index_copy_ per pool: a step runs it once per layer. Returns False, writing
+    nothing, where the kernel does not apply (no Triton, the kernel switched off, another layout): the
+    caller writes instead."""
+    d = k.shape[-1]
     if not (KERNELS.kv_write and _runs_triton(k) and k_pool.dtype == k.dtype == v.dtype
-            and _kv_layout_ok(k_pool[None], v_pool[None], k, v)):
+            and _kv_layout_ok(k_pool[None], v_pool[None], k, v) and d & (d - 1) == 0
+            and (key_norms is None or (key_norms.dtype == torch.float32 and key_norms.is_contiguous()))):
         return False
-    _launch_kv_write(k, v, k_pool, v_pool, 0, k_pool.stride(0), slots)
+    _launch_kv_write(k, v, k_pool, v_pool, 0, k_pool.stride(0), slots, key_norms, block_size)
     return True
 
 

@@ -25,6 +25,9 @@ class PrefillMeta:
     # the same ids on the device (int64), built once per chunk so that no layer copies them there with a
     # host sync (a scattered table's gathers and slot writes)
     block_index: torch.Tensor | None = field(default=None, compare=False)
+    # (block of each token, blocks whose first slot the chunk writes) on the device, for the paged cache's
+    # key norms (paged_cache.norm_index); built once per chunk, else each layer builds it
+    norm_index: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, compare=False)
 
     @property
     def end(self) -> int:

@@ -5,6 +5,10 @@ block `block_ids[j // block_size]` at offset j % block_size; which blocks a sequ
 torch-free block pool's business (pipeline/engine/core/block_pool.py). The extra last block is
 scratch: padded rows of a captured decode step write there, so they never touch a live block.
 
+Beside them, `key_norms` [n_layers, num_blocks + 1, H] float32: each block's largest key norm per head,
+kept by every write, so that decode attention can skip blocks whose ALiBi weights are exactly zero
+(backends/paged.py, "Exact skipping"; `skip_decode` switches the skipping off, not the bookkeeping).
+
 Reads and writes go through `PagedLayer`, the layer-cache interface the model uses (see
 model.LayerCache). A chunk whose blocks are consecutive ids is written and read as plain slices of
 the flat pool (the block pool hands a fresh document ascending ids), so prefill into blocks costs
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.engine.attention import AttentionBackend
@@ -23,6 +28,7 @@ from pipeline.engine.backends import paged
 from pipeline.engine.cache import copy_wide
 from pipeline.engine.config import MptConfig
 from pipeline.engine.metadata import DecodeMeta, PrefillMeta
+from pipeline.engine.readback import to_device
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +96,9 @@ class PagedKVCache:
         # zeros, not empty: a kernel may multiply a masked slot by weight 0, and 0 * NaN garbage is NaN
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_norms = torch.zeros(shape[0], shape[1], shape[3], device=device, dtype=torch.float32)  # [layers, blocks + 1, H]
+        # read by each decode step as it is launched; a captured CUDA graph keeps the value it was captured with
+        self.skip_decode = True
         log.info("KV pool: %d blocks x %d tokens = %d tokens, %.2f GiB on %s", size.num_blocks,
                  size.block_size, size.tokens, 2 * self.k.numel() * self.k.element_size() / GIB, device)
 
@@ -98,7 +107,7 @@ class PagedKVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     def layer(self, index: int) -> PagedLayer:
-        return PagedLayer(self.k[index], self.v[index])
+        return PagedLayer(self.k[index], self.v[index], self.key_norms[index], skip_decode=self.skip_decode)
 
     def check_prefill(self, meta: PrefillMeta) -> None:
         if meta.block_ids is None:
@@ -110,6 +119,21 @@ class PagedKVCache:
         raise ValueError("a paged cache needs a full DecodeMeta (block tables, slots): see runner.py")
 
 
+def norm_index(block_ids: tuple[int, ...], start: int, num_tokens: int, block_size: int, scratch: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block id of each of the chunk's tokens [T], the blocks whose first slot the chunk writes), int64
+    on `device`: what a prefill write's key-norm update needs, the same for every layer (ChunkPrefill
+    builds it once per chunk into PrefillMeta.norm_index).
+    Where the chunk starts no block, the scratch block stands in (its norms mean nothing)."""
+    ids = np.asarray(block_ids, dtype=np.int64)
+    pos = np.arange(start, start + num_tokens)
+    firsts = np.arange(-(-start // block_size), (start + num_tokens - 1) // block_size + 1)
+    fresh = ids[firsts] if len(firsts) else np.asarray([scratch], dtype=np.int64)
+    token_blocks = to_device(ids[pos // block_size], device)
+    fresh_t = to_device(fresh, device)
+    return token_blocks, fresh_t
+
+
 def consecutive_run(block_ids: tuple[int, ...], first: int, last: int) -> bool:
     """Whether block_ids[first..last] are ascending consecutive ids (one slice of the flat pool)."""
     return block_ids[last] - block_ids[first] == last - first and all(
@@ -117,10 +141,11 @@ def consecutive_run(block_ids: tuple[int, ...], first: int, last: int) -> bool:
 
 
 class PagedLayer:
-    """One layer of the pool: K and V [num_blocks + 1, block_size, H, D]."""
+    """One layer of the pool: K and V [num_blocks + 1, block_size, H, D], key norms [num_blocks + 1, H]."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k, self.v = k, v
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, key_norms: torch.Tensor, *, skip_decode: bool = True) -> None:
+        self.k, self.v, self.key_norms = k, v, key_norms
+        self.skip_decode = skip_decode
         self.block_size = k.shape[1]
         self.k_flat = k.flatten(0, 1)  # [blocks, block_size, H, D] -> [blocks * block_size, H, D]
         self.v_flat = v.flatten(0, 1)
@@ -145,6 +170,9 @@ class PagedLayer:
             copy_wide(self.v_flat[lo : lo + meta.num_tokens], v[0])
         else:
             paged.write(self.k, self.v, k[0], v[0], self._slots(meta))
+        token_blocks, fresh = meta.norm_index if meta.norm_index is not None else norm_index(
+            meta.block_ids, meta.start, meta.num_tokens, bs, self.key_norms.shape[0] - 1, self.k.device)
+        paged.update_key_norms(self.key_norms, k[0], token_blocks, fresh)
 
     def prefill_kv(self, meta: PrefillMeta) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [1, end, H, D]: a view when the blocks are consecutive, else gathered."""
@@ -163,7 +191,7 @@ class PagedLayer:
     def write_decode(self, k: torch.Tensor, v: torch.Tensor, meta: DecodeMeta) -> None:
         """k, v [B, H, D]: row b's new token into slot_mapping[b]."""
         assert meta.slot_mapping is not None
-        paged.write(self.k, self.v, k, v, meta.slot_mapping)
+        paged.write(self.k, self.v, k, v, meta.slot_mapping, key_norms=self.key_norms)
 
     def decode_attention(
         self, q: torch.Tensor, meta: DecodeMeta, backend: AttentionBackend, slopes: torch.Tensor, scale: float
@@ -171,5 +199,5 @@ class PagedLayer:
         """q [B, 1, H, D] -> [B, 1, H, D] over each row's blocks (and its shared prefix, if grouped)."""
         assert meta.block_tables is not None and meta.seq_lens_i32 is not None
         out = paged.decode(q[:, 0], self.k, self.v, meta.block_tables, meta.seq_lens_i32, slopes, scale=scale,
-                           cascade=meta.cascade)  # [B, H, D]
+                           cascade=meta.cascade, key_norms=self.key_norms if self.skip_decode else None)  # [B, H, D]
         return out[:, None]

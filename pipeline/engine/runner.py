@@ -120,6 +120,11 @@ class ModelRunner:
     def batch_prefills(self, on: bool) -> None:
         self.prefills.together = on
 
+    def drop_graphs(self) -> None:
+        """Forget every captured decode step (they keep the settings they were captured with: the
+        cache's skip_decode, fused.KERNELS); the next step of each bucket captures again."""
+        self._inputs.clear()
+
     def execute(self, out: SchedulerOutput, sampling: Mapping[str, SamplingState]) -> StepResult:
         """launch + wait (scripts and tests that step synchronously)."""
         return self.launch(out, sampling).result()

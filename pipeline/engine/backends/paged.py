@@ -15,8 +15,18 @@ part's log-sum-exp, by -slope * (pos - prefix_len), which is added back before t
 merged with the row's own keys [prefix_len, seq_len) by log-sum-exp. The bias is taken relative to
 the prefix END (not key 0) so the keys that matter, the near ones, keep biases near 0 in float32.
 
+Exact skipping (key_norms [num_blocks, H] float32, each block's largest key norm per head, kept by the
+cache's writes: `write`, `update_key_norms`): with ALiBi the row maximum is at least the diagonal
+score s_ii = scale * q . k_i (the query's own key, always seen), so a key d positions back weighs at
+most exp(scale * |q| * max|k| - slope * d - s_ii) against it; when that is below exp(-UNDERFLOW_NATS)
+for every query that reads a block (alibi_window.py: the float32 exp2 a kernel computes is 0.0 there),
+the block adds nothing to any output and the Triton kernels start past it. The bound uses each
+query's own norm and each block's own keys, so it holds for any checkpoint; for a steep head at a long
+context most of the K/V a decode step reads is such blocks.
+
 On CUDA the Triton kernels in paged_triton.py run (CUDA-graph safe); elsewhere the torch code below:
-blocks gathered a chunk of keys at a time, float32 scores, exact log-sum-exp merges.
+blocks gathered a chunk of keys at a time, float32 scores, exact log-sum-exp merges (it reads every
+key: skipping changes no result, only the bytes read).
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 from pipeline.engine import fused
 from pipeline.engine.metadata import CascadeMeta
 
-__all__ = ["CascadeMeta", "decode", "gather", "write"]
+__all__ = ["CascadeMeta", "decode", "gather", "update_key_norms", "write"]
 
 CHUNK_KEYS = 2048  # keys per gathered chunk in the torch path: [B, CHUNK_KEYS, H, D] at most
 
@@ -51,12 +61,15 @@ def decode(
     *,
     scale: float,
     cascade: CascadeMeta | None = None,
+    key_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decode step's attention for every row (see the module docstring). out [B, H, D], q's dtype."""
+    """One decode step's attention for every row (see the module docstring). out [B, H, D], q's dtype.
+    `key_norms` (exact skipping) is used by the Triton kernels; the torch path reads every key."""
     if _use_triton(q):
         from pipeline.engine.backends import paged_triton
 
-        return paged_triton.decode(q, k_pool, v_pool, block_tables, seq_lens, slopes, scale=scale, cascade=cascade)
+        return paged_triton.decode(q, k_pool, v_pool, block_tables, seq_lens, slopes, scale=scale, cascade=cascade,
+                                   key_norms=key_norms)
     return torch_decode(q, k_pool, v_pool, block_tables, seq_lens, slopes, scale=scale, cascade=cascade)
 
 
@@ -219,15 +232,31 @@ def gather(pool: torch.Tensor, block_ids: list[int] | torch.Tensor, length: int)
 
 
 def write(
-    pool_k: torch.Tensor, pool_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    pool_k: torch.Tensor, pool_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+    key_norms: torch.Tensor | None = None,
 ) -> None:
     """k, v [N, H, D] into slots slot_mapping [N] int32 or int64 (block * block_size + offset) of the
-    flat [num_blocks * block_size, H, D] views: one fused kernel for both pools on CUDA, else one
+    flat [num_blocks * block_size, H, D] views, one slot per block at most (a decode step's rows), and
+    each written block's key norms updated (`update_key_norms`): one fused kernel on CUDA, else
     index_copy_ per pool (no host sync either way: CUDA-graph safe)."""
     flat_k = pool_k.view(-1, *pool_k.shape[2:])  # [blocks * bs, H, D]; .view raises if not a view
     flat_v = pool_v.view(-1, *pool_v.shape[2:])
-    if fused.write_kv_slots(flat_k, flat_v, k, v, slot_mapping):
+    if fused.write_kv_slots(flat_k, flat_v, k, v, slot_mapping, key_norms=key_norms, block_size=pool_k.shape[1]):
         return
     slots = slot_mapping.long()
     flat_k.index_copy_(0, slots, k.to(pool_k.dtype))
     flat_v.index_copy_(0, slots, v.to(pool_v.dtype))
+    if key_norms is not None:
+        bs = pool_k.shape[1]
+        blocks = slots // bs
+        scratch = torch.full_like(blocks, key_norms.shape[0] - 1)  # its norms mean nothing: a harmless reset
+        update_key_norms(key_norms, flat_k.index_select(0, slots), blocks, torch.where(slots % bs == 0, blocks, scratch))
+
+
+def update_key_norms(key_norms: torch.Tensor, k: torch.Tensor, blocks: torch.Tensor, fresh: torch.Tensor) -> None:
+    """key_norms [num_blocks, H] after keys k [N, H, D] (as stored) went into blocks `blocks` [N] (int64):
+    the blocks in `fresh` (int64; those whose first slot was among the writes) restart from these keys
+    alone, whatever they held before, the others take the max with what they have. No host sync."""
+    norms = torch.linalg.vector_norm(k.float(), dim=-1)  # [N, H]
+    key_norms.index_fill_(0, fresh, 0.0)  # norms are >= 0: 0 is "no key yet"
+    key_norms.scatter_reduce_(0, blocks[:, None].expand_as(norms), norms, reduce="amax", include_self=True)

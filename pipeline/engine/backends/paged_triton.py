@@ -30,10 +30,15 @@ from typing import Any
 
 import torch
 
+from pipeline.engine.backends.alibi_window import UNDERFLOW_NATS
 from pipeline.engine.metadata import CascadeMeta
 from pipeline.engine.triton_lazy import available_on, triton_kernels
 
 MERGE_CHUNK = 32  # partials merged per iteration: [32, D] fp32
+# A key whose score is below the query's diagonal score by more than this (log2 units) has an exp2
+# weight under 2^-150 against the row maximum: 0.0 in float32 (alibi_window.UNDERFLOW_NATS, whose
+# one nat of slack covers the rounding of the bound itself)
+SKIP_BOUND_LOG2 = -UNDERFLOW_NATS * math.log2(math.e)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class PagedConfig:
     prefix_warps: int = 4
     prefix_stages: int = 3
     max_rows: int = 32  # group rows per prefix program (a power of two >= 16); more rows: row chunks
+    skip_scan: int = 64  # block norms read per iteration of the skip scan (a power of two)
 
 
 DEFAULT = PagedConfig()
@@ -62,6 +68,7 @@ def is_available(device: torch.device) -> bool:
 
 @triton_kernels
 def _kernels(triton: Any, tl: Any) -> Any:
+    globals()["SKIP_BOUND"] = tl.constexpr(SKIP_BOUND_LOG2)
     @triton.jit
     def merge_row(
         m_ptr, l_ptr, acc_ptr, out_ptr, bh, b, h, n_pref, prefix_splits, n_own, n_slots, stride_ob,
@@ -96,13 +103,42 @@ def _kernels(triton: Any, tl: Any) -> Any:
     globals()["merge_row"] = merge_row  # jitted callees are looked up in module globals
 
     @triton.jit
+    def first_kept_block(
+        kn_ptr, table, h, H, first, stop, qn, s_diag, last, slope_log2,
+        ROWS_SHAPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, SCAN: tl.constexpr,
+    ):
+        # the lowest block index in [first, stop) that some query may not skip (stop when none):
+        # block i is skipped when, for every query, qn * max|k| - slope * (distance to its nearest key)
+        # - s_diag < SKIP_BOUND (qn, s_diag, last: per query, [ROWS] with ROWS_SHAPE, else scalars; log2 units)
+        kept = stop
+        for c in range(first, stop, SCAN):
+            i = c + tl.arange(0, SCAN)
+            live = i < stop
+            blk = tl.load(table + i, mask=live, other=0).to(tl.int64)
+            kn = tl.load(kn_ptr + blk * H + h, mask=live, other=0.0)  # [SCAN] max key norm of block i
+            near = (i + 1) * BLOCK_SIZE - 1  # the block's last key: the nearest to every query after it
+            if ROWS_SHAPE:
+                dist = tl.maximum(last[:, None] - near[None, :], 0).to(tl.float32)  # [ROWS, SCAN]
+                bound = qn[:, None] * kn[None, :] - slope_log2 * dist - s_diag[:, None]
+                bound = tl.max(bound, axis=0)  # [SCAN]: the query that needs the block most
+            else:
+                dist = tl.maximum(last - near, 0).to(tl.float32)
+                bound = qn * kn - slope_log2 * dist - s_diag
+            keep = live & ((bound >= SKIP_BOUND) | (bound != bound))  # noqa: F821 (set in _kernels); a NaN bound keeps its block
+            kept = tl.minimum(kept, tl.min(tl.where(keep, i, stop), axis=0))
+        return kept
+
+    globals()["first_kept_block"] = first_kept_block
+
+    @triton.jit
     def row_partials(
-        q_ptr, k_ptr, v_ptr, slopes_ptr, seq_lens_ptr, bt_ptr, row_group_ptr, plen_ptr,
+        q_ptr, k_ptr, v_ptr, slopes_ptr, seq_lens_ptr, bt_ptr, row_group_ptr, plen_ptr, kn_ptr,
         m_ptr, l_ptr, acc_ptr, out_ptr, count_ptr,
         stride_qb, stride_kblk, stride_ktok, stride_bt, stride_ob, H, n_splits, min_keys,
         n_slots, prefix_splits, prefix_min_keys, qk_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_STAGES: tl.constexpr,
-        CASCADE: tl.constexpr, PREFIX_BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+        CASCADE: tl.constexpr, PREFIX_BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SKIP: tl.constexpr,
+        SCAN: tl.constexpr,
     ):
         bh = tl.program_id(0)  # b * H + h
         split = tl.program_id(1)
@@ -116,6 +152,16 @@ def _kernels(triton: Any, tl: Any) -> Any:
             g = tl.load(row_group_ptr + b)
             p_len = tl.load(plen_ptr + tl.maximum(g, 0)).to(tl.int32)
             start = tl.where(g >= 0, p_len, 0)
+        table = bt_ptr + b.to(tl.int64) * stride_bt
+        if SKIP:  # start at the first block of this row's own keys that it may not skip
+            last = n - 1
+            blk_last = tl.load(table + last // BLOCK_SIZE).to(tl.int64)
+            k_diag = tl.load(k_ptr + blk_last * stride_kblk + (last % BLOCK_SIZE).to(tl.int64) * stride_ktok
+                             + h * HEAD_DIM + d).to(tl.float32)
+            kept = first_kept_block(kn_ptr, table, h, H, start // BLOCK_SIZE, tl.cdiv(n, BLOCK_SIZE),
+                                    tl.sqrt(tl.sum(q * q, axis=0)), tl.sum(q * k_diag, axis=0), last, slope_log2,
+                                    False, BLOCK_SIZE, SCAN)
+            start = tl.maximum(start, kept * BLOCK_SIZE)
         own = n - start
         # split size from this row's length: n_splits programs at most, min_keys keys at least
         kps = tl.maximum(min_keys, tl.cdiv(tl.cdiv(own, n_splits), BLOCK_N) * BLOCK_N)
@@ -123,7 +169,6 @@ def _kernels(triton: Any, tl: Any) -> Any:
         if split < n_live:
             lo = start + split * kps
             hi = tl.minimum(lo + kps, n)
-            table = bt_ptr + b.to(tl.int64) * stride_bt
             jn = tl.arange(0, BLOCK_N)
             m_slot = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
             l_slot = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -160,21 +205,22 @@ def _kernels(triton: Any, tl: Any) -> Any:
             if done == n_live - 1:
                 n_pref = start * 0
                 if CASCADE:  # the prefix kernel's split count for this row's group (same formula)
+                    p_row = tl.where(g >= 0, p_len, 0)
                     pkps = tl.maximum(prefix_min_keys,
-                                      tl.cdiv(tl.cdiv(start, prefix_splits), PREFIX_BLOCK_N) * PREFIX_BLOCK_N)
-                    n_pref = tl.cdiv(start, pkps)
+                                      tl.cdiv(tl.cdiv(p_row, prefix_splits), PREFIX_BLOCK_N) * PREFIX_BLOCK_N)
+                    n_pref = tl.cdiv(p_row, pkps)
                 merge_row(m_ptr, l_ptr, acc_ptr, out_ptr, bh, b, h, n_pref, prefix_splits, n_live, n_slots,
                           stride_ob, HEAD_DIM, CHUNK)
                 tl.store(count_ptr + bh, 0)  # ready for the next call (next layer, graph replay)
 
     @triton.jit
     def prefix_partials(
-        q_ptr, k_ptr, v_ptr, slopes_ptr, seq_lens_ptr, ptab_ptr, plen_ptr, grows_ptr,
+        q_ptr, k_ptr, v_ptr, slopes_ptr, seq_lens_ptr, ptab_ptr, plen_ptr, grows_ptr, bt_ptr, kn_ptr,
         m_ptr, l_ptr, acc_ptr,
-        stride_qb, stride_kblk, stride_ktok, stride_ptab, stride_grows, H, n_chunks, max_group,
+        stride_qb, stride_kblk, stride_ktok, stride_ptab, stride_grows, stride_bt, H, n_chunks, max_group,
         n_splits, min_keys, n_slots, qk_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-        NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
+        NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SCAN: tl.constexpr,
     ):
         pid = tl.program_id(0)  # (g * n_chunks + chunk) * H + h
         split = tl.program_id(1)
@@ -199,6 +245,19 @@ def _kernels(triton: Any, tl: Any) -> Any:
             q = tl.load(q_ptr + rows64[:, None] * stride_qb + h * HEAD_DIM + d[None, :], mask=live[:, None],
                         other=0.0)  # [ROWS, HEAD_DIM] in q's dtype: the tensor-core operand
             acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+            n_r = tl.load(seq_lens_ptr + rows64, mask=live, other=1).to(tl.int32)
+            if SKIP:  # begin at the first prefix block that some row of this chunk may not skip
+                last = n_r - 1
+                blk_last = tl.load(bt_ptr + rows64 * stride_bt + last // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+                k_diag = tl.load(k_ptr + blk_last[:, None] * stride_kblk
+                                 + (last % BLOCK_SIZE).to(tl.int64)[:, None] * stride_ktok + h * HEAD_DIM + d[None, :],
+                                 mask=live[:, None], other=0.0).to(tl.float32)  # [ROWS, HEAD_DIM]
+                qf = q.to(tl.float32)
+                qn = tl.sqrt(tl.sum(qf * qf, axis=1)) * qk_scale_log2
+                s_diag = tl.where(live, tl.sum(qf * k_diag, axis=1) * qk_scale_log2, float("inf"))  # dead rows keep nothing
+                kept = first_kept_block(kn_ptr, table, h, H, lo // BLOCK_SIZE, tl.cdiv(hi, BLOCK_SIZE), qn, s_diag, last,
+                                        slope_log2, True, BLOCK_SIZE, SCAN)
+                lo = tl.maximum(lo, kept * BLOCK_SIZE)
             for t in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
                 blk = tl.load(table + t // BLOCK_SIZE).to(tl.int64)
                 offs = (blk * stride_kblk + ((t % BLOCK_SIZE) + jn).to(tl.int64)[:, None] * stride_ktok
@@ -214,7 +273,6 @@ def _kernels(triton: Any, tl: Any) -> Any:
                 l_sum = l_sum * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
                 m = m_new
-            n_r = tl.load(seq_lens_ptr + rows64, mask=live, other=1).to(tl.int32)
             m_row = m - slope_log2 * (n_r - 1 - p_len).to(tl.float32)  # restore -slope * (pos - P)
             part = (rows64 * H + h) * n_slots + split  # [ROWS]
             tl.store(m_ptr + part, m_row, mask=live)
@@ -265,9 +323,12 @@ def decode(
     *,
     scale: float,
     cascade: CascadeMeta | None = None,
+    key_norms: torch.Tensor | None = None,
     config: PagedConfig | None = None,
 ) -> torch.Tensor:
-    """q [B, H, D] -> [B, H, D] (see paged.decode). `config` overrides DEFAULT (benchmarks)."""
+    """q [B, H, D] -> [B, H, D] (see paged.decode). `key_norms` [num_blocks, H] float32 (each block's
+    largest key norm per head; paged.py's docstring, "Exact skipping"): blocks of keys whose weights are
+    exactly 0.0 for every query reading them are not read. `config` overrides DEFAULT (benchmarks)."""
     row_partials, prefix_partials = _kernels()
     cfg = config or DEFAULT
     b, h, d = q.shape
@@ -291,24 +352,30 @@ def decode(
     slopes32 = slopes.to(device=q.device, dtype=torch.float32)
     qk_scale_log2 = scale * math.log2(math.e)
     strides = (k_pool.stride(0), k_pool.stride(1))
+    skip = key_norms is not None
+    if skip and (key_norms.shape != (k_pool.shape[0], h) or key_norms.dtype != torch.float32
+                 or not key_norms.is_contiguous()):
+        raise ValueError(f"key_norms must be contiguous float32 [num_blocks, H], got {tuple(key_norms.shape)}")
+    norms = key_norms if skip else seq_lens  # unread without SKIP
     if cascade is not None and groups:
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         prefix_partials[(groups * sizes["chunks"] * h, sizes["prefix_splits"])](
             q, k_pool, v_pool, slopes32, seq_lens, cascade.prefix_block_tables, cascade.prefix_lens,
-            cascade.group_rows, m, l_sum, acc,
-            q.stride(0), *strides, cascade.prefix_block_tables.stride(0), cascade.group_rows.stride(0), h,
-            sizes["chunks"], width, sizes["prefix_splits"], cfg.prefix_min_keys, n_slots, qk_scale_log2,
+            cascade.group_rows, block_tables, norms, m, l_sum, acc,
+            q.stride(0), *strides, cascade.prefix_block_tables.stride(0), cascade.group_rows.stride(0),
+            block_tables.stride(0), h, sizes["chunks"], width, sizes["prefix_splits"], cfg.prefix_min_keys, n_slots,
+            qk_scale_log2,
             HEAD_DIM=d, BLOCK_N=prefix_block_n, BLOCK_SIZE=bs, ROWS=sizes["rows"], NUM_STAGES=cfg.prefix_stages,
-            PRECISION=precision, num_warps=cfg.prefix_warps,
+            PRECISION=precision, SKIP=skip, SCAN=cfg.skip_scan, num_warps=cfg.prefix_warps,
         )
     row_group = cascade.row_group if cascade is not None else seq_lens  # unread without CASCADE
     plen = cascade.prefix_lens if cascade is not None else seq_lens
     row_partials[(b * h, sizes["splits"])](
-        q, k_pool, v_pool, slopes32, seq_lens, block_tables, row_group, plen,
+        q, k_pool, v_pool, slopes32, seq_lens, block_tables, row_group, plen, norms,
         m, l_sum, acc, out, _counter(q.device, b * h),
         q.stride(0), *strides, block_tables.stride(0), out.stride(0), h, sizes["splits"], cfg.min_keys,
         n_slots, sizes["prefix_splits"], cfg.prefix_min_keys, qk_scale_log2,
         HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=bs, NUM_STAGES=cfg.num_stages, CASCADE=bool(groups),
-        PREFIX_BLOCK_N=prefix_block_n, CHUNK=MERGE_CHUNK, num_warps=cfg.num_warps,
+        PREFIX_BLOCK_N=prefix_block_n, CHUNK=MERGE_CHUNK, SKIP=skip, SCAN=cfg.skip_scan, num_warps=cfg.num_warps,
     )
     return out
