@@ -85,6 +85,16 @@ def test_long_sentences_are_cut_at_clause_boundaries():
     assert normalized(" ".join(p.text for p in pieces)) == normalized(doc.full_text)  # nothing lost
 
 
+def test_short_sentence_fast_path_spans_equal_the_word_by_word_cut():
+    from pipeline.tasks.extractive import segments
+
+    text = " \n Either party may\u00a0terminate\tthis agreement.  Ninety days 本协议 notice. \n"
+    for start, end in ((0, len(text)), (3, 40), (40, len(text)), (0, 2)):
+        words = [m.span() for m in segments._WORDLIKE.finditer(text, start, end)]
+        expected = [(words[0][0], words[-1][1])] if words else []
+        assert segments._cut_long(start, end, text) == expected
+
+
 def test_chinese_text_is_segmented_and_counted_by_character():
     sentence = "本协议受纽约州法律管辖并依其解释。"  # 16 characters + the full stop
     doc = document_from_pages([sentence * 3, "双方应在三十天内支付所有发票。"])

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pypdf
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
 from pipeline.types import PipelineError
+
+if TYPE_CHECKING:
+    import pypdf
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ def _open_pypdf(path: Path, password: str | None) -> pypdf.PdfReader | None:
     Empty-user-password files (most encrypted SEC filings) open without a password. A file that
     needs one fails password_required, or wrong_password when the one given does not open it.
     """
+    import pypdf  # here, not at module level: the parser child's start paid ~0.09 s for a fallback
+
     try:
         reader = pypdf.PdfReader(path, strict=False)
         encrypted = reader.is_encrypted
@@ -136,6 +141,8 @@ def _pdfium_has_images(page: pdfium.PdfPage) -> bool:
 
 
 def _pypdf_pages(reader: pypdf.PdfReader, max_pages: int) -> list[RawPage]:
+    import pypdf
+
     try:
         count = len(reader.pages)
     except pypdf.errors.PyPdfError as exc:

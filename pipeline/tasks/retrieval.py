@@ -19,8 +19,10 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from types import ModuleType
 from typing import Literal, Protocol
 
@@ -115,10 +117,8 @@ class Bm25:
         self.n = len(texts)
         corpus = [terms(t) for t in texts] if corpus_terms is None else list(corpus_terms)
         self.terms = corpus  # per text, for callers building derived indexes
-        self.df: dict[str, int] = {}  # texts holding each term
-        for doc_terms in corpus:
-            for t in set(doc_terms):
-                self.df[t] = self.df.get(t, 0) + 1
+        # texts holding each term (Counter counts in C: the Python loop cost ~10 ms per 800 windows)
+        self.df: dict[str, int] = dict(Counter(chain.from_iterable(map(set, corpus))))
         self.vocab = set(self.df)
         self.index = None
         if self.vocab:

@@ -11,9 +11,10 @@ qa_facts.py):
   states one, a question asking when (a date, a term) one that states a date or duration, a
   who-question one naming a company ("by and between Acme Corp. and Widget Ltd.").
 Only the best SHORTLIST by that score (and the opening sentences) are embedded, each with its section
-title (qa_facts.section_titles); their cosine with the question completes the score. Headings,
-fragments and contents lines rank after every full sentence. The answer is the best sentence; evidence the best EVIDENCE distinct sentences; "not
-stated in the document" when nothing shares a term or a meaning.
+title (qa_facts.section_titles), up to EMBED_WORDS words; their cosine with the question completes the
+score. Headings, fragments and contents lines rank after every full sentence. The answer is the best
+sentence; evidence the best EVIDENCE distinct sentences; "not stated in the document" when nothing
+shares a term or a meaning.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from pipeline.tasks.extractive import qa_facts
 from pipeline.tasks.extractive.qa_facts import QaFacts
-from pipeline.tasks.extractive.segments import whole_sentence
+from pipeline.tasks.extractive.segments import first_words, whole_sentence
 from pipeline.tasks.retrieval import terms
 from pipeline.tasks.schemas import NOT_STATED
 from pipeline.types import DocumentText
@@ -39,6 +40,10 @@ WHOLE_SENTENCE_WORDS = 120  # a segment cut from a sentence this long or shorter
 # finds 2 more of 55 held out at ~0.1 s more per 5 questions)
 SHORTLIST = 8
 MEANING_SAMPLE = 24  # no shared term: segments spread over the document, compared by meaning alone
+# a candidate is embedded by its first words (title included), the opening sentences whole (a preamble
+# names the parties late: "by and between ..., a Delaware corporation, and ..."): a 60-word segment's tail
+# cost ~8% of qa's model tokens; at 48 every quality figure held, 3 held-out answers moved (bench/NOTES.md)
+EMBED_WORDS = 48
 LEAD = 3  # the opening sentences are always candidates: parties and dates live in the preamble
 WEIGHTS = {"bm25": 0.2, "window": 0.15, "cosine": 0.5, "coverage": 0.35}
 ENTITY_PENALTY = 0.1  # per kind of name/number the sentence contradicts
@@ -146,7 +151,8 @@ def embedded_text(index, facts: QaFacts, i: int) -> str:  # noqa: ANN001
     for a period of ..." under "11. Warranty." means what it is about (a clause rarely repeats the
     words of its title, and a question's words are often the title's)."""
     title, text = facts.titles[i], index.texts[i]
-    return f"{title} {text}" if title and title not in text else text
+    text = f"{title} {text}" if title and title not in text else text
+    return text if i < LEAD else first_words(text, EMBED_WORDS)
 
 
 def distinct(texts: dict[int, str] | list[str], ranked: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:

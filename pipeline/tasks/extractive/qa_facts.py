@@ -42,15 +42,16 @@ DATED_AS_OF = re.compile(r"\b(dated|entered into|made|effective|executed)\b[^.;]
 # a company's legal form, abbreviated, names a party ("Nuance Communications, Inc.", "Dialog Semiconductor (UK)
 # Ltd."); "a corporation duly organized" and "not limited to" name no one
 ORGANIZATION = re.compile(r"\b(inc|ltd|llc|l\.l\.c|corp|plc|gmbh|l\.p|n\.v|s\.a)\b\.?")
-YEAR = re.compile(r"\b(19|20)\d\d\b")
-QUARTER = re.compile(r"\b(q[1-4]|first|second|third|fourth) quarter\b|\bq[1-4]\b")
+YEAR = re.compile(r"\b(?:19|20)\d\d\b")
+QUARTER = re.compile(r"\b(?:q[1-4]|first|second|third|fourth) quarter\b|\bq[1-4]\b")
 _STATES = ("alabama|alaska|arizona|arkansas|california|colorado|connecticut|delaware|florida|georgia|hawaii|"
            "idaho|illinois|indiana|iowa|kansas|kentucky|louisiana|maine|maryland|massachusetts|michigan|"
            "minnesota|mississippi|missouri|montana|nebraska|nevada|ohio|oklahoma|oregon|pennsylvania|"
            "tennessee|texas|utah|vermont|virginia|washington|wisconsin|wyoming")
-STATE = re.compile(r"\b(new york|new jersey|new hampshire|new mexico|north carolina|north dakota|south carolina|"
+STATE = re.compile(r"\b(?:new york|new jersey|new hampshire|new mexico|north carolina|north dakota|south carolina|"
                    r"south dakota|rhode island|west virginia|england|" + _STATES + r")\b")
 NAMED = {"year": YEAR, "quarter": QUARTER, "state": STATE}  # kinds of name/number a question can pin
+# (no capturing groups in these: findall then returns whole matches)
 _SECTION_NUMBER = re.compile(r"(?<![\d.,$])\b\d{1,2}\.\d{1,2}\b(?![\d,%])")
 _LEADING_NUMBER = re.compile(r"^\s*(section\s+|article\s+)?[\dA-Za-z]{0,2}(\.\d+)*\.?\s", re.I)
 _DIGIT = re.compile(r"\d")
@@ -74,10 +75,10 @@ class QaFacts:
 def is_heading(text: str) -> bool:
     """'8.4 Confidentiality of this Agreement and its Terms.': short, mostly capitalized words (a table
     row, "Inventories 5,433 6,580", states figures: not a heading)."""
-    if MONEY.search(text.lower()):
-        return False
     words = [w for w in text.split() if w[:1].isalpha()]
-    if len(words) > HEADING_WORDS or not words:
+    if len(words) > HEADING_WORDS or not words:  # first: most segments are long, and this is cheap
+        return False
+    if MONEY.search(text.lower()):
         return False
     return sum(w[0].isupper() for w in words if len(w) > 3) >= 0.8 * max(1, sum(len(w) > 3 for w in words))
 
@@ -86,26 +87,32 @@ def is_contents_line(text: str) -> bool:
     """'Grant of Rights 2.1 Grant of Rights to Distributor 2.2 Sub-distribution ... 2.5 Non-Compete':
     a table of contents names every topic and answers none; three section numbers or more, one per
     eight words at least."""
+    if text.count(".") < 3:  # each section number holds a dot; the look-behind pattern is slow
+        return False
     numbers = len(_SECTION_NUMBER.findall(text))
     return numbers >= 3 and numbers * 8 >= len(text.split())
 
 
-def is_short(text: str) -> bool:
+def is_short(text: str, heading: bool | None = None) -> bool:
+    """heading: is_heading(text) when the caller has it already."""
     # a table row ("Total net sales 82,959 97,278") is short but states a figure: not a fragment
-    return ((len(text.split()) < MIN_ANSWER_WORDS and not AMOUNT.search(text.lower())) or is_heading(text)
-            or is_contents_line(text))
+    return ((len(text.split()) < MIN_ANSWER_WORDS and not AMOUNT.search(text.lower()))
+            or (is_heading(text) if heading is None else heading) or is_contents_line(text))
 
 
-def section_headings(full_text: str, spans: list[tuple[int, int]], texts: list[str]) -> list[str]:
+def section_headings(full_text: str, spans: list[tuple[int, int]], texts: list[str],
+                     heading: list[bool] | None = None) -> list[str]:
     """[S] the heading each segment sits under ('' before the first): the text dropped just before a
-    segment when it holds a few words, or a segment that is itself a heading."""
+    segment when it holds a few words, or a segment that is itself a heading (heading: is_heading of
+    each text, when the caller has it)."""
+    heading = [is_heading(t) for t in texts] if heading is None else heading
     out, current, previous_end = [], "", 0
-    for (start, end), text in zip(spans, texts, strict=True):
+    for (start, end), text, is_head in zip(spans, texts, heading, strict=True):
         gap = " ".join(full_text[previous_end:start].split())
         if gap and len(gap.split()) <= HEADING_WORDS and _WORD.search(gap):
             current = gap
         out.append(current)
-        if is_heading(text):
+        if is_head:
             current = text
         previous_end = end
     return out
@@ -132,7 +139,8 @@ def _title_key(heading: str) -> str:
 
 def build(full_text: str, spans: list[tuple[int, int]], own: list[list[str]], texts: list[str]) -> QaFacts:
     """spans: the segments' (char_start, char_end) in full_text; own: their BM25 terms; texts: their text."""
-    headings = section_headings(full_text, spans, texts)
+    heading = [is_heading(t) for t in texts]  # once: the headings and the fragment flags both need it
+    headings = section_headings(full_text, spans, texts, heading)
     heading_terms = {h: terms(h) for h in set(headings)}
     window_terms = [heading_terms[headings[i]] + [t for j in range(max(0, i - 1), min(len(own), i + 2))
                                                   for t in own[j]] for i in range(len(own))]
@@ -150,9 +158,8 @@ def build(full_text: str, spans: list[tuple[int, int]], own: list[list[str]], te
         dated_as_of[i] = bool(DATED_AS_OF.search(lowered[i]))
     return QaFacts(
         windows=windows, postings={t: np.array(ix) for t, ix in postings.items()},
-        short=np.array([is_short(t) for t in texts], dtype=bool), money=flags(MONEY), date=flags(DATE),
+        short=np.array([is_short(t, h) for t, h in zip(texts, heading, strict=True)], dtype=bool), money=flags(MONEY), date=flags(DATE),
         organization=flags(ORGANIZATION),
         dated_as_of=dated_as_of,
-        named={kind: [frozenset(m.group(0) for m in p.finditer(t)) for t in lowered]
-               for kind, p in NAMED.items()},
+        named={kind: [frozenset(p.findall(t)) for t in lowered] for kind, p in NAMED.items()},
         dated=dated, titles=section_titles(headings))

@@ -9,6 +9,7 @@ word budgets (max_words, segment cuts) mean the same thing in every script.
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ MIN_SEGMENT_WORDS = 4  # shorter pieces are page numbers, headings, list markers
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _WORDLIKE = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
+_HAS_CJK = re.compile(f"[{_CJK}]")
 
 
 def count_words(text: str) -> int:
@@ -90,7 +92,7 @@ class Sentence:
     page_end: int
     sentence: int = -1  # which sentence of the document it is, or was cut from (pieces share it)
 
-    @property
+    @functools.cached_property  # every strategy filters on it: counted once per segment, not per task
     def words(self) -> int:
         return count_words(self.text)
 
@@ -114,6 +116,15 @@ def _sentence_ends(text: str) -> list[int]:
 
 def _cut_long(start: int, end: int, text: str) -> list[tuple[int, int]]:
     """Split text[start:end] into pieces of at most MAX_SEGMENT_WORDS words, preferring ; and , cuts."""
+    piece = text[start:end]
+    if len(piece.split()) <= MAX_SEGMENT_WORDS and not _HAS_CJK.search(piece):
+        # most sentences: one piece, its span without the surrounding whitespace (the words are then
+        # the whitespace-separated runs, so no per-word pass is needed)
+        stripped = piece.strip()
+        if not stripped:
+            return []
+        first = start + len(piece) - len(piece.lstrip())
+        return [(first, first + len(stripped))]
     words = [m.span() for m in _WORDLIKE.finditer(text, start, end)]  # absolute offsets
     pieces = []
     while len(words) > MAX_SEGMENT_WORDS:

@@ -52,15 +52,16 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
 def tfidf(texts: list[str], corpus_terms: list[list[str]] | None = None) -> sparse.csr_matrix:
     """[S, V] L2-normalized sublinear tf-idf rows over stemmed terms (corpus_terms: each text's terms
     when the caller has them, as the document's BM25 index does)."""
-    rows, cols, values, vocab = [], [], [], {}
+    rows, cols, tfs, vocab = [], [], [], {}
     for r, text in enumerate(texts):
         counts: dict[int, int] = {}
         for term in (terms(text) if corpus_terms is None else corpus_terms[r]):
             c = vocab.setdefault(term, len(vocab))
             counts[c] = counts.get(c, 0) + 1
         rows += [r] * len(counts)
-        cols += list(counts)
-        values += [1.0 + np.log(n) for n in counts.values()]
+        cols += counts
+        tfs += counts.values()
+    values = 1.0 + np.log(np.array(tfs, dtype=np.float64))  # one call, not one per term (~15 ms a contract)
     matrix = sparse.csr_matrix((values, (rows, cols)), shape=(len(texts), max(1, len(vocab))), dtype=np.float32)
     df = np.bincount(matrix.indices, minlength=matrix.shape[1])  # [V] sentences per term
     matrix = matrix @ sparse.diags(np.log((1 + len(texts)) / (1 + df)) + 1.0)
