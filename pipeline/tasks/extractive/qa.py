@@ -36,9 +36,10 @@ from pipeline.types import DocumentText
 EVIDENCE = 3
 WHOLE_SENTENCE_WORDS = 120  # a segment cut from a sentence this long or shorter is cited whole
 # segments embedded per question, the best lexically: an answer often ranks 5th-15th lexically and only an
-# embedded one can be lifted by its meaning (4 was as good in-sample, not held out: bench/RESULTS.md; 12
-# finds 2 more of 55 held out at ~0.1 s more per 5 questions)
-SHORTLIST = 8
+# embedded one can be lifted by its meaning. Since sections' titles are embedded with their segments the
+# figures are flat from 5 to 8 (in-sample 44/50, held out 35-36/55, fresh 3-4/24) and drop at 4 (43/50);
+# 6 is the middle of that plateau at 20% fewer model tokens than 8 (bench/NOTES.md)
+SHORTLIST = 6
 MEANING_SAMPLE = 24  # no shared term: segments spread over the document, compared by meaning alone
 # a candidate is embedded by its first words (title included), the opening sentences whole (a preamble
 # names the parties late: "by and between ..., a Delaware corporation, and ..."): a 60-word segment's tail
