@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.chunk import PAGE_SEPARATOR, build_document_text
-from pipeline.tokens import TokenizerNotFound, load_tokenizer
+from pipeline.tokens import PIECE_CHARS, TokenizerNotFound, load_tokenizer
 from pipeline.types import DocumentText, PageText
 
 
@@ -138,3 +138,14 @@ def test_property_chunks_hold_every_invariant(minilm, bpe_tokenizer, bpe_untrimm
     for tokenizer in (minilm, bpe_tokenizer, bpe_untrimmed_tokenizer):
         doc = build_document_text(pages, tokenizer=tokenizer, chunk_tokens=budget, overlap_tokens=overlap)
         check_invariants(doc, pages, tokenizer, budget, overlap)
+
+
+def test_wordpiece_offsets_in_pieces_equal_the_whole_text(parsed_corpus, minilm, bpe_tokenizer):
+    """A long text is tokenized in pieces cut at whitespace (WordPiece words never span it): the same
+    offsets as one encode of the whole text; byte-level BPE keeps the one encode."""
+    texts = ["\n\n".join(p.text for p in doc.pages) for doc in parsed_corpus.values()]
+    texts.append("Ünïcode café 本协议受纽约州法律管辖 \x00\x07 İstanbul ﬁnance e\u0301 " * 3000 + "x" * 300 + " end")
+    long_texts = [t for t in texts if len(t) > 2 * PIECE_CHARS]
+    assert long_texts and minilm._splits_at_whitespace and not bpe_tokenizer._splits_at_whitespace
+    for text in long_texts:
+        assert minilm.offsets(text) == minilm._whole(text).offsets
