@@ -151,15 +151,23 @@ def build(full_text: str, spans: list[tuple[int, int]], own: list[list[str]], te
     windows = Bm25([f"{headings[i]} {' '.join(texts[max(0, i - 1):i + 2])}" for i in range(len(texts))],
                    corpus_terms=window_terms)
     lowered = [t.lower() for t in texts]
-    flags = lambda pattern: np.array([bool(pattern.search(t)) for t in lowered], dtype=bool)  # noqa: E731
-    dated = [i for i, t in enumerate(lowered) if CALENDAR_DATE.search(t)]
+    # amounts, calendar dates and years all need a digit, a duration a digit or "year"/"month": the one
+    # cheap scan spares the slow patterns most segments
+    digit = [bool(_DIGIT.search(t)) for t in lowered]
+    dateish = [d or "year" in t or "month" in t for t, d in zip(lowered, digit, strict=True)]
+
+    def flags(pattern: re.Pattern[str], candidate: list[bool] | None = None) -> np.ndarray:
+        wanted = candidate or [True] * len(lowered)
+        return np.array([w and bool(pattern.search(t)) for t, w in zip(lowered, wanted, strict=True)], dtype=bool)
+
+    dated = [i for i, (t, d) in enumerate(zip(lowered, digit, strict=True)) if d and CALENDAR_DATE.search(t)]
     dated_as_of = np.zeros(len(texts), dtype=bool)
     for i in dated[:DATED_FIRST]:  # a document states its own date before any other
         dated_as_of[i] = bool(DATED_AS_OF.search(lowered[i]))
+    named = {kind: [frozenset(p.findall(t)) if kind != "year" or d else frozenset()
+                    for t, d in zip(lowered, digit, strict=True)] for kind, p in NAMED.items()}
     return QaFacts(
         windows=windows, postings={t: np.array(ix) for t, ix in postings.items()},
-        short=np.array([is_short(t, h) for t, h in zip(texts, heading, strict=True)], dtype=bool), money=flags(MONEY), date=flags(DATE),
-        organization=flags(ORGANIZATION),
-        dated_as_of=dated_as_of,
-        named={kind: [frozenset(p.findall(t)) for t in lowered] for kind, p in NAMED.items()},
-        dated=dated, titles=section_titles(headings))
+        short=np.array([is_short(t, h) for t, h in zip(texts, heading, strict=True)], dtype=bool),
+        money=flags(MONEY, digit), date=flags(DATE, dateish), organization=flags(ORGANIZATION),
+        dated_as_of=dated_as_of, named=named, dated=dated, titles=section_titles(headings))

@@ -154,9 +154,12 @@ def split_sentences(doc: DocumentText) -> list[Sentence]:
         label = _LABEL.match(text, begin, end)
         for a, b in _cut_long(label.end() if label else begin, end, text):
             piece = " ".join(text[a:b].split())
-            if (count_words(piece) < MIN_SEGMENT_WORDS and not _short_table_row(piece)) or not _citable(piece):
+            words = count_words(piece)
+            if (words < MIN_SEGMENT_WORDS and not _short_table_row(piece)) or not _citable(piece):
                 continue
-            sentences.append(Sentence(piece, a, b, page_of(a), page_of(b - 1), ordinal))
+            sentence = Sentence(piece, a, b, page_of(a), page_of(b - 1), ordinal)
+            sentence.__dict__["words"] = words  # the cached property, already counted
+            sentences.append(sentence)
         begin = end
     return sentences or _chunk_segments(doc)
 

@@ -38,7 +38,8 @@ def run(engine, doc: DocumentText, params: dict[str, Any], progress) -> dict[str
     eligible = [s.words >= MIN_SUMMARY_SENTENCE_WORDS and bool(_COMPLETE.match(s.text)) for s in sentences]
     focus = index.retriever.bm25.scores(params["focus"]) if params.get("focus") else None
     progress(0.5, "selecting")
-    chosen = select([s.text for s in sentences], eligible, max_words, focus, index.retriever.bm25.terms)
+    chosen = select([s.text for s in sentences], eligible, max_words, focus, index.retriever.bm25.terms,
+                    [s.words for s in sentences])
     picked = [sentences[i].citation() for i in sorted(chosen)]
     if len(chosen) == 1 and sentences[chosen[0]].words > max_words:
         picked[0]["text"] = first_words(picked[0]["text"], max_words)  # a prefix: still on the cited page
@@ -70,12 +71,13 @@ def tfidf(texts: list[str], corpus_terms: list[list[str]] | None = None) -> spar
 
 
 def select(texts: list[str], eligible: list[bool], max_words: int, focus: np.ndarray | None = None,
-           corpus_terms: list[list[str]] | None = None) -> list[int]:
-    """Indices of the sentences to keep: central, mutually diverse, within max_words in total."""
+           corpus_terms: list[list[str]] | None = None, words: list[int] | None = None) -> list[int]:
+    """Indices of the sentences to keep: central, mutually diverse, within max_words in total (words:
+    each text's count_words, when the caller has them)."""
     n = len(texts)
     if n == 0:
         return []
-    words = [count_words(t) for t in texts]
+    words = [count_words(t) for t in texts] if words is None else words
     candidates = [i for i in range(n) if eligible[i]] or list(range(n))
     vectors = tfidf(texts, corpus_terms)  # [S, V]
     # Repeated boilerplate (running headers, recitals copied per page) must not pull the centroid.
