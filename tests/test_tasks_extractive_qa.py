@@ -120,6 +120,18 @@ def test_onnx_runtime_uses_the_cores_this_process_may_use(extractive_engine):
     assert session.get_session_options().intra_op_num_threads == len(os.sched_getaffinity(0))
 
 
+def test_the_onnx_export_is_fused(extractive_engine):
+    if extractive_engine.encoder.runtime != "onnxruntime":
+        pytest.skip("the torch fallback: no ONNX export")
+    onnx = pytest.importorskip("onnx")
+    from pipeline.tasks.extractive.backend import resolve_embedding_model
+    from pipeline.tasks.extractive.encoders import _onnx_path
+
+    graph = onnx.load(str(_onnx_path(resolve_embedding_model("all-MiniLM-L6-v2"))), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops  # one fused attention per layer, not SDPA's pieces
+
+
 def test_a_piece_of_a_cut_sentence_is_cited_as_the_whole_sentence(extractive_engine):
     head = ("Upon the occurrence of the Closing, and subject to the payment of the purchase price and to the "
             "other obligations of the Purchaser under this Agreement and the approval order of the court, ")

@@ -2,7 +2,8 @@
 
 Two runtimes for the same all-MiniLM-L6-v2 weights, chosen at load:
 - ONNX Runtime (preferred): the model exported once per machine to an ONNX file cached under
-  ~/.cache/longdoc/onnx (keyed by the weights and the library versions), then run by onnxruntime.
+  ~/.cache/longdoc/onnx (keyed by the weights, the library versions and the export recipe), its
+  attention fused by ONNX Runtime's transformer optimizer (_export), then run by onnxruntime.
   Measured on the dev box: ~1.4x less CPU per segment than torch, identical embeddings (cosine
   1.0000000 on 128 corpus segments), and a backend that loads without importing torch once the file
   exists. onnxruntime's worker threads do not spin while idle, so CPU freed between batches goes to
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 MAX_INPUT_TOKENS = 256  # the model's own limit (sentence_bert_config.json)
 ONNX_CACHE = Path.home() / ".cache" / "longdoc" / "onnx"
+EXPORT_VERSION = "eager-fused-1"  # what _export writes; part of the cache key, so a new recipe re-exports
+FUSED_TOLERANCE = 1e-4  # the fused graph's hidden states must match the plain export's this closely
 
 
 class Tokens:
@@ -109,12 +112,18 @@ def _onnx_path(model_dir: Path) -> Path:
 
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
     key = hashlib.sha256(repr([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
-                              + [onnxruntime.__version__]).encode()).hexdigest()[:16]
+                              + [onnxruntime.__version__, EXPORT_VERSION]).encode()).hexdigest()[:16]
     return ONNX_CACHE / f"{model_dir.name}-{key}.onnx"
 
 
 def _export(model_dir: Path, target: Path) -> None:
-    """Export the encoder to ONNX (torch's exporter), atomically: concurrent loaders never see half a file."""
+    """Export the encoder to ONNX (torch's exporter), atomically: concurrent loaders never see half a file.
+
+    Attention is exported in its eager form, which ONNX Runtime's transformer optimizer fuses (for BERT
+    models: one Attention operator per layer that reads the real lengths from the mask, fused embedding
+    and skip layer norms, bias + GELU). Measured on the contract bench's batches: 8-15% less wall time
+    than the SDPA export, hidden states within 2e-7 of it, and a text's embedding identical (max abs
+    difference 0) batched or alone. The fused graph is kept only when it matches the plain one."""
     import torch
     from transformers import AutoModel
 
@@ -126,7 +135,7 @@ def _export(model_dir: Path, target: Path) -> None:
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager").eval()
     ids = torch.ones((1, 8), dtype=torch.int64)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".{os.getpid()}.partial")
@@ -135,7 +144,35 @@ def _export(model_dir: Path, target: Path) -> None:
                       input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
                       dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
                       opset_version=17)
+    if model.config.model_type == "bert":
+        _fuse(partial, model.config.num_attention_heads, model.config.hidden_size)
     os.replace(partial, target)
+
+
+def _fuse(path: Path, heads: int, hidden: int) -> None:
+    """Replace the exported file at `path` by its ORT-fused form when that computes the same hidden states."""
+    import onnxruntime as ort
+    from onnxruntime.transformers import optimizer
+
+    fused_path = path.with_suffix(".fused")
+    try:
+        optimizer.optimize_model(str(path), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                 opt_level=0).save_model_to_file(str(fused_path))
+        rng = np.random.default_rng(0)
+        ids = rng.integers(1000, 20000, (3, 24), dtype=np.int64)  # [B, T] with padding in two rows
+        mask = np.ones_like(ids)
+        mask[1, 17:], mask[2, 5:] = 0, 0
+        plain, fused = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+            None, {"input_ids": ids, "attention_mask": mask})[0] for p in (path, fused_path))  # [B, T, D]
+        real = mask.astype(bool)  # padded positions' states are never pooled
+        if np.abs(plain[real] - fused[real]).max() <= FUSED_TOLERANCE:
+            os.replace(fused_path, path)
+        else:
+            log.warning("the fused ONNX graph differs from the plain export; keeping the plain one")
+    except Exception as exc:  # noqa: BLE001 - fusion is an optimization: the plain export still works
+        log.warning("ONNX Runtime could not fuse the encoder graph, keeping the plain export: %s", exc)
+    finally:
+        fused_path.unlink(missing_ok=True)
 
 
 def load_encoder(model_dir: Path, runtime: str = "auto") -> OnnxEncoder | TorchEncoder:
