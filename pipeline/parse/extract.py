@@ -12,7 +12,6 @@ from pathlib import Path
 from pipeline.clean import clean_pages
 from pipeline.parse import sniff
 from pipeline.parse.pdf import RawDocument, RawPage, extract_pdf, mark_headings
-from pipeline.parse.textlike import docx_pages, html_pages, text_pages
 from pipeline.types import PageText, ParsedDocument, PipelineError
 
 
@@ -45,6 +44,9 @@ def parse_in_process(path: Path, *, password: str | None = None, extractor: str 
 def _extract(path: Path, media_type: str, password: str | None, extractor: str, max_pages: int) -> RawDocument:
     if media_type == sniff.PDF:
         return extract_pdf(path, password=password, extractor=extractor, max_pages=max_pages)
+    # here, not at module level: html.parser, zipfile and ElementTree cost every parser child ~10 ms at start
+    from pipeline.parse.textlike import docx_pages, html_pages, text_pages
+
     if media_type == sniff.HTML:
         pages = html_pages(path, max_pages)
     elif media_type == sniff.DOCX:
