@@ -55,7 +55,9 @@ BM25_WEIGHT = 0.5
 RRF_K = 60  # the usual reciprocal-rank-fusion constant
 MAX_FALLBACK = 2000  # a query with no term in the document is compared with at most this many texts
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
-_COMPOUND = re.compile(r"[^\W\d_]+(?:[-\u2010\u2011][^\W\d_]+)+", re.UNICODE)  # "non-compete", "sub-license"
+# "non-compete", "sub-license"; a match starts only where a word does (the look-behind spares the scan
+# a retry at every letter of every word: 2x faster, the same matches)
+_COMPOUND = re.compile(r"(?<![^\W\d_])[^\W\d_]+(?:[-\u2010\u2011][^\W\d_]+)+", re.UNICODE)
 _STOP_WORDS = (
     "a an and are as at be been by can could did do does for from had has have how i if in into is it its "
     "may might must no not of on or our shall should so such than that the their them then there these "
