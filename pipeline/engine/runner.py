@@ -68,7 +68,7 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // cache.block_size)
         self.buckets = buckets_for(max_num_seqs)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._inputs: dict[tuple[int, bool], DecodeInputs] = {}
+        self._inputs: dict[tuple[int, bool, bool], DecodeInputs] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         # the last launch's sampled tokens on the device (the decode step writes its greedy picks here
         # itself, inside its graph), and which row each sequence's token is in
@@ -120,11 +120,6 @@ class ModelRunner:
     def batch_prefills(self, on: bool) -> None:
         self.prefills.together = on
 
-    def drop_graphs(self) -> None:
-        """Forget every captured decode step (they keep the settings they were captured with: the
-        cache's skip_decode, fused.KERNELS); the next step of each bucket captures again."""
-        self._inputs.clear()
-
     def execute(self, out: SchedulerOutput, sampling: Mapping[str, SamplingState]) -> StepResult:
         """launch + wait (scripts and tests that step synchronously)."""
         return self.launch(out, sampling).result()
@@ -142,7 +137,10 @@ class ModelRunner:
         batch = len(decodes)
         bucket = self._bucket(batch)
         use_cascade = bool(groups)
-        key = (bucket, use_cascade)
+        # a graph keeps the cache's skip_decode it was captured with: each setting has its own (a bench
+        # switches it between runs; freeing captured graphs and capturing again into the shared pool
+        # hit an allocator assert on the H200, session 7 run 2)
+        key = (bucket, use_cascade, self.cache.skip_decode)
         inputs = self._inputs.get(key)
         if inputs is None:
             inputs = self._inputs[key] = DecodeInputs(bucket, self.max_blocks, use_cascade, self.device)
