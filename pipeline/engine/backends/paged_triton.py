@@ -2,13 +2,16 @@
 
 Two kernels per layer (paged.py's docstring gives the math):
 
-- ``prefix_partials`` (cascade only): one program per (group, row chunk, head, split of the prefix).
+- ``prefix_partials`` (cascade only): one program per (group, row chunk, head, split of the prefix;
+  with key norms, of the prefix from its first block some row of the chunk may not skip, so that the
+  splits share the keys that are read; every split stores a partial, an empty one if it has no keys).
   The group's queries are stacked as the rows of one tl.dot against each [BLOCK_N, D] K/V tile
   (rows padded to >= 16), so the prefix's K/V are read once per step for the whole group. The bias is
   slope * (j - prefix_len), one value per key; each row's partial max is shifted by
   -slope * (pos - prefix_len) before it is stored, so the merge below sees ordinary ALiBi partials.
 - ``row_partials``: one program per (row, head, split) over the row's own keys [start, seq_len)
-  (start = its group's prefix_len, else 0), one query each: scores are tl.sum(q * k) in fp32 with a
+  (start = its group's prefix_len, else 0; with key norms, from the first block of those it may not
+  skip), one query each: scores are tl.sum(q * k) in fp32 with a
   running softmax per key slot, as in splitk.py. The last program of a (row, head) to finish (an atomic
   counter) merges that row's prefix partials and its own by log-sum-exp and writes the output: the one
   place where the parts meet. The prefix kernel ran before it in stream order, so its partials are
@@ -135,9 +138,9 @@ def _kernels(triton: Any, tl: Any) -> Any:
         q_ptr, k_ptr, v_ptr, slopes_ptr, seq_lens_ptr, bt_ptr, row_group_ptr, plen_ptr, kn_ptr,
         m_ptr, l_ptr, acc_ptr, out_ptr, count_ptr,
         stride_qb, stride_kblk, stride_ktok, stride_bt, stride_ob, H, n_splits, min_keys,
-        n_slots, prefix_splits, prefix_min_keys, qk_scale_log2,
+        n_slots, prefix_splits, qk_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_STAGES: tl.constexpr,
-        CASCADE: tl.constexpr, PREFIX_BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SKIP: tl.constexpr,
+        CASCADE: tl.constexpr, CHUNK: tl.constexpr, SKIP: tl.constexpr,
         SCAN: tl.constexpr,
     ):
         bh = tl.program_id(0)  # b * H + h
@@ -204,11 +207,8 @@ def _kernels(triton: Any, tl: Any) -> Any:
             done = tl.atomic_add(count_ptr + bh, 1)
             if done == n_live - 1:
                 n_pref = start * 0
-                if CASCADE:  # the prefix kernel's split count for this row's group (same formula)
-                    p_row = tl.where(g >= 0, p_len, 0)
-                    pkps = tl.maximum(prefix_min_keys,
-                                      tl.cdiv(tl.cdiv(p_row, prefix_splits), PREFIX_BLOCK_N) * PREFIX_BLOCK_N)
-                    n_pref = tl.cdiv(p_row, pkps)
+                if CASCADE:  # every prefix split of a live group stored a partial (maybe empty)
+                    n_pref = tl.where((g >= 0) & (p_len > 0), prefix_splits, 0)
                 merge_row(m_ptr, l_ptr, acc_ptr, out_ptr, bh, b, h, n_pref, prefix_splits, n_live, n_slots,
                           stride_ob, HEAD_DIM, CHUNK)
                 tl.store(count_ptr + bh, 0)  # ready for the next call (next layer, graph replay)
@@ -228,10 +228,7 @@ def _kernels(triton: Any, tl: Any) -> Any:
         gc = pid // H
         g, chunk = gc // n_chunks, gc % n_chunks
         p_len = tl.load(plen_ptr + g).to(tl.int32)
-        kps = tl.maximum(min_keys, tl.cdiv(tl.cdiv(p_len, n_splits), BLOCK_N) * BLOCK_N)
-        lo = split * kps
-        if lo < p_len:  # empty group slots and splits past the prefix read nothing
-            hi = tl.minimum(lo + kps, p_len)
+        if p_len > 0:  # empty group slots read nothing; every split of a live group stores its partials
             d = tl.arange(0, HEAD_DIM)
             r = chunk * ROWS + tl.arange(0, ROWS)
             rows = tl.load(grows_ptr + g.to(tl.int64) * stride_grows + r, mask=r < max_group, other=-1)
@@ -246,7 +243,8 @@ def _kernels(triton: Any, tl: Any) -> Any:
                         other=0.0)  # [ROWS, HEAD_DIM] in q's dtype: the tensor-core operand
             acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
             n_r = tl.load(seq_lens_ptr + rows64, mask=live, other=1).to(tl.int32)
-            if SKIP:  # begin at the first prefix block that some row of this chunk may not skip
+            first = p_len * 0
+            if SKIP:  # the splits share the prefix from the first block some row of this chunk may not skip
                 last = n_r - 1
                 blk_last = tl.load(bt_ptr + rows64 * stride_bt + last // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
                 k_diag = tl.load(k_ptr + blk_last[:, None] * stride_kblk
@@ -255,9 +253,12 @@ def _kernels(triton: Any, tl: Any) -> Any:
                 qf = q.to(tl.float32)
                 qn = tl.sqrt(tl.sum(qf * qf, axis=1)) * qk_scale_log2
                 s_diag = tl.where(live, tl.sum(qf * k_diag, axis=1) * qk_scale_log2, float("inf"))  # dead rows keep nothing
-                kept = first_kept_block(kn_ptr, table, h, H, lo // BLOCK_SIZE, tl.cdiv(hi, BLOCK_SIZE), qn, s_diag, last,
+                kept = first_kept_block(kn_ptr, table, h, H, 0, p_len // BLOCK_SIZE, qn, s_diag, last,
                                         slope_log2, True, BLOCK_SIZE, SCAN)
-                lo = tl.maximum(lo, kept * BLOCK_SIZE)
+                first = kept * BLOCK_SIZE
+            kps = tl.maximum(min_keys, tl.cdiv(tl.cdiv(p_len - first, n_splits), BLOCK_N) * BLOCK_N)
+            lo = first + split * kps
+            hi = tl.minimum(lo + kps, p_len)  # lo >= hi: an empty partial (max -inf, sum 0)
             for t in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
                 blk = tl.load(table + t // BLOCK_SIZE).to(tl.int64)
                 offs = (blk * stride_kblk + ((t % BLOCK_SIZE) + jn).to(tl.int64)[:, None] * stride_ktok
@@ -374,8 +375,8 @@ def decode(
         q, k_pool, v_pool, slopes32, seq_lens, block_tables, row_group, plen, norms,
         m, l_sum, acc, out, _counter(q.device, b * h),
         q.stride(0), *strides, block_tables.stride(0), out.stride(0), h, sizes["splits"], cfg.min_keys,
-        n_slots, sizes["prefix_splits"], cfg.prefix_min_keys, qk_scale_log2,
+        n_slots, sizes["prefix_splits"], qk_scale_log2,
         HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=bs, NUM_STAGES=cfg.num_stages, CASCADE=bool(groups),
-        PREFIX_BLOCK_N=prefix_block_n, CHUNK=MERGE_CHUNK, SKIP=skip, SCAN=cfg.skip_scan, num_warps=cfg.num_warps,
+        CHUNK=MERGE_CHUNK, SKIP=skip, SCAN=cfg.skip_scan, num_warps=cfg.num_warps,
     )
     return out
