@@ -263,9 +263,9 @@ def first_kept(case: Case, norms: torch.Tensor, r: int, first_block: int, stop_b
 
 
 def paged_triton_bound() -> float:
-    from pipeline.engine.backends import paged_triton
+    from pipeline.engine.backends.paged_triton_kernels import SKIP_BOUND_LOG2
 
-    return paged_triton.SKIP_BOUND_LOG2
+    return SKIP_BOUND_LOG2
 
 
 def skipping_case(cascade: bool) -> Case:
