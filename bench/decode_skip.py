@@ -34,20 +34,23 @@ def key_norms(k: torch.Tensor) -> torch.Tensor:
 
 
 def write_check(h: int, d: int, bs: int) -> float:
-    """fused.write_kv_slots' key norms against paged.update_key_norms on the same writes (CUDA)."""
+    """paged.write's key norms through the fused kernel against its torch path (the kernel switched
+    off) on the same writes (CUDA): max |difference| over the live blocks."""
     from pipeline.engine import fused
 
     g = torch.Generator(device="cuda").manual_seed(1)
     pool = torch.randn(9, bs, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(3, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     slots = torch.tensor([2 * bs, 5 * bs + 7, 3], device="cuda", dtype=torch.int32)
-    norms = [torch.full((9, h), 3.0, device="cuda") for _ in range(2)]
-    pools = [pool.clone() for _ in range(2)]
-    assert fused.write_kv_slots(pools[0].view(-1, h, d), pools[1].view(-1, h, d), k, v, slots, key_norms=norms[0],
-                                block_size=bs)
-    paged.update_key_norms(norms[1], k, slots.long() // bs,
-                           torch.where(slots.long() % bs == 0, slots.long() // bs, torch.full_like(slots.long(), 8)))
-    return float((norms[0][:8] - norms[1][:8]).abs().max())
+    norms = []
+    try:
+        for fused_write in (True, False):
+            fused.KERNELS.kv_write = fused_write
+            norms.append(torch.full((9, h), 3.0, device="cuda"))
+            paged.write(pool.clone(), pool.clone(), k, v, slots, key_norms=norms[-1])
+    finally:
+        fused.KERNELS.kv_write = True
+    return float((norms[0][:8] - norms[1][:8]).abs().max())  # block 8: the scratch block
 
 
 def main() -> None:

@@ -197,25 +197,10 @@ def ours(b: TasksBench, args: argparse.Namespace, name: str = "corpus", docs: li
            "docs_per_hour": round(done / wall * 3600, 1) if wall and done else None,
            "pages_per_hour": round(sum(r["pages"] for r in run["per_document"]) / wall * 3600, 1) if wall else None,
            "busy_fraction": round((serving.busy_s - busy0) / wall, 3) if wall else None,
-           "gpu_utilization_mean": util, **delta, "step_trace": trace_summary(trace)}
+           "gpu_utilization_mean": util, **delta, "step_trace": trace.summary()}
     b.private.setdefault("per_document", {})[name] = run["per_document"]
     res["per_document"] = run["per_document"]
     return res
-
-
-def trace_summary(trace: StepTrace) -> dict:
-    """The step trace by kind, and decode-only steps by their rows (ms per step grows with the K/V
-    the rows read)."""
-    out = trace.summary()
-    by_rows: dict[str, list[float]] = {f"<={n}": [] for n in (1, 4, 8, 16, 32, 64, 1 << 30)}
-    steps = trace.steps
-    for i, step in enumerate(steps[:-1]):
-        if step.kind == "decode":
-            bucket = next(f"<={n}" for n in (1, 4, 8, 16, 32, 64, 1 << 30) if step.decode_rows <= n)
-            by_rows.setdefault(bucket, []).append(steps[i + 1].started - step.started)
-    out["decode_by_rows"] = {k: {"steps": len(v), "wall_s": round(sum(v), 3), "ms_per_step": round(sum(v) / len(v) * 1000, 3)}
-                             for k, v in by_rows.items() if v}
-    return out
 
 
 VARIANT_KEYS = ("switch", "inflight", "step_tokens", "batch_prefills", "skip")
@@ -233,12 +218,6 @@ def parse_variants(text: str) -> list[dict[str, float]]:
             variant[key] = float(value)
         out.append(variant)
     return out
-
-
-def set_skip(serving: ServingEngine, on: bool) -> None:
-    """Exact key skipping in decode attention on or off (each setting's decode graphs are captured
-    at its first steps and kept). Between runs: the engine is idle here."""
-    serving.cache.skip_decode = on
 
 
 def variants(b: TasksBench, args: argparse.Namespace) -> dict:
@@ -267,7 +246,8 @@ def variants(b: TasksBench, args: argparse.Namespace) -> dict:
         tokens = int(variant.get("step_tokens", base[1]))
         sched.max_num_batched_tokens, sched.max_prefill_chunk = tokens, min(tokens, max(base[2], tokens))
         serving.runner.batch_prefills = bool(variant.get("batch_prefills", base[3]))
-        set_skip(serving, bool(variant.get("skip", base[4])))
+        # each setting's decode graphs are captured at its first steps and kept (runner.py)
+        serving.cache.skip_decode = bool(variant.get("skip", base[4]))
         run_args = argparse.Namespace(**{**vars(args), "inflight": int(variant.get("inflight", args.inflight))})
         try:
             res = ours(b, run_args, f"variant {name}")
@@ -275,7 +255,7 @@ def variants(b: TasksBench, args: argparse.Namespace) -> dict:
             sys.setswitchinterval(base[0])
             sched.max_num_batched_tokens, sched.max_prefill_chunk = base[1], base[2]
             serving.runner.batch_prefills = base[3]
-            set_skip(serving, base[4])
+            serving.cache.skip_decode = base[4]
         out[name] = {k: v for k, v in res.items() if k != "per_document"}
     return out
 

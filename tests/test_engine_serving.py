@@ -339,3 +339,6 @@ def test_step_trace_records_every_step_and_its_prefill_tokens(tiny_model):
     assert sum(k["steps"] for k in kinds.values()) == len(steps)
     assert sum(k["prefill_tokens"] for k in kinds.values()) == sum(map(len, prompts))
     assert abs(sum(k["wall_s"] for k in kinds.values()) - summary["span_s"]) < 1e-2
+    by_rows = summary["decode_by_rows"]
+    assert sum(b["steps"] for b in by_rows.values()) == kinds["decode"]["steps"]
+    assert set(by_rows) <= {"<=1", "<=4"}  # two sequences at most decode at once

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LONG_CHUNK_TOKENS = 2048  # a chunk this long or longer is a document's prefill, shorter a task's tail
+ROW_BUCKETS = (1, 4, 8, 16, 32, 64)  # decode-only steps by rows (a step's time grows with the K/V they read)
 
 
 @dataclass
@@ -54,15 +55,21 @@ class StepTrace:
 
     def summary(self, until: float | None = None) -> dict[str, Any]:
         """Per kind: steps, wall (launch start to the next launch's start; the last step's up to
-        `until`, by default now), launch and wait seconds, decode rows and prefill tokens per step."""
+        `until`, by default now), launch and wait seconds, decode rows and prefill tokens per step;
+        and decode-only steps by their rows (ROW_BUCKETS, "<=N"; more rows than the last: ">N")."""
         until = time.perf_counter() if until is None else until
         out: dict[str, dict[str, float]] = {}
+        names = [f"<={n}" for n in ROW_BUCKETS] + [f">{ROW_BUCKETS[-1]}"]
+        by_rows: dict[str, list[float]] = {name: [] for name in names}  # in bucket order
         for i, step in enumerate(self.steps):
             end = self.steps[i + 1].started if i + 1 < len(self.steps) else until
+            wall = max(0.0, end - step.started)
+            if step.kind == "decode":
+                by_rows[next((name for n, name in zip(ROW_BUCKETS, names[:-1], strict=True) if step.decode_rows <= n), names[-1])].append(wall)
             row = out.setdefault(step.kind, {"steps": 0, "wall_s": 0.0, "launch_s": 0.0, "wait_s": 0.0,
                                              "decode_rows": 0, "prefill_tokens": 0, "prefill_chunks": 0})
             row["steps"] += 1
-            row["wall_s"] += max(0.0, end - step.started)
+            row["wall_s"] += wall
             row["launch_s"] += step.launch_s
             row["wait_s"] += step.wait_s
             row["decode_rows"] += step.decode_rows
@@ -75,4 +82,6 @@ class StepTrace:
             for key in ("wall_s", "launch_s", "wait_s"):
                 row[key] = round(row[key], 3)
         span = until - self.steps[0].started if self.steps else 0.0
-        return {"span_s": round(span, 3), "kinds": out}
+        decode_by_rows = {k: {"steps": len(v), "wall_s": round(sum(v), 3), "ms_per_step": round(sum(v) / len(v) * 1000, 3)}
+                          for k, v in by_rows.items() if v}
+        return {"span_s": round(span, 3), "kinds": out, "decode_by_rows": decode_by_rows}

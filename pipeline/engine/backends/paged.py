@@ -244,13 +244,14 @@ def write(
     if fused.write_kv_slots(flat_k, flat_v, k, v, slot_mapping, key_norms=key_norms, block_size=pool_k.shape[1]):
         return
     slots = slot_mapping.long()
-    flat_k.index_copy_(0, slots, k.to(pool_k.dtype))
+    stored = k.to(pool_k.dtype)  # the keys as the pool holds them: their norms are the bound's
+    flat_k.index_copy_(0, slots, stored)
     flat_v.index_copy_(0, slots, v.to(pool_v.dtype))
     if key_norms is not None:
         bs = pool_k.shape[1]
         blocks = slots // bs
         scratch = torch.full_like(blocks, key_norms.shape[0] - 1)  # its norms mean nothing: a harmless reset
-        update_key_norms(key_norms, flat_k.index_select(0, slots), blocks, torch.where(slots % bs == 0, blocks, scratch))
+        update_key_norms(key_norms, stored, blocks, torch.where(slots % bs == 0, blocks, scratch))
 
 
 def update_key_norms(key_norms: torch.Tensor, k: torch.Tensor, blocks: torch.Tensor, fresh: torch.Tensor) -> None:
